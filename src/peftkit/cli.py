@@ -1,0 +1,125 @@
+"""The `peftkit` command: parse arguments, call one function, turn user errors into exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from peftkit import __version__
+from peftkit.constants import EMBEDDED_MODEL
+from peftkit.errors import PeftkitError
+
+logger = logging.getLogger("peftkit")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from peftkit.config import load_config
+    from peftkit.train.run import train
+
+    _print_summary(train(load_config(args.config, args.overrides)).summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    lines = [f"training loss: {summary['train_loss']:.4f} ({summary['train_seconds']} s of training)"]
+    for when in ("before", "after"):
+        m = summary.get(f"metrics_{when}")
+        if m:
+            shown = {k: v for k, v in m.items() if k in ("precision", "recall", "f1", "exact_match", "invalid_json")}
+            lines.append(f"{when:>6} training: " + ", ".join(f"{k} {v}" for k, v in shown.items())
+                         + f" on {m['records']} records")
+    lines.append(f"wall time: {summary['wall_seconds']} s")
+    lines.append(f"outputs: {summary['output_dir']}")
+    print("\n".join(lines))
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from peftkit.config import load_config
+    from peftkit.eval.predict import predict
+    from peftkit.infer.chat import load_for_chat
+
+    cfg = load_config(args.config, args.overrides)
+    if not cfg.eval.dataset:
+        raise PeftkitError("eval.dataset: missing — name the records to predict on, e.g. eval.dataset=data/dev.json")
+    model, tokenizer = load_for_chat(cfg.model.name_or_path, args.adapter)
+    out = Path(args.adapter or cfg.train["output_dir"])
+    print(json.dumps(predict(model, tokenizer, cfg, out), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from peftkit.config.schema import GenerateArgs
+    from peftkit.infer.chat import chat_loop, load_for_chat, reply
+
+    gen = GenerateArgs(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                       temperature=args.temperature or 1.0)
+    model, tokenizer = load_for_chat(args.model, args.adapter)
+    if args.prompt is None:
+        chat_loop(model, tokenizer, gen, args.system)
+        return 0
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.prompt}
+    ]
+    print(reply(model, tokenizer, messages, gen, stream=None))
+    return 0
+
+
+def _cmd_model(args: argparse.Namespace) -> int:
+    from peftkit.model import resolve_model
+
+    print(resolve_model(args.name))
+    return 0
+
+
+def _cmd_version(args: argparse.Namespace) -> int:
+    import peft
+    import torch
+    import transformers
+
+    print(f"peftkit {__version__} (torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftkit", description="Fine-tune language models with LoRA, freeze or full tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="fine-tune as a YAML config says")
+    p.add_argument("config", help="YAML config (see examples/)")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=2")
+    p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("eval", help="generate for eval.dataset and score the answers")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--adapter", help="a trained output_dir (LoRA adapter) to load on the base model")
+    p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("chat", help="talk to a model")
+    p.add_argument("--model", default=EMBEDDED_MODEL, help=f"model name or folder (default {EMBEDDED_MODEL})")
+    p.add_argument("--adapter", help="a trained output_dir (LoRA adapter)")
+    p.add_argument("--prompt", help="answer this one prompt and exit; without it, an interactive loop")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.set_defaults(func=_cmd_chat)
+    p = sub.add_parser("model", help="resolve a model name to its local folder (converting the embedded model once)")
+    p.add_argument("name", nargs="?", default=EMBEDDED_MODEL)
+    p.set_defaults(func=_cmd_model)
+    p = sub.add_parser("version", help="print versions")
+    p.set_defaults(func=_cmd_version)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `peftkit` console script and `python -m peftkit`."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[peftkit] %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except PeftkitError as e:
+        print(f"peftkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftkit: interrupted", file=sys.stderr)
+        return 130

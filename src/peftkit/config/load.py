@@ -1,0 +1,264 @@
+"""Read a YAML config, apply `section.key=value` overrides, check everything, report all problems at once.
+
+This is the one place a config key is read. The `train` section is checked against transformers'
+Seq2SeqTrainingArguments fields, so users write the names they already know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from peftkit.atomic import write_text_atomic
+from peftkit.config.schema import SECTIONS, RunConfig
+from peftkit.errors import ConfigError
+
+# Keys peftkit sets in `train` when the user does not: quiet by default, no hub, safe for CPU.
+TRAIN_DEFAULTS: dict[str, Any] = {"report_to": "none", "logging_steps": 10, "save_strategy": "no"}
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a config.
+
+    Args:
+        path: a YAML file, or None for defaults plus overrides only.
+        overrides: `section.key=value` strings; values are parsed as YAML (`2`, `1e-4`, `[a, b]`).
+
+    Raises:
+        ConfigError: listing every problem found, before any model is loaded.
+    """
+    source = str(path) if path else "<overrides>"
+    raw, issues = _read_yaml(path)
+    for override in overrides or []:
+        issues += _apply_override(raw, override)
+    cfg, found = _build(raw)
+    issues += found + validate(cfg)  # keys that failed above keep their defaults here
+    if issues:
+        raise ConfigError(issues, source)
+    return cfg
+
+
+def _read_yaml(path: str | Path | None) -> tuple[dict[str, Any], list[str]]:
+    if path is None:
+        return {}, []
+    p = Path(path)
+    if not p.is_file():
+        return {}, [f"config file {str(p)!r} does not exist — give the path of a .yaml file (see examples/)"]
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        return {}, [f"{p} is not valid YAML: {e}"]
+    if not isinstance(data, dict):
+        return {}, [f"{p}: the top level must be a mapping of sections (model, data, finetuning, train, ...)"]
+    return data, []
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> list[str]:
+    key, sep, value = override.partition("=")
+    section, dot, name = key.partition(".")
+    if not sep or not dot or not name:
+        return [f"override {override!r}: expected section.key=value, e.g. train.max_steps=2"]
+    target = raw.setdefault(section, {})
+    if section == "model" and isinstance(target, str):  # `model: NAME` shorthand
+        target = raw[section] = {"name_or_path": target}
+    if not isinstance(target, dict):
+        return [f"override {override!r}: section {section!r} is not a mapping in the config"]
+    target[name] = yaml.safe_load(value) if value.strip() else None
+    return []
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(sorted(choices))}"
+
+
+def _build(raw: dict[str, Any]) -> tuple[RunConfig, list[str]]:
+    issues: list[str] = []
+    if isinstance(raw.get("model"), str):
+        raw = {**raw, "model": {"name_or_path": raw["model"]}}
+    valid_sections = [*SECTIONS, "train"]
+    for section in raw:
+        if section not in valid_sections:
+            issues.append(f"unknown section {section!r}{_suggest(str(section), valid_sections)}")
+    built: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            issues.append(f"{section}: expected a mapping of keys, got {values!r}")
+            values = {}
+        built[section], found = _build_section(section, cls, values)
+        issues += found
+    train = raw.get("train") or {}
+    if not isinstance(train, dict):
+        issues.append(f"train: expected a mapping of TrainingArguments keys, got {train!r}")
+        train = {}
+    built["train"], found = _check_train(train)
+    issues += found
+    return RunConfig(**built), issues
+
+
+def _build_section(section: str, cls: type, values: dict[str, Any]) -> tuple[Any, list[str]]:
+    issues: list[str] = []
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in fields:
+            issues.append(f"{section}.{key}: unknown key{_suggest(str(key), list(fields))}")
+            continue
+        value, problem = coerce(value, typing.get_type_hints(cls)[key])
+        if problem:
+            issues.append(f"{section}.{key}={values[key]!r}: {problem}")
+            continue
+        kwargs[key] = value
+    return cls(**kwargs), issues
+
+
+def _check_train(train: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    from transformers import Seq2SeqTrainingArguments
+
+    issues: list[str] = []
+    fields = {f.name: f for f in dataclasses.fields(Seq2SeqTrainingArguments) if f.init}
+    checked = {**TRAIN_DEFAULTS, "use_cpu": not _has_accelerator()}
+    for key, value in train.items():
+        if key not in fields:
+            issues.append(f"train.{key}: not a Seq2SeqTrainingArguments field{_suggest(str(key), list(fields))}")
+            continue
+        value, problem = coerce(value, fields[key].type)
+        if problem:
+            issues.append(f"train.{key}={train[key]!r}: {problem}")
+            continue
+        checked[key] = value
+    return checked, issues
+
+
+def _has_accelerator() -> bool:
+    """Without one, transformers refuses bf16 unless use_cpu is set; peftkit sets it for you."""
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available()
+
+
+def coerce(value: Any, hint: Any) -> tuple[Any, str | None]:
+    """Check `value` against a type hint, converting the safe cases (an int for a float, '1e-4' for a float).
+
+    Hints this checker does not understand (enums, config objects) pass unchanged: transformers
+    checks those itself when the TrainingArguments are built.
+    """
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None:
+            return (None, None) if type(None) in options else (value, "must not be empty")
+        problems = []
+        for option in options:
+            if option is type(None):
+                continue
+            converted, problem = coerce(value, option)
+            if problem is None:
+                return converted, None
+            problems.append(problem)
+        return value, " or ".join(dict.fromkeys(problems))
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        return (value, None) if value in allowed else (value, f"must be one of {', '.join(map(str, allowed))}")
+    if origin is list:
+        (item_hint,) = typing.get_args(hint) or (Any,)
+        if not isinstance(value, list):
+            return value, f"must be a list, e.g. [{value}]"
+        out = []
+        for item in value:
+            converted, problem = coerce(item, item_hint)
+            if problem:
+                return value, f"list item {item!r}: {problem}"
+            out.append(converted)
+        return out, None
+    return _coerce_scalar(value, hint)
+
+
+def _coerce_scalar(value: Any, hint: Any) -> tuple[Any, str | None]:
+    if hint is bool:
+        return (value, None) if isinstance(value, bool) else (value, "must be true or false")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value, None
+        return value, "must be an integer"
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value), None
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value), None
+            except ValueError:
+                pass
+        return value, "must be a number"
+    if hint is str:
+        return (value, None) if isinstance(value, str) else (value, "must be a string")
+    if hint is dict or typing.get_origin(hint) is dict:
+        return (value, None) if isinstance(value, dict) else (value, "must be a mapping")
+    return value, None
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Cross-field and value checks; returns the problems, never changes the config."""
+    issues: list[str] = []
+    d, ft, ev = cfg.data, cfg.finetuning, cfg.eval
+    if d.cutoff_len < 1:
+        issues.append(f"data.cutoff_len={d.cutoff_len}: must be at least 1 — set it to the longest example you need, e.g. 1024")
+    if d.max_samples is not None and d.max_samples < 1:
+        issues.append(f"data.max_samples={d.max_samples}: must be at least 1, or remove the key to use every record")
+    for key, files in (("data.train", d.train), ("data.eval", d.eval), ("eval.dataset", ev.dataset)):
+        for file in [files] if isinstance(files, str) else files or []:
+            if not Path(file).exists():
+                issues.append(f"{key}: file {file!r} does not exist (relative paths start at {os.getcwd()})")
+    if ft.lora_rank < 1:
+        issues.append(f"finetuning.lora_rank={ft.lora_rank}: must be at least 1 (8 or 16 are common)")
+    if ft.lora_alpha < 1:
+        issues.append(f"finetuning.lora_alpha={ft.lora_alpha}: must be at least 1 (commonly 2 x lora_rank)")
+    if not 0.0 <= ft.lora_dropout < 1.0:
+        issues.append(f"finetuning.lora_dropout={ft.lora_dropout}: must be in [0, 1)")
+    if ft.freeze_trainable_layers < 1:
+        issues.append(f"finetuning.freeze_trainable_layers={ft.freeze_trainable_layers}: must be at least 1")
+    if ev.batch_size < 1:
+        issues.append(f"eval.batch_size={ev.batch_size}: must be at least 1")
+    if ev.max_samples is not None and ev.max_samples < 1:
+        issues.append(f"eval.max_samples={ev.max_samples}: must be at least 1, or remove the key")
+    if cfg.generate.max_new_tokens < 1:
+        issues.append(f"generate.max_new_tokens={cfg.generate.max_new_tokens}: must be at least 1")
+    issues += _check_training_arguments(cfg.train)
+    return issues
+
+
+def _check_training_arguments(train: dict[str, Any]) -> list[str]:
+    """Let transformers check what only it knows (strategies, schedulers, best-model rules)."""
+    if not train.get("output_dir"):
+        return ["train.output_dir: missing — where checkpoints and logs go, e.g. train.output_dir=outputs/my_run"]
+    try:
+        build_training_arguments(train)
+    except (ValueError, TypeError) as e:
+        return [f"train: transformers rejected these TrainingArguments: {e}"]
+    return []
+
+
+def build_training_arguments(train: dict[str, Any]) -> Any:
+    """Seq2SeqTrainingArguments from the `train` section, exactly as written."""
+    from transformers import Seq2SeqTrainingArguments
+
+    return Seq2SeqTrainingArguments(**train)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain data: every peftkit default spelled out, `train` as given."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config atomically, so a crash never leaves half a config.yaml."""
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+

@@ -1,0 +1,95 @@
+"""The config sections: one dataclass each, every field documented once in its `help`.
+
+The `train` section is not here: it takes transformers' Seq2SeqTrainingArguments field names as
+they are (see `peftkit.config.load`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call site
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelArgs:
+    name_or_path: str = _f(
+        "smollm2-135m-instruct",
+        "`smollm2-135m-instruct` (the embedded default), a local folder, or a hub id.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = _f(
+        "float32", "Weight dtype; `auto` takes the checkpoint's. Mixed precision is train.bf16 / train.fp16."
+    )
+    attn_implementation: str | None = _f(None, "eager, sdpa or flash_attention_2; None lets transformers choose.")
+    trust_remote_code: bool = _f(False, "Allow model code from the checkpoint folder (e.g. Yuan2).")
+
+
+@dataclass
+class DataArgs:
+    train: str | list[str] | None = _f(None, "Training file(s): .json or .jsonl records.")
+    eval: str | list[str] | None = _f(None, "Evaluation file(s) for eval_loss during training.")
+    format: Literal["alpaca", "messages"] = _f("alpaca", "Record format of the files.")
+    template: str | None = _f(
+        None,
+        "Chat template: None uses the tokenizer's own; a shipped name (alpaca, chatml, llama3, yuan2) "
+        "or a path to a .jinja file.",
+    )
+    cutoff_len: int = _f(1024, "Maximum tokens per example; truncation keeps part of every response.")
+    max_samples: int | None = _f(None, "Use only the first N records of each file.")
+
+
+@dataclass
+class FinetuningArgs:
+    finetuning_type: Literal["lora", "freeze", "full"] = _f("lora", "What trains: LoRA adapters, the last layers, or all.")
+    lora_rank: int = _f(8, "LoRA rank r.")
+    lora_alpha: int = _f(16, "LoRA scaling alpha (the update is scaled by alpha / rank).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input; any dropout halves CPU training speed (measured).")
+    lora_target: str | list[str] = _f(
+        "all", "`all`: every linear layer of the decoder blocks; or module names such as [q_proj, v_proj]."
+    )
+    freeze_trainable_layers: int = _f(2, "freeze: how many of the last decoder layers train.")
+    freeze_trainable_modules: list[str] | None = _f(
+        None, "freeze: module name fragments that train instead of the last layers (e.g. [mlp])."
+    )
+
+
+@dataclass
+class EvalArgs:
+    dataset: str | None = _f(None, "Records to predict on with generation after training (and before, see below).")
+    max_samples: int | None = _f(None, "Predict on only the first N records.")
+    metric: Literal["ner_json", "exact_match", "none"] = _f("exact_match", "Task metric over the predictions.")
+    batch_size: int = _f(16, "Prompts generated together (left padded, sorted by length).")
+    before_training: bool = _f(False, "Also predict with the untrained model, to show the gain.")
+
+
+@dataclass
+class GenerateArgs:
+    max_new_tokens: int = _f(256, "Generation stops here or at the end-of-turn token.")
+    do_sample: bool = _f(False, "Sample instead of greedy decoding.")
+    temperature: float = _f(0.7, "Sampling temperature (do_sample only).")
+    top_p: float = _f(0.9, "Nucleus sampling mass (do_sample only).")
+    repetition_penalty: float = _f(1.0, "Penalty > 1 discourages repeats.")
+
+
+@dataclass
+class RunConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    finetuning: FinetuningArgs = field(default_factory=FinetuningArgs)
+    train: dict[str, Any] = field(default_factory=dict)
+    eval: EvalArgs = field(default_factory=EvalArgs)
+    generate: GenerateArgs = field(default_factory=GenerateArgs)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelArgs,
+    "data": DataArgs,
+    "finetuning": FinetuningArgs,
+    "eval": EvalArgs,
+    "generate": GenerateArgs,
+}

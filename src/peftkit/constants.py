@@ -1,0 +1,13 @@
+"""Names shared across stages: the ignore index and the files of an output directory."""
+
+IGNORE_INDEX = -100
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+CONFIG_FILE = "config.yaml"
+TRAINER_LOG = "trainer_log.jsonl"
+LOSS_PLOT = "training_loss.png"
+TRAINING_ARGS_FILE = "training_args.json"
+FINETUNING_ARGS_FILE = "finetuning_args.json"
+PREDICTIONS_FILE = "generated_predictions.jsonl"
+PREDICT_RESULTS_FILE = "predict_results.json"
+LOG_SCHEMA_VERSION = 1

@@ -1,0 +1,33 @@
+"""The exception types peftkit raises for user errors; the CLI maps them to exit code 2."""
+
+from __future__ import annotations
+
+
+class PeftkitError(Exception):
+    """A user error: bad config, bad data, a model that cannot be found. Never a bug."""
+
+
+class ConfigError(PeftkitError):
+    """Every problem found in a config, reported at once."""
+
+    def __init__(self, issues: list[str], source: str | None = None) -> None:
+        self.issues = list(issues)
+        self.source = source
+        head = f"{source}: " if source else ""
+        count = f"{len(self.issues)} problem{'s' if len(self.issues) != 1 else ''}"
+        super().__init__(f"{head}invalid config ({count}):\n" + "\n".join(f"  - {i}" for i in self.issues))
+
+
+class DataError(PeftkitError):
+    """A bad record, named by file, record index and field."""
+
+    def __init__(self, file: str, record: int | None, field: str | None, reason: str) -> None:
+        self.file, self.record, self.field, self.reason = file, record, field, reason
+        where = file if record is None else f"{file}: record {record}"
+        if field:
+            where += f", field {field!r}"
+        super().__init__(f"{where}: {reason}")
+
+
+class ModelError(PeftkitError):
+    """A model or tokenizer that cannot be resolved or loaded."""

@@ -1,0 +1,1 @@
+"""Evaluation: batch generation, task metrics, predictions on held-out records."""

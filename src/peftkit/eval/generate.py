@@ -1,0 +1,58 @@
+"""The one place that calls `model.generate`: batched, left padded, stopping at end-of-turn tokens."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from peftkit.config.schema import GenerateArgs
+from peftkit.data.template import stop_token_ids
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of the conversation so far plus the assistant's generation prompt."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def generation_kwargs(tokenizer: Any, args: GenerateArgs) -> dict[str, Any]:
+    """Keyword arguments for `model.generate` from the `generate` section."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": args.max_new_tokens,
+        "do_sample": args.do_sample,
+        "repetition_penalty": args.repetition_penalty,
+        "eos_token_id": stop_token_ids(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    if args.do_sample:
+        kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    else:  # greedy: keep the checkpoint's sampling defaults from leaking in as warnings
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def generate_batch(
+    model: Any, tokenizer: Any, prompts: list[list[int]], args: GenerateArgs, bf16: bool = False
+) -> list[list[int]]:
+    """New token ids for each prompt (stop tokens stripped), same order as `prompts`."""
+    import torch
+
+    pad = tokenizer.pad_token_id
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode(), autocast:
+        out = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **generation_kwargs(tokenizer, args)
+        )
+    model.train(was_training)
+    stops = set(stop_token_ids(tokenizer)) | {pad}
+    results = []
+    for row in out[:, width:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        results.append(row[:end])
+    return results

@@ -1,0 +1,72 @@
+"""Task metrics over generated answers: small pure functions, each unit-tested."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Callable
+
+
+def parse_entities(text: str) -> dict[str, list[str]] | None:
+    """A JSON answer {type: [entity, ...]}; None when it does not parse into that shape."""
+    try:
+        data = json.loads(text.strip())
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    out: dict[str, list[str]] = {}
+    for key, values in data.items():
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            return None
+        out[str(key)] = values
+    return out
+
+
+def _pairs(entities: dict[str, list[str]]) -> Counter:
+    return Counter((etype, value) for etype, values in entities.items() for value in values)
+
+
+def _prf(tp: int, n_pred: int, n_gold: int) -> dict[str, float]:
+    p = tp / n_pred if n_pred else 0.0
+    r = tp / n_gold if n_gold else 0.0
+    f = 2 * p * r / (p + r) if p + r else 0.0
+    return {"precision": round(100 * p, 2), "recall": round(100 * r, 2), "f1": round(100 * f, 2)}
+
+
+def ner_json(predictions: list[str], references: list[str]) -> dict[str, object]:
+    """Entity-level micro precision / recall / F1 (in %) over (type, string) pairs, and per type.
+
+    An unparseable prediction counts as no entities and is counted in `invalid_json`.
+    """
+    tp, n_pred, n_gold, invalid = Counter(), Counter(), Counter(), 0
+    for pred_text, ref_text in zip(predictions, references, strict=True):
+        pred = parse_entities(pred_text)
+        if pred is None:
+            invalid += 1
+            pred = {}
+        gold = _pairs(parse_entities(ref_text) or {})
+        predicted = _pairs(pred)
+        for (etype, _), count in (predicted & gold).items():
+            tp[etype] += count
+        for (etype, _), count in predicted.items():
+            n_pred[etype] += count
+        for (etype, _), count in gold.items():
+            n_gold[etype] += count
+    result: dict[str, object] = _prf(sum(tp.values()), sum(n_pred.values()), sum(n_gold.values()))
+    result["invalid_json"] = invalid
+    result["per_type"] = {t: _prf(tp[t], n_pred[t], n_gold[t]) for t in sorted(n_gold | n_pred)}
+    return result
+
+
+def exact_match(predictions: list[str], references: list[str]) -> dict[str, object]:
+    """Share (in %) of predictions equal to the reference after stripping whitespace."""
+    hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True))
+    return {"exact_match": round(100 * hits / len(references), 2) if references else 0.0}
+
+
+METRICS: dict[str, Callable[[list[str], list[str]], dict[str, object]]] = {
+    "ner_json": ner_json,
+    "exact_match": exact_match,
+    "none": lambda predictions, references: {},
+}

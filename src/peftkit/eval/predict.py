@@ -1,0 +1,56 @@
+"""Batch prediction on held-out records: generate, score, write predictions and results."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from peftkit.atomic import write_json_atomic, write_text_atomic
+from peftkit.config.schema import RunConfig
+from peftkit.constants import PREDICT_RESULTS_FILE, PREDICTIONS_FILE
+from peftkit.data.dataset import load_messages
+from peftkit.eval.generate import generate_batch, render_prompt
+from peftkit.eval.metrics import METRICS
+
+logger = logging.getLogger("peftkit")
+
+
+def predict(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str = "") -> dict[str, Any]:
+    """Generate an answer for every record of `eval.dataset`; returns metrics and throughput.
+
+    Records are sorted by prompt length so each batch pads little; results keep file order.
+    Writes generated_predictions{tag}.jsonl and predict_results{tag}.json into `output_dir`.
+    """
+    data_args = cfg.data.__class__(**{**cfg.data.__dict__, "max_samples": cfg.eval.max_samples})
+    records = load_messages([cfg.eval.dataset], data_args)
+    prompts = [render_prompt(tokenizer, messages[:-1]) for messages, _ in records]
+    references = [messages[-1]["content"] for messages, _ in records]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    answers: list[list[int]] = [[] for _ in prompts]
+    start = time.time()
+    bs = cfg.eval.batch_size
+    for b in range(0, len(order), bs):
+        batch = order[b : b + bs]
+        for i, ids in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch], cfg.generate,
+                                                  bf16=bool(cfg.train.get("bf16")))):
+            answers[i] = ids
+        logger.info("predict%s: %d/%d records", tag, min(b + bs, len(order)), len(order))
+    seconds = time.time() - start
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
+    metrics: dict[str, Any] = dict(METRICS[cfg.eval.metric](texts, references))
+    metrics.update(
+        records=len(records),
+        predict_seconds=round(seconds, 2),
+        records_per_second=round(len(records) / seconds, 3) if seconds else None,
+        generated_tokens_per_second=round(sum(map(len, answers)) / seconds, 1) if seconds else None,
+    )
+    lines = [
+        json.dumps({"prompt": tokenizer.decode(p), "predict": t, "label": r}, ensure_ascii=False)
+        for p, t, r in zip(prompts, texts, references)
+    ]
+    write_text_atomic(output_dir / PREDICTIONS_FILE.replace(".jsonl", f"{tag}.jsonl"), "\n".join(lines) + "\n")
+    write_json_atomic(output_dir / PREDICT_RESULTS_FILE.replace(".json", f"{tag}.json"), metrics)
+    return metrics

@@ -1,0 +1,84 @@
+"""Decide what trains: LoRA adapters (peft), the last decoder layers (freeze), or everything (full)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from peftkit.config.schema import FinetuningArgs
+from peftkit.errors import ConfigError
+
+logger = logging.getLogger("peftkit")
+
+
+def prepare_for_training(model: Any, args: FinetuningArgs) -> Any:
+    """The model ready to train under `args.finetuning_type`; a PeftModel for lora."""
+    if args.finetuning_type == "lora":
+        model = _apply_lora(model, args)
+    elif args.finetuning_type == "freeze":
+        _freeze_all_but(model, _freeze_trainable_names(model, args))
+    else:
+        model.requires_grad_(True)
+    trainable, total = count_parameters(model)
+    logger.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts, counting tied weights once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def _apply_lora(model: Any, args: FinetuningArgs) -> Any:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    target = "all-linear" if args.lora_target == "all" else args.lora_target
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=target,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:  # peft names the missing modules
+        raise ConfigError([f"finetuning.lora_target={args.lora_target!r}: {e}"]) from e
+
+
+def _decoder_layer_count(model: Any) -> int:
+    count = getattr(model.config, "num_hidden_layers", None)
+    if not isinstance(count, int):
+        raise ConfigError(["finetuning.finetuning_type=freeze: the model config has no num_hidden_layers; "
+                           "name the modules to train with finetuning.freeze_trainable_modules"])
+    return count
+
+
+def _freeze_trainable_names(model: Any, args: FinetuningArgs) -> list[str]:
+    if args.freeze_trainable_modules:
+        patterns = [re.escape(m) for m in args.freeze_trainable_modules]
+        what = f"finetuning.freeze_trainable_modules={args.freeze_trainable_modules}"
+    else:
+        layers = _decoder_layer_count(model)
+        keep = range(max(0, layers - args.freeze_trainable_layers), layers)
+        patterns = [rf"\.layers\.{i}\." for i in keep]
+        what = f"finetuning.freeze_trainable_layers={args.freeze_trainable_layers}"
+    names = [n for n, _ in model.named_parameters() if any(re.search(p, n) for p in patterns)]
+    if not names:
+        raise ConfigError([f"{what}: matches no parameter of this model (names look like "
+                           f"{next(iter(dict(model.named_parameters())))!r})"])
+    return names
+
+
+def _freeze_all_but(model: Any, trainable: list[str]) -> None:
+    wanted = set(trainable)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in wanted)

@@ -1,0 +1,51 @@
+"""Load a tokenizer and a causal LM from a resolved name, with errors that say what to do."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from peftkit.config.schema import ModelArgs
+from peftkit.errors import ModelError
+from peftkit.model.resolve import resolve_model
+
+logger = logging.getLogger("peftkit")
+
+
+def _from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:  # transformers raises both for missing or unreadable checkpoints
+        if Path(name).exists():
+            raise ModelError(f"model.name_or_path={name!r}: could not load the {what} from this folder: {e}") from e
+        raise ModelError(
+            f"model.name_or_path={name!r}: not a local folder, and loading it as a hub id failed "
+            f"(this machine may have no internet). Give a local folder holding config.json and weights, "
+            f"or `smollm2-135m-instruct` for the embedded model. Cause: {str(e).splitlines()[0]}"
+        ) from e
+
+
+def load_tokenizer(args: ModelArgs, padding_side: str = "right") -> Any:
+    """The model's tokenizer; a missing pad token becomes the EOS token (labels, not pad ids, mark padding)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(args.name_or_path)
+    tokenizer = _from_pretrained(AutoTokenizer, path, "tokenizer", trust_remote_code=args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model(args: ModelArgs) -> Any:
+    """A causal LM in the configured dtype and attention implementation."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(args.name_or_path)
+    kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
+    kwargs["dtype"] = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    return _from_pretrained(AutoModelForCausalLM, path, "model", **kwargs)

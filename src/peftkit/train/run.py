@@ -1,0 +1,80 @@
+"""`peftkit train`: config → tokenizer → data → model → trainer → train → save → predict. Read top to bottom."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from peftkit.atomic import write_json_atomic
+from peftkit.config import RunConfig, build_training_arguments, dump_config
+from peftkit.constants import CONFIG_FILE, IGNORE_INDEX
+from peftkit.data import apply_template, as_file_list, build_dataset, describe_example
+from peftkit.eval.predict import predict
+from peftkit.model import load_model, load_tokenizer, prepare_for_training
+from peftkit.train.callbacks import LogCallback
+from peftkit.train.plot import plot_loss
+from peftkit.train.trainer import PeftTrainer
+
+logger = logging.getLogger("peftkit")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: its summary (also in run_summary.json) and the trained in-memory model."""
+
+    summary: dict[str, Any]
+    model: Any
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Fine-tune as configured; the summary holds output_dir, losses, metrics before/after, wall time."""
+    start = time.time()
+    output_dir = Path(cfg.train["output_dir"])
+    dump_config(cfg, output_dir / CONFIG_FILE)
+
+    tokenizer = load_tokenizer(cfg.model)
+    apply_template(tokenizer, cfg.data.template)
+    train_ds, report = build_dataset(as_file_list(cfg.data.train), cfg.data, tokenizer)
+    eval_ds = build_dataset(as_file_list(cfg.data.eval), cfg.data, tokenizer)[0] if cfg.data.eval else None
+    write_json_atomic(output_dir / "data_report.json", report.as_dict())
+    logger.info("example 0 (supervised spans in [[...]]):\n%s", describe_example(tokenizer, train_ds[0]))
+
+    model = load_model(cfg.model)
+    summary: dict[str, Any] = {"output_dir": str(output_dir)}
+    if cfg.eval.dataset and cfg.eval.before_training:
+        summary["metrics_before"] = predict(model, tokenizer, cfg, output_dir, tag="_before")
+    model = prepare_for_training(model, cfg.finetuning)
+
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds)
+    result = trainer.train(resume_from_checkpoint=cfg.train.get("resume_from_checkpoint"))
+    trainer.save_model()
+    trainer.save_state()
+    plot_loss(output_dir)
+    summary["train_loss"] = result.training_loss
+    summary["train_seconds"] = round(result.metrics["train_runtime"], 1)
+
+    if cfg.eval.dataset:
+        summary["metrics_after"] = predict(model, tokenizer, cfg, output_dir)
+    summary["wall_seconds"] = round(time.time() - start, 1)
+    write_json_atomic(output_dir / "run_summary.json", summary)
+    return TrainResult(summary, trainer.model)
+
+
+def build_trainer(cfg: RunConfig, model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any) -> PeftTrainer:
+    """The PeftTrainer with peftkit's collator (labels padded with IGNORE_INDEX) and LogCallback."""
+    from transformers import DataCollatorForSeq2Seq
+
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True, pad_to_multiple_of=64)
+    return PeftTrainer(
+        finetuning_args=cfg.finetuning,
+        model=model,
+        args=build_training_arguments(cfg.train),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[LogCallback()],
+    )

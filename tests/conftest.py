@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny tokenizer from tests/assets, a tiny Llama built from a config, tiny data files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ASSETS = Path(__file__).parent / "assets"
+REPO = Path(__file__).resolve().parents[1]
+
+ALPACA_RECORDS = [
+    {"instruction": "Say hello.", "input": "", "output": "Hello!"},
+    {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+    {"instruction": "抽取实体", "input": "高勇：男，中国国籍", "output": '{"姓名": ["高勇"], "国籍": ["中国国籍"]}'},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "system": "You are precise."},
+    {"instruction": "And now?", "input": "", "output": "7", "history": [["Add 3 and 4.", "7"]]},
+    {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+    {"instruction": "Name a fruit.", "input": "", "output": "An apple."},
+    {"instruction": "Count to three.", "input": "", "output": "1, 2, 3"},
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return ASSETS / "tiny_tokenizer"
+
+
+@pytest.fixture()
+def tokenizer(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """A 2-layer random Llama saved as a normal checkpoint folder, with the tiny tokenizer beside it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    out = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture()
+def alpaca_file(tmp_path: Path) -> Path:
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(ALPACA_RECORDS, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def write_config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,81 @@
+"""End to end on the embedded SmolLM2-135M-Instruct: train through the CLI, reload in plain peft, chat."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftkit.train.run as run_module
+from peftkit.cli import main
+from peftkit.model import ensure_embedded_model
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("embedded") / "run"
+    captured = {}
+    real_train = run_module.train
+
+    def keep_result(cfg):
+        captured["result"] = real_train(cfg)
+        return captured["result"]
+
+    run_module.train = keep_result
+    try:
+        code = main([
+            "train", str(REPO / "examples/resume_ner_lora.yaml"), f"train.output_dir={out}",
+            "train.max_steps=8", "train.per_device_train_batch_size=4", "train.logging_steps=1",
+            "train.warmup_steps=0", "train.train_sampling_strategy=sequential", "train.disable_tqdm=true",
+            "data.max_samples=32", "data.cutoff_len=256", f"data.train={REPO / 'data/resume_ner/train.json'}",
+            "eval.dataset=",
+        ])
+    finally:
+        run_module.train = real_train
+    assert code == 0
+    return out, captured["result"].model
+
+
+def test_loss_falls_and_log_is_well_formed(trained) -> None:
+    out, _ = trained
+    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    logs = [r for r in rows if r["event"] == "log"]
+    assert [r["current_steps"] for r in logs] == list(range(1, 9))
+    losses = [r["loss"] for r in logs]
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+    for r in logs:
+        assert isinstance(r["loss"], float) and isinstance(r["learning_rate"], float)
+        assert isinstance(r["epoch"], float) and isinstance(r["elapsed_time"], str) and r["total_steps"] == 8
+    assert (out / "training_loss.png").stat().st_size > 1000
+
+
+def test_adapter_reloads_in_plain_peft_with_equal_logits(trained) -> None:
+    from peft import AutoPeftModelForCausalLM
+
+    out, model = trained
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(ensure_embedded_model())
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    model.eval()
+    ids = torch.tensor([[1, 4093, 198, 6004, 2, 198, 1, 520, 9531, 198]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-4)
+
+
+def test_chat_with_the_adapter_answers_and_stops(trained) -> None:
+    out, _ = trained
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftkit", "chat", "--adapter", str(out), "--max-new-tokens", "40",
+         "--prompt", "抽取简历句子中的实体，类型为：姓名、国籍、种族、职位、教育背景、专业、组织名、地名。以JSON格式回答，没有实体时回答{}。\n张三，中国国籍。"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    answer = proc.stdout.strip()
+    assert answer and "<|im_end|>" not in answer and "assistant" not in answer

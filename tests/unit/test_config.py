@@ -1,0 +1,128 @@
+"""Config loading: strict keys with suggestions, types, values, all problems at once, exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftkit.cli import main
+from peftkit.config import dump_config, load_config
+from peftkit.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cfg(tmp_path: Path, alpaca_file: Path, extra: str = "") -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  train: {alpaca_file}\ntrain:\n  output_dir: {tmp_path / 'out'}\n{extra}")
+    return path
+
+
+def _issues(path: Path | None, overrides: list[str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    return e.value.issues
+
+
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_loads(example: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    cfg = load_config(example)
+    assert cfg.train["output_dir"].startswith("outputs/")
+    assert cfg.data.train
+
+
+def test_required_examples_exist() -> None:
+    assert (REPO / "examples/resume_ner_lora.yaml").is_file()
+    assert (REPO / "examples/alpaca_lora_sft.yaml").is_file()
+
+
+def test_overrides_are_typed(tmp_path: Path, alpaca_file: Path) -> None:
+    cfg = load_config(_cfg(tmp_path, alpaca_file), ["train.max_steps=2", "train.learning_rate=1e-4",
+                                                      "finetuning.lora_target=[q_proj, v_proj]", "model.dtype=bfloat16"])
+    assert cfg.train["max_steps"] == 2
+    assert cfg.train["learning_rate"] == pytest.approx(1e-4)
+    assert cfg.finetuning.lora_target == ["q_proj", "v_proj"]
+    assert cfg.model.dtype == "bfloat16"
+
+
+def test_model_shorthand(tmp_path: Path, alpaca_file: Path) -> None:
+    cfg = load_config(_cfg(tmp_path, alpaca_file, "model: /some/folder\n"))
+    assert cfg.model.name_or_path == "/some/folder"
+
+
+def test_unknown_key_suggests_closest(tmp_path: Path, alpaca_file: Path) -> None:
+    (issue,) = _issues(_cfg(tmp_path, alpaca_file, "finetuning:\n  lora_rnk: 8\n"))
+    assert issue.startswith("finetuning.lora_rnk: unknown key; did you mean lora_rank,")  # closest first
+
+
+def test_unknown_training_argument_suggests_closest(tmp_path: Path, alpaca_file: Path) -> None:
+    (issue,) = _issues(_cfg(tmp_path, alpaca_file), ["train.learning_rat=0.1"])
+    assert issue.startswith("train.learning_rat: not a Seq2SeqTrainingArguments field; did you mean learning_rate")
+
+
+def test_unknown_section(tmp_path: Path, alpaca_file: Path) -> None:
+    (issue,) = _issues(_cfg(tmp_path, alpaca_file, "fintuning:\n  lora_rank: 8\n"))
+    assert issue == "unknown section 'fintuning'; did you mean finetuning?"
+
+
+def test_wrong_type(tmp_path: Path, alpaca_file: Path) -> None:
+    (issue,) = _issues(_cfg(tmp_path, alpaca_file), ["finetuning.lora_rank=eight"])
+    assert issue == "finetuning.lora_rank='eight': must be an integer"
+
+
+def test_wrong_type_in_training_arguments(tmp_path: Path, alpaca_file: Path) -> None:
+    (issue,) = _issues(_cfg(tmp_path, alpaca_file), ["train.num_train_epochs=three"])
+    assert issue == "train.num_train_epochs='three': must be a number"
+
+
+def test_impossible_values(tmp_path: Path, alpaca_file: Path) -> None:
+    issues = _issues(_cfg(tmp_path, alpaca_file), ["finetuning.lora_rank=0", "data.cutoff_len=0"])
+    assert any(i.startswith("data.cutoff_len=0: must be at least 1") for i in issues)
+    assert any(i.startswith("finetuning.lora_rank=0: must be at least 1") for i in issues)
+
+
+def test_missing_data_file(tmp_path: Path, alpaca_file: Path) -> None:
+    (issue,) = _issues(_cfg(tmp_path, alpaca_file), [f"data.train={tmp_path / 'nope.json'}"])
+    assert issue.startswith(f"data.train: file '{tmp_path / 'nope.json'}' does not exist")
+
+
+def test_literal_choices(tmp_path: Path, alpaca_file: Path) -> None:
+    (issue,) = _issues(_cfg(tmp_path, alpaca_file), ["finetuning.finetuning_type=qlora"])
+    assert issue == "finetuning.finetuning_type='qlora': must be one of lora, freeze, full"
+
+
+def test_all_problems_reported_at_once(tmp_path: Path, alpaca_file: Path) -> None:
+    issues = _issues(_cfg(tmp_path, alpaca_file, "finetuning:\n  lora_rnk: 8\n"),
+                     ["train.learning_rat=1", "model.dtype=float64", "data.format=csv"])
+    assert len(issues) == 4
+
+
+def test_transformers_cross_checks_are_reported(tmp_path: Path, alpaca_file: Path) -> None:
+    (issue,) = _issues(_cfg(tmp_path, alpaca_file), ["train.load_best_model_at_end=true",
+                                                      "train.eval_strategy=steps", "train.save_strategy=epoch"])
+    assert issue.startswith("train: transformers rejected these TrainingArguments:")
+
+
+def test_resolved_config_round_trips(tmp_path: Path, alpaca_file: Path) -> None:
+    cfg = load_config(_cfg(tmp_path, alpaca_file), ["train.max_steps=3"])
+    dump_config(cfg, tmp_path / "resolved.yaml")
+    data = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
+    assert data["finetuning"]["lora_rank"] == 8  # defaults are spelled out
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path, alpaca_file: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["train", str(_cfg(tmp_path, alpaca_file)), "finetuning.lora_rank=0", "train.learning_rat=1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "invalid config (2 problems)" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # nothing written before the config is valid
+
+
+def test_cli_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err

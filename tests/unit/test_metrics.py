@@ -1,0 +1,46 @@
+"""Task metrics: entity-level P/R/F1 over JSON answers, exact match."""
+
+from __future__ import annotations
+
+import pytest
+
+from peftkit.eval.metrics import exact_match, ner_json, parse_entities
+
+GOLD = '{"姓名": ["高勇"], "国籍": ["中国国籍"], "职位": ["工程师", "会员"]}'
+
+
+def test_perfect_answer() -> None:
+    m = ner_json([GOLD], [GOLD])
+    assert (m["precision"], m["recall"], m["f1"], m["invalid_json"]) == (100.0, 100.0, 100.0, 0)
+
+
+def test_partial_answer_counts_pairs_of_type_and_string() -> None:
+    # 2 right (姓名 高勇, 职位 工程师), 1 wrong type (组织名 会员), 1 missing; 3 predicted, 4 gold.
+    pred = '{"姓名": ["高勇"], "职位": ["工程师"], "组织名": ["会员"]}'
+    m = ner_json([pred], [GOLD])
+    assert m["precision"] == pytest.approx(66.67)
+    assert m["recall"] == 50.0
+    assert m["f1"] == pytest.approx(57.14)
+    assert m["per_type"]["组织名"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    assert m["per_type"]["姓名"]["f1"] == 100.0
+
+
+def test_duplicates_count_once_each() -> None:
+    m = ner_json(['{"职位": ["会员", "会员"]}'], ['{"职位": ["会员"]}'])
+    assert (m["precision"], m["recall"]) == (50.0, 100.0)
+
+
+def test_unparseable_answer_is_no_entities_and_counted() -> None:
+    m = ner_json(["姓名：高勇", '{"姓名": "高勇"}', GOLD], [GOLD, GOLD, GOLD])
+    assert m["invalid_json"] == 2
+    assert m["precision"] == 100.0 and m["recall"] == pytest.approx(33.33)
+
+
+def test_parse_entities_shape() -> None:
+    assert parse_entities(' {"a": ["x"]} ') == {"a": ["x"]}
+    assert parse_entities("[1]") is None
+    assert parse_entities('{"a": [1]}') is None
+
+
+def test_exact_match() -> None:
+    assert exact_match(["a ", "b"], ["a", "c"]) == {"exact_match": 50.0}
