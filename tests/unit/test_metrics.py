@@ -42,5 +42,9 @@ def test_parse_entities_shape() -> None:
     assert parse_entities('{"a": [1]}') is None
 
 
+def test_repeated_type_keys_keep_all_entities() -> None:
+    assert parse_entities('{"职位": ["董事"], "职位": ["总经理"]}') == {"职位": ["董事", "总经理"]}
+
+
 def test_exact_match() -> None:
     assert exact_match(["a ", "b"], ["a", "c"]) == {"exact_match": 50.0}

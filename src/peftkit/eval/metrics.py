@@ -7,10 +7,24 @@ from collections import Counter
 from typing import Callable
 
 
+def _merge_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    merged: dict[str, object] = {}
+    for key, value in pairs:
+        if key in merged and isinstance(merged[key], list) and isinstance(value, list):
+            merged[key] = merged[key] + value
+        else:
+            merged[key] = value
+    return merged
+
+
 def parse_entities(text: str) -> dict[str, list[str]] | None:
-    """A JSON answer {type: [entity, ...]}; None when it does not parse into that shape."""
+    """A JSON answer {type: [entity, ...]}; None when it does not parse into that shape.
+
+    A type repeated as a key (`{"职位": ["a"], "职位": ["b"]}`, legal JSON that small models
+    write) keeps all its entities rather than only the last list, as json.loads alone would.
+    """
     try:
-        data = json.loads(text.strip())
+        data = json.loads(text.strip(), object_pairs_hook=_merge_duplicate_keys)
     except json.JSONDecodeError:
         return None
     if not isinstance(data, dict):

@@ -53,6 +53,9 @@ def train(cfg: RunConfig) -> TrainResult:
     trainer.save_model()
     trainer.save_state()
     plot_loss(output_dir)
+    # accelerate wrapped forward() in autocast for bf16/fp16; hand back the plain model, so what
+    # callers compute matches a reload of the saved folder (generation applies its own autocast).
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
     summary["train_loss"] = result.training_loss
     summary["train_seconds"] = round(result.metrics["train_runtime"], 1)
 
@@ -60,7 +63,7 @@ def train(cfg: RunConfig) -> TrainResult:
         summary["metrics_after"] = predict(model, tokenizer, cfg, output_dir)
     summary["wall_seconds"] = round(time.time() - start, 1)
     write_json_atomic(output_dir / "run_summary.json", summary)
-    return TrainResult(summary, trainer.model)
+    return TrainResult(summary, model)
 
 
 def build_trainer(cfg: RunConfig, model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any) -> PeftTrainer:
