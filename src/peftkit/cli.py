@@ -67,6 +67,15 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from peftkit.export import export
+
+    report = export(args.adapter, args.out, max_shard_size=args.max_shard_size)
+    print(f"exported to {report.out}: max logit difference {report.max_logit_diff:.2e}, "
+          f"{report.records_checked} training records re-rendered identically")
+    return 0
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from peftkit.model import resolve_model
 
@@ -103,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.set_defaults(func=_cmd_chat)
+    p = sub.add_parser("export", help="merge a LoRA run (or copy a freeze/full run) into a standalone folder")
+    p.add_argument("--adapter", required=True, help="the run's output_dir")
+    p.add_argument("--out", required=True, help="the folder to write (replaced whole if it exists)")
+    p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB")
+    p.set_defaults(func=_cmd_export)
     p = sub.add_parser("model", help="resolve a model name to its local folder (converting the embedded model once)")
     p.add_argument("name", nargs="?", default=EMBEDDED_MODEL)
     p.set_defaults(func=_cmd_model)

@@ -1,0 +1,156 @@
+"""`peftkit export`: one self-contained folder that plain transformers loads, checked before it lands.
+
+LoRA runs are merged into the base weights; freeze / full runs are copied. The folder is written
+under a temporary name, reloaded and compared with the run (logits and chat-template tokens), and
+only then renamed into place, so a failed check or a crash never leaves a half or stale export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.config.schema import DataArgs
+from peftkit.constants import CONFIG_FILE, FINETUNING_ARGS_FILE
+from peftkit.data.dataset import as_file_list, load_messages
+from peftkit.data.encode import encode_messages
+from peftkit.errors import PeftkitError
+
+logger = logging.getLogger("peftkit")
+
+MAX_LOGIT_DIFF = 1e-4
+_CHECK_PROMPTS = ["Hello! Who are you?", "抽取简历实体，以JSON回答。\n高勇：男，中国国籍，无境外居留权，"]
+
+
+@dataclass
+class ExportReport:
+    """What the checks measured; written as export_report.json inside the export."""
+
+    finetuning_type: str
+    max_logit_diff: float
+    records_checked: int
+    out: str
+
+
+def _finetuning_type(run_dir: Path) -> str:
+    path = run_dir / FINETUNING_ARGS_FILE
+    if not path.is_file():
+        raise PeftkitError(f"{run_dir}: no {FINETUNING_ARGS_FILE} — not a peftkit output_dir (train one with `peftkit train`)")
+    return json.loads(path.read_text())["finetuning_type"]
+
+
+def _load_run(run_dir: Path, finetuning_type: str) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    if finetuning_type != "lora":
+        return AutoModelForCausalLM.from_pretrained(run_dir, dtype="float32")
+    from peft import PeftConfig, PeftModel
+
+    base_path = PeftConfig.from_pretrained(run_dir).base_model_name_or_path
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype="float32")
+    return PeftModel.from_pretrained(base, run_dir)
+
+
+def _check_prompts(tokenizer: Any) -> list[list[int]]:
+    out = []
+    for text in _CHECK_PROMPTS:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        out.append(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def _logits(model: Any, prompts: list[list[int]]) -> list[Any]:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([ids])).logits[0] for ids in prompts]
+
+
+def _training_records(run_dir: Path, limit: int) -> list[tuple[list[dict[str, str]], tuple[str, int]]]:
+    """The first training records, read as the run read them (its config.yaml), if the files still exist."""
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        return []
+    data = yaml.safe_load(config_path.read_text(encoding="utf-8"))["data"]
+    files = [f for f in as_file_list(data.get("train")) if Path(f).is_file()]
+    if not files:
+        return []
+    args = DataArgs(**{**data, "max_samples": limit})
+    return load_messages(files[:1], args)
+
+
+def _check_template(run_tokenizer: Any, exported_dir: Path, records: list, cutoff_len: int) -> None:
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(exported_dir)
+    for messages, where in records:
+        a, _ = encode_messages(run_tokenizer, messages, cutoff_len, where)
+        b, _ = encode_messages(exported, messages, cutoff_len, where)
+        if a != b:
+            raise PeftkitError(
+                f"export check failed: the exported tokenizer renders {where[0]} record {where[1]} differently "
+                "from training (chat template or tokenizer changed); the export was not written"
+            )
+
+
+def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB") -> ExportReport:
+    """Merge (lora) or copy (freeze / full) a run into `out`, verify it, then move it into place.
+
+    Raises:
+        PeftkitError: the run folder is not a peftkit run, or a check failed (nothing is written then).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir, out = Path(run_dir), Path(out)
+    finetuning_type = _finetuning_type(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    model = _load_run(run_dir, finetuning_type)
+    prompts = _check_prompts(tokenizer)
+    reference = _logits(model, prompts)
+    if finetuning_type == "lora":
+        model = model.merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        for extra in ("value_head.safetensors",):  # carried along where a stage saved one
+            if (run_dir / extra).is_file():
+                shutil.copy2(run_dir / extra, tmp / extra)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype="float32")
+        diff = max(float((a - b).abs().max()) for a, b in zip(reference, _logits(reloaded, prompts)))
+        if diff >= MAX_LOGIT_DIFF:
+            raise PeftkitError(
+                f"export check failed: reloaded logits differ from the run's by {diff:.2e} (limit {MAX_LOGIT_DIFF:g}); "
+                "the export was not written"
+            )
+        records = _training_records(run_dir, limit=16)
+        _check_template(tokenizer, tmp, records, cutoff_len=4096)
+        report = ExportReport(finetuning_type, diff, len(records), str(out))
+        (tmp / "export_report.json").write_text(json.dumps(report.__dict__, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("exported %s run to %s (max logit difference %.2e, %d training records re-rendered identically)",
+                finetuning_type, out, diff, len(records))
+    return report
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put `new` at `target`; an old export is moved aside first and removed after, so no stale shard survives."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{new.name.rsplit('-', 1)[-1]}")
+        target.rename(old)
+    new.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
