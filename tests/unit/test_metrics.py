@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peftkit.eval.metrics import exact_match, ner_json, parse_entities
+from peftkit.eval.metrics import accuracy, bleu, exact_match, f1, ner_json, parse_entities, rouge
 
 GOLD = '{"姓名": ["高勇"], "国籍": ["中国国籍"], "职位": ["工程师", "会员"]}'
 
@@ -48,3 +48,22 @@ def test_repeated_type_keys_keep_all_entities() -> None:
 
 def test_exact_match() -> None:
     assert exact_match(["a ", "b"], ["a", "c"]) == {"exact_match": 50.0}
+
+
+def test_bleu_is_character_level_for_chinese() -> None:
+    assert bleu(["我爱北京天安门"], ["我爱北京天安门"])["bleu"] == 100.0
+    # Without character splitting this would be a 0 (one "word" each, different).
+    assert 0 < bleu(["我爱北京天安门广场"], ["我爱北京天安门"])["bleu"] < 100
+
+
+def test_rouge_by_hand() -> None:
+    # pred "a b c", ref "a b d": unigrams 2/3 overlap -> F1 2/3; bigrams {ab,bc} vs {ab,bd} -> 1/2; LCS "a b" -> 2/3.
+    assert rouge(["a b c"], ["a b d"]) == {"rouge-1": 66.67, "rouge-2": 50.0, "rouge-l": 66.67}
+    assert rouge(["高勇男"], ["高勇"])["rouge-1"] == 80.0  # characters: 2 overlap, 3 + 2 tokens
+
+
+def test_accuracy_and_macro_f1() -> None:
+    preds, refs = ["1", "0", "1", "1"], ["1", "0", "0", "1"]
+    assert accuracy(preds, refs) == {"accuracy": 75.0}
+    # class 1: p 2/3 r 1 -> 0.8; class 0: p 1 r 1/2 -> 0.667; macro 73.33
+    assert f1(preds, refs) == {"f1": 73.33}

@@ -225,6 +225,10 @@ def validate(cfg: RunConfig) -> list[str]:
         issues.append(f"finetuning.lora_dropout={ft.lora_dropout}: must be in [0, 1)")
     if ft.freeze_trainable_layers < 1:
         issues.append(f"finetuning.freeze_trainable_layers={ft.freeze_trainable_layers}: must be at least 1")
+    allowed = ("ner_json", "exact_match", "bleu", "rouge", "accuracy", "f1", "loss")
+    for metric in ev.metrics:
+        if metric not in allowed:
+            issues.append(f"eval.metrics: unknown metric {metric!r}; choose from {', '.join(allowed)}")
     if ev.batch_size < 1:
         issues.append(f"eval.batch_size={ev.batch_size}: must be at least 1")
     if ev.max_samples is not None and ev.max_samples < 1:

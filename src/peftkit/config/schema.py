@@ -62,7 +62,11 @@ class FinetuningArgs:
 class EvalArgs:
     dataset: str | None = _f(None, "Records to predict on with generation after training (and before, see below).")
     max_samples: int | None = _f(None, "Predict on only the first N records.")
-    metric: Literal["ner_json", "exact_match", "none"] = _f("exact_match", "Task metric over the predictions.")
+    metrics: list[str] = _f(
+        ["exact_match"],
+        "Any of ner_json, exact_match, bleu, rouge, accuracy, f1 (on generated answers) and loss "
+        "(eval loss and perplexity, no generation).",
+    )
     batch_size: int = _f(16, "Prompts generated together (left padded, sorted by length).")
     before_training: bool = _f(False, "Also predict with the untrained model, to show the gain.")
 

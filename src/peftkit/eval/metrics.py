@@ -79,8 +79,72 @@ def exact_match(predictions: list[str], references: list[str]) -> dict[str, obje
     return {"exact_match": round(100 * hits / len(references), 2) if references else 0.0}
 
 
+def _tokens(text: str) -> list[str]:
+    """Characters for Chinese, words otherwise (sacrebleu's `zh` tokenizer, used for BLEU and ROUGE alike)."""
+    from sacrebleu.tokenizers.tokenizer_zh import TokenizerZh
+
+    return TokenizerZh()(text.strip()).split()
+
+
+def bleu(predictions: list[str], references: list[str]) -> dict[str, object]:
+    """Corpus BLEU-4 (sacrebleu), character level for Chinese and word level otherwise."""
+    import sacrebleu
+
+    score = sacrebleu.corpus_bleu(predictions, [references], tokenize="zh").score
+    return {"bleu": round(score, 2)}
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev = 0
+        for j, y in enumerate(b, start=1):
+            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def _f(overlap: int, n_pred: int, n_ref: int) -> float:
+    return 2 * overlap / (n_pred + n_ref) if n_pred + n_ref else 0.0
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, object]:
+    """Mean ROUGE-1 / ROUGE-2 / ROUGE-L F1 (in %) over records, on the same tokens as `bleu`."""
+    totals = {"rouge-1": 0.0, "rouge-2": 0.0, "rouge-l": 0.0}
+    for pred_text, ref_text in zip(predictions, references, strict=True):
+        pred, ref = _tokens(pred_text), _tokens(ref_text)
+        for n in (1, 2):
+            p, r = _ngrams(pred, n), _ngrams(ref, n)
+            totals[f"rouge-{n}"] += _f(sum((p & r).values()), sum(p.values()), sum(r.values()))
+        totals["rouge-l"] += _f(_lcs(pred, ref), len(pred), len(ref))
+    count = max(len(references), 1)
+    return {k: round(100 * v / count, 2) for k, v in totals.items()}
+
+
+def accuracy(predictions: list[str], references: list[str]) -> dict[str, object]:
+    """Classification accuracy (in %): the answer, stripped, equals the label."""
+    return {"accuracy": exact_match(predictions, references)["exact_match"]}
+
+
+def f1(predictions: list[str], references: list[str]) -> dict[str, object]:
+    """Macro F1 (in %) over the label classes seen in the references."""
+    labels = sorted({r.strip() for r in references})
+    pairs = [(p.strip(), r.strip()) for p, r in zip(predictions, references, strict=True)]
+    scores = []
+    for label in labels:
+        tp = sum(p == label and r == label for p, r in pairs)
+        scores.append(_f(tp, sum(p == label for p, _ in pairs), sum(r == label for _, r in pairs)))
+    return {"f1": round(100 * sum(scores) / len(scores), 2) if scores else 0.0}
+
+
 METRICS: dict[str, Callable[[list[str], list[str]], dict[str, object]]] = {
     "ner_json": ner_json,
     "exact_match": exact_match,
-    "none": lambda predictions, references: {},
+    "bleu": bleu,
+    "rouge": rouge,
+    "accuracy": accuracy,
+    "f1": f1,
 }

@@ -13,17 +13,29 @@ from peftkit.config.schema import RunConfig
 from peftkit.constants import PREDICT_RESULTS_FILE, PREDICTIONS_FILE
 from peftkit.data.dataset import load_messages
 from peftkit.eval.generate import generate_batch, render_prompt
+from peftkit.eval.loss import eval_loss
 from peftkit.eval.metrics import METRICS
 
 logger = logging.getLogger("peftkit")
 
 
 def predict(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str = "") -> dict[str, Any]:
-    """Generate an answer for every record of `eval.dataset`; returns metrics and throughput.
+    """Score `eval.dataset` with `eval.metrics`; writes predict_results{tag}.json and returns it.
 
-    Records are sorted by prompt length so each batch pads little; results keep file order.
-    Writes generated_predictions{tag}.jsonl and predict_results{tag}.json into `output_dir`.
+    `loss` needs no generation; every other metric scores generated answers, which are also
+    written to generated_predictions{tag}.jsonl.
     """
+    metrics: dict[str, Any] = {}
+    if "loss" in cfg.eval.metrics:
+        metrics.update(eval_loss(model, tokenizer, cfg))
+    if any(m != "loss" for m in cfg.eval.metrics):
+        metrics.update(_generate_and_score(model, tokenizer, cfg, output_dir, tag))
+    write_json_atomic(output_dir / PREDICT_RESULTS_FILE.replace(".json", f"{tag}.json"), metrics)
+    return metrics
+
+
+def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str) -> dict[str, Any]:
+    """Records sorted by prompt length so each batch pads little; results keep file order."""
     data_args = cfg.data.__class__(**{**cfg.data.__dict__, "max_samples": cfg.eval.max_samples})
     records = load_messages([cfg.eval.dataset], data_args)
     prompts = [render_prompt(tokenizer, messages[:-1]) for messages, _ in records]
@@ -40,7 +52,10 @@ def predict(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: s
         logger.info("predict%s: %d/%d records", tag, min(b + bs, len(order)), len(order))
     seconds = time.time() - start
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
-    metrics: dict[str, Any] = dict(METRICS[cfg.eval.metric](texts, references))
+    metrics: dict[str, Any] = {}
+    for name in cfg.eval.metrics:
+        if name != "loss":
+            metrics.update(METRICS[name](texts, references))
     metrics.update(
         records=len(records),
         predict_seconds=round(seconds, 2),
@@ -52,5 +67,4 @@ def predict(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: s
         for p, t, r in zip(prompts, texts, references)
     ]
     write_text_atomic(output_dir / PREDICTIONS_FILE.replace(".jsonl", f"{tag}.jsonl"), "\n".join(lines) + "\n")
-    write_json_atomic(output_dir / PREDICT_RESULTS_FILE.replace(".json", f"{tag}.json"), metrics)
     return metrics
