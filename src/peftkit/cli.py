@@ -76,6 +76,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+    import os
+
+    from peftkit.serve import serve
+
+    api_key = args.api_key or os.environ.get("PEFTKIT_API_KEY")
+    if args.host not in ("localhost",) and not ipaddress.ip_address(args.host).is_loopback and not api_key:
+        logger.warning("serving on %s without --api-key: anyone who reaches this address can use the model", args.host)
+    serve(args.model, args.adapter, args.host, args.port, api_key, args.max_tokens_limit, args.served_model_name)
+    return 0
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from peftkit.model import resolve_model
 
@@ -117,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the folder to write (replaced whole if it exists)")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB")
     p.set_defaults(func=_cmd_export)
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible API (/v1/chat/completions)")
+    p.add_argument("--model", default=EMBEDDED_MODEL, help="model name or folder (a merged export works)")
+    p.add_argument("--adapter", help="a trained output_dir (LoRA adapter)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (or set PEFTKIT_API_KEY)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
+    p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("model", help="resolve a model name to its local folder (converting the embedded model once)")
     p.add_argument("name", nargs="?", default=EMBEDDED_MODEL)
     p.set_defaults(func=_cmd_model)
