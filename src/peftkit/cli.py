@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config (see examples/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=2")
     p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("eval", help="generate for eval.dataset and score the answers")
+    p = sub.add_parser("eval", aliases=["predict"], help="score eval.dataset with eval.metrics (generating where needed)")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--adapter", help="a trained output_dir (LoRA adapter) to load on the base model")
