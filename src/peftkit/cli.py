@@ -83,7 +83,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from peftkit.serve import serve
 
     api_key = args.api_key or os.environ.get("PEFTKIT_API_KEY")
-    if args.host not in ("localhost",) and not ipaddress.ip_address(args.host).is_loopback and not api_key:
+    try:
+        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
+    except ValueError:  # a host name
+        loopback = False
+    if not loopback and not api_key:
         logger.warning("serving on %s without --api-key: anyone who reaches this address can use the model", args.host)
     serve(args.model, args.adapter, args.host, args.port, api_key, args.max_tokens_limit, args.served_model_name)
     return 0

@@ -54,3 +54,10 @@ def test_chat_loop_keeps_history_and_clears(tiny_model_dir: Path, monkeypatch) -
 def test_python_dash_m_version() -> None:
     proc = subprocess.run([sys.executable, "-m", "peftkit", "version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("peftkit 0.1.0 (torch ")
+
+
+def test_reply_streams_the_text_it_returns(tiny_model_dir: Path) -> None:
+    model, tok = load_for_chat(str(tiny_model_dir), None)
+    out = io.StringIO()
+    text = chat.reply(model, tok, [{"role": "user", "content": "hi"}], GenerateArgs(max_new_tokens=8), stream=out)
+    assert out.getvalue().strip() == text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 from peftkit.config.schema import RunConfig
@@ -15,7 +16,7 @@ def eval_loss(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, float]:
     import torch
     from transformers import DataCollatorForSeq2Seq
 
-    data_args = cfg.data.__class__(**{**cfg.data.__dict__, "max_samples": cfg.eval.max_samples})
+    data_args = replace(cfg.data, max_samples=cfg.eval.max_samples)
     dataset, _ = build_dataset([cfg.eval.dataset], data_args, tokenizer)
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     device = next(model.parameters()).device

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ def predict(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: s
 
 def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str) -> dict[str, Any]:
     """Records sorted by prompt length so each batch pads little; results keep file order."""
-    data_args = cfg.data.__class__(**{**cfg.data.__dict__, "max_samples": cfg.eval.max_samples})
+    data_args = replace(cfg.data, max_samples=cfg.eval.max_samples)
     records = load_messages([cfg.eval.dataset], data_args)
     prompts = [render_prompt(tokenizer, messages[:-1]) for messages, _ in records]
     references = [messages[-1]["content"] for messages, _ in records]

@@ -27,16 +27,22 @@ def load_for_chat(model_name: str, adapter: str | None) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _streamer(tokenizer: Any, stream: TextIO) -> Any:
+    from transformers import TextStreamer
+
+    class _ToStream(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            print(text, end="\n" if stream_end else "", file=stream, flush=True)
+
+    return _ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
 def reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], gen: GenerateArgs, stream: TextIO | None) -> str:
     """The assistant's answer to `messages`, streamed token by token to `stream` when given."""
     import torch
-    from transformers import TextStreamer
 
     ids = torch.tensor([render_prompt(tokenizer, messages)])
-    streamer = None
-    if stream is not None:
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        streamer.on_finalized_text = lambda text, stream_end=False: print(text, end="\n" if stream_end else "", file=stream, flush=True)
+    streamer = _streamer(tokenizer, stream) if stream is not None else None
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                              **generation_kwargs(tokenizer, gen))
