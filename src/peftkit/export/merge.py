@@ -1,6 +1,6 @@
 """`peftkit export`: one self-contained folder that plain transformers loads, checked before it lands.
 
-LoRA runs are merged into the base weights; freeze / full runs are copied. The folder is written
+LoRA runs are merged into the base weights (in float64, cast once to the stored dtype); freeze / full runs are copied. The folder is written
 under a temporary name, reloaded and compared with the run (logits and chat-template tokens), and
 only then renamed into place, so a failed check or a crash never leaves a half or stale export.
 """
@@ -25,6 +25,9 @@ from peftkit.errors import PeftkitError
 
 logger = logging.getLogger("peftkit")
 
+# The check runs in float64: in float32 the same merged weights differ from base + adapter by up to
+# ~1e-4 on SmolLM2 from summation order alone (9.7e-5 measured, even merged in memory), which
+# would make a 1e-4 limit a coin toss; in float64 what remains is the export's own rounding.
 MAX_LOGIT_DIFF = 1e-4
 _CHECK_PROMPTS = ["Hello! Who are you?", "抽取简历实体，以JSON回答。\n高勇：男，中国国籍，无境外居留权，"]
 
@@ -46,16 +49,23 @@ def _finetuning_type(run_dir: Path) -> str:
     return json.loads(path.read_text())["finetuning_type"]
 
 
-def _load_run(run_dir: Path, finetuning_type: str) -> Any:
-    from transformers import AutoModelForCausalLM
+def _load_run(run_dir: Path, finetuning_type: str) -> tuple[Any, Any]:
+    """The run in float64 (base + adapter for lora), and the dtype its weights are stored in."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    if finetuning_type != "lora":
-        return AutoModelForCausalLM.from_pretrained(run_dir, dtype="float32")
-    from peft import PeftConfig, PeftModel
+    if finetuning_type == "lora":
+        from peft import PeftConfig, PeftModel
 
-    base_path = PeftConfig.from_pretrained(run_dir).base_model_name_or_path
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype="float32")
-    return PeftModel.from_pretrained(base, run_dir)
+        path = PeftConfig.from_pretrained(run_dir).base_model_name_or_path
+    else:
+        path = str(run_dir)
+    stored = AutoConfig.from_pretrained(path).dtype
+    stored = getattr(torch, str(stored).replace("torch.", "")) if stored else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    if finetuning_type == "lora":
+        model = PeftModel.from_pretrained(model, run_dir)
+    return model, stored
 
 
 def _check_prompts(tokenizer: Any) -> list[list[int]]:
@@ -109,14 +119,17 @@ def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB") ->
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import torch
+
     run_dir, out = Path(run_dir), Path(out)
     finetuning_type = _finetuning_type(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    model = _load_run(run_dir, finetuning_type)
+    model, stored_dtype = _load_run(run_dir, finetuning_type)
     prompts = _check_prompts(tokenizer)
     reference = _logits(model, prompts)
     if finetuning_type == "lora":
-        model = model.merge_and_unload()
+        model = model.merge_and_unload()  # in float64: the only rounding is the final cast below
+    model = model.to(stored_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -125,7 +138,7 @@ def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB") ->
         for extra in ("value_head.safetensors",):  # carried along where a stage saved one
             if (run_dir / extra).is_file():
                 shutil.copy2(run_dir / extra, tmp / extra)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype="float32")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float64)
         diff = max(float((a - b).abs().max()) for a, b in zip(reference, _logits(reloaded, prompts)))
         if diff >= MAX_LOGIT_DIFF:
             raise PeftkitError(
