@@ -2,6 +2,7 @@
 
 IGNORE_INDEX = -100
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+SHIPPED_TEMPLATES = ("alpaca", "chatml", "llama3", "yuan2")  # src/peftkit/data/templates/*.jinja
 
 CONFIG_FILE = "config.yaml"
 TRAINER_LOG = "trainer_log.jsonl"

@@ -62,6 +62,8 @@ def test_adapter_reloads_in_plain_peft_with_equal_logits(trained) -> None:
     out, model = trained
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(ensure_embedded_model())
+    base_config = json.loads((ensure_embedded_model() / "config.json").read_text())
+    assert "quantization_config" not in base_config and base_config["model_type"] == "llama"
     reloaded = AutoPeftModelForCausalLM.from_pretrained(out).eval()
     model.eval()
     ids = torch.tensor([[1, 4093, 198, 6004, 2, 198, 1, 520, 9531, 198]])

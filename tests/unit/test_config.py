@@ -89,6 +89,17 @@ def test_missing_data_file(tmp_path: Path, alpaca_file: Path) -> None:
     assert issue.startswith(f"data.train: file '{tmp_path / 'nope.json'}' does not exist")
 
 
+def test_unknown_template_is_reported_with_the_rest(tmp_path: Path, alpaca_file: Path) -> None:
+    issues = _issues(_cfg(tmp_path, alpaca_file), ["data.template=vicuna", "finetuning.lora_rank=0"])
+    assert issues[0].startswith("data.template='vicuna': neither a shipped template (alpaca, chatml, llama3, yuan2)")
+    assert len(issues) == 2
+
+
+def test_override_that_is_not_yaml_is_checked_as_text(tmp_path: Path, alpaca_file: Path) -> None:
+    (issue,) = _issues(_cfg(tmp_path, alpaca_file), ["finetuning.lora_rank=[8"])
+    assert issue == "finetuning.lora_rank='[8': must be an integer"
+
+
 def test_literal_choices(tmp_path: Path, alpaca_file: Path) -> None:
     (issue,) = _issues(_cfg(tmp_path, alpaca_file), ["finetuning.finetuning_type=qlora"])
     assert issue == "finetuning.finetuning_type='qlora': must be one of lora, freeze, full"

@@ -18,6 +18,7 @@ import yaml
 
 from peftkit.atomic import write_text_atomic
 from peftkit.config.schema import SECTIONS, RunConfig
+from peftkit.constants import SHIPPED_TEMPLATES
 from peftkit.errors import ConfigError
 
 # Keys peftkit sets in `train` when the user does not: quiet by default, no hub, safe for CPU.
@@ -70,7 +71,10 @@ def _apply_override(raw: dict[str, Any], override: str) -> list[str]:
         target = raw[section] = {"name_or_path": target}
     if not isinstance(target, dict):
         return [f"override {override!r}: section {section!r} is not a mapping in the config"]
-    target[name] = yaml.safe_load(value) if value.strip() else None
+    try:
+        target[name] = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:  # not YAML (an unbalanced bracket, say): keep the text; type checks follow
+        target[name] = value
     return []
 
 
@@ -217,6 +221,9 @@ def validate(cfg: RunConfig) -> list[str]:
         for file in [files] if isinstance(files, str) else files or []:
             if not Path(file).exists():
                 issues.append(f"{key}: file {file!r} does not exist (relative paths start at {os.getcwd()})")
+    if d.template is not None and d.template not in SHIPPED_TEMPLATES and not Path(d.template).is_file():
+        issues.append(f"data.template={d.template!r}: neither a shipped template ({', '.join(SHIPPED_TEMPLATES)}) "
+                      "nor an existing .jinja file")
     if ft.lora_rank < 1:
         issues.append(f"finetuning.lora_rank={ft.lora_rank}: must be at least 1 (8 or 16 are common)")
     if ft.lora_alpha < 1:

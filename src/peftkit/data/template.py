@@ -6,9 +6,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from peftkit.constants import SHIPPED_TEMPLATES
 from peftkit.errors import ConfigError
 
-SHIPPED_TEMPLATES = ("alpaca", "chatml", "llama3", "yuan2")
+__all__ = ["SHIPPED_TEMPLATES", "apply_template", "stop_token_ids"]
 # End-of-turn markers of common templates; generation stops at any of them that the vocabulary has.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<eod>", "<|endoftext|>", "<|end|>")
 

@@ -84,7 +84,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
-    config.quantization_config = None  # the weights are dequantized: a plain fp32 checkpoint
+    # The weights are dequantized: a plain fp32 checkpoint. The GGUF loader keeps quantization_config
+    # outside the instance dict, so it is set first (making it an attribute) and then deleted.
+    config.quantization_config = None
     del config.quantization_config
     config.name_or_path = EMBEDDED_MODEL
     model = AutoModelForCausalLM.from_config(config)

@@ -70,7 +70,7 @@ def build_trainer(cfg: RunConfig, model: Any, tokenizer: Any, train_ds: Any, eva
     """The PeftTrainer with peftkit's collator (labels padded with IGNORE_INDEX) and LogCallback."""
     from transformers import DataCollatorForSeq2Seq
 
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True, pad_to_multiple_of=64)
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     return PeftTrainer(
         finetuning_args=cfg.finetuning,
         model=model,
