@@ -52,7 +52,8 @@ def train(cfg: RunConfig) -> TrainResult:
     result = trainer.train(resume_from_checkpoint=cfg.train.get("resume_from_checkpoint"))
     trainer.save_model()
     trainer.save_state()
-    plot_loss(output_dir)
+    if plot_loss(output_dir) is None:
+        logger.info("no training_loss.png: no loss was logged (train.logging_steps is larger than the steps run)")
     # accelerate wrapped forward() in autocast for bf16/fp16; hand back the plain model, so what
     # callers compute matches a reload of the saved folder (generation applies its own autocast).
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
