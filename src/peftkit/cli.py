@@ -93,6 +93,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from peftkit.train.plot import plot_loss
+
+    path = plot_loss(args.output_dir)
+    if path is None:
+        raise PeftkitError(f"{args.output_dir}: trainer_log.jsonl has no loss yet (is it a peftkit output_dir?)")
+    print(path)
+    return 0
+
+
 def _cmd_model(args: argparse.Namespace) -> int:
     from peftkit.model import resolve_model
 
@@ -143,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
     p.set_defaults(func=_cmd_serve)
+    p = sub.add_parser("plot", help="redraw training_loss.png from trainer_log.jsonl (during or after a run)")
+    p.add_argument("output_dir")
+    p.set_defaults(func=_cmd_plot)
     p = sub.add_parser("model", help="resolve a model name to its local folder (converting the embedded model once)")
     p.add_argument("name", nargs="?", default=EMBEDDED_MODEL)
     p.set_defaults(func=_cmd_model)
