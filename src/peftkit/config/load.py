@@ -146,7 +146,7 @@ def _has_accelerator() -> bool:
     """Without one, transformers refuses bf16 unless use_cpu is set; peftkit sets it for you."""
     import torch
 
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available()
+    return torch.cuda.is_available() or torch.xpu.is_available() or torch.backends.mps.is_available()
 
 
 def coerce(value: Any, hint: Any) -> tuple[Any, str | None]:

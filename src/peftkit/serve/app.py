@@ -95,7 +95,8 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             return _error_response(400, "the request body is not valid JSON", "invalid_json")
         try:
             request, stream = _parse(body, model_name, max_tokens_limit)
-            prompt_len = len(engine.prompt_ids(request.messages))
+            ids = engine.prompt_ids(request.messages)
+            prompt_len = len(ids)
             if prompt_len + request.max_tokens > engine.context_window:
                 raise ApiError(400, f"This model's context window is {engine.context_window} tokens; the prompt has "
                                f"{prompt_len} and max_tokens asks for {request.max_tokens} more",
@@ -104,9 +105,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             return _error_response(e.status, e.message, e.code, e.param)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if stream:
-            return StreamingResponse(_sse(engine, request, ident, created, model_name, body), media_type="text/event-stream")
+            return StreamingResponse(_sse(engine, request, ids, ident, created, model_name, body), media_type="text/event-stream")
         outcome = Outcome()
-        text = await asyncio.to_thread(lambda: "".join(engine.stream(request, outcome)))
+        text = await asyncio.to_thread(lambda: "".join(engine.stream(request, ids, outcome)))
         return {
             "id": ident, "object": "chat.completion", "created": created, "model": model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": outcome.finish_reason}],
@@ -121,7 +122,7 @@ def _usage(outcome: Outcome) -> dict[str, int]:
             "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
 
 
-def _sse(engine: Engine, request: Request, ident: str, created: int, model_name: str, body: dict) -> Iterator[str]:
+def _sse(engine: Engine, request: Request, ids: list[int], ident: str, created: int, model_name: str, body: dict) -> Iterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`.
 
     A sync generator: Starlette runs it in a thread pool, so the event loop stays free while
@@ -137,7 +138,7 @@ def _sse(engine: Engine, request: Request, ident: str, created: int, model_name:
     outcome = Outcome()
     yield chunk({"role": "assistant", "content": ""})
     try:
-        for text in engine.stream(request, outcome):
+        for text in engine.stream(request, ids, outcome):
             yield chunk({"content": text})
     except Exception as e:  # noqa: BLE001 - report in-band; the response has already started
         yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"

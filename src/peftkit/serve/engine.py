@@ -72,15 +72,16 @@ class Engine:
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return render_prompt(self.tokenizer, messages)
 
-    def stream(self, request: Request, outcome: Outcome) -> Iterator[str]:
-        """Text pieces of the answer; `outcome` holds the finish reason and token counts at the end."""
+    def stream(self, request: Request, ids: list[int], outcome: Outcome) -> Iterator[str]:
+        """Text pieces of the answer to the prompt `ids` (from `prompt_ids`); `outcome` holds the finish
+        reason and token counts at the end."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        ids = self.prompt_ids(request.messages)
         outcome.prompt_tokens = len(ids)
         gen = GenerateArgs(max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
                            temperature=request.temperature or 1.0, top_p=request.top_p)
+        kwargs = generation_kwargs(self.tokenizer, gen)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         halt = threading.Event()
 
@@ -95,8 +96,7 @@ class Engine:
                 with torch.inference_mode():
                     result["out"] = self.model.generate(
                         input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                        streamer=streamer, stopping_criteria=StoppingCriteriaList([_Halt()]),
-                        **generation_kwargs(self.tokenizer, gen),
+                        streamer=streamer, stopping_criteria=StoppingCriteriaList([_Halt()]), **kwargs,
                     )
             except Exception as e:  # surfaced to the request below, never kills the server
                 result["error"] = e
@@ -119,7 +119,7 @@ class Engine:
         if tail:
             yield tail
         new = result["out"][0, len(ids):].tolist()
-        stops = set(generation_kwargs(self.tokenizer, gen)["eos_token_id"])
+        stops = set(kwargs["eos_token_id"])
         ended = any(t in stops for t in new)
         outcome.completion_tokens = len([t for t in new if t not in stops and t != self.tokenizer.pad_token_id])
         outcome.finish_reason = "stop" if scanner.stopped or ended else "length"
