@@ -64,3 +64,9 @@ def write_config(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _private_data_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test caches tokenized data in its own folder, never in the user's $PEFTKIT_HOME."""
+    monkeypatch.setattr("peftkit.data.cache.peftkit_home", lambda: tmp_path / "peftkit_home")

@@ -36,6 +36,28 @@ def _print_summary(summary: dict) -> None:
     print("\n".join(lines))
 
 
+def _cmd_data(args: argparse.Namespace) -> int:
+    from peftkit.config import load_config
+    from peftkit.data import apply_template, describe_example, prepare_data
+    from peftkit.data.packing import unpack_row
+    from peftkit.model import load_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(cfg.model)  # the tokenizer only: no weights are loaded
+    apply_template(tokenizer, cfg.data.template)
+    data = prepare_data(cfg.data, tokenizer)
+    print(data.report.summary())
+    shown = 0
+    for row in data.train:
+        for example in unpack_row(row) if "position_ids" in row else [row]:
+            if shown == args.n:
+                return 0
+            print(f"\n--- example {shown} ({len(example['input_ids'])} tokens, supervised in [[...]]) ---")
+            print(describe_example(tokenizer, example))
+            shown += 1
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from peftkit.config import load_config
     from peftkit.eval.predict import predict
@@ -126,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config (see examples/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=2")
     p.set_defaults(func=_cmd_train)
+    p = sub.add_parser("data", help="show what the data engine makes of a config's data, without loading the model")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("-n", type=int, default=1, help="decoded examples to show (default 1)")
+    p.set_defaults(func=_cmd_data)
     p = sub.add_parser("eval", aliases=["predict"], help="score eval.dataset with eval.metrics (generating where needed)")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")

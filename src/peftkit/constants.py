@@ -5,6 +5,7 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 SHIPPED_TEMPLATES = ("alpaca", "chatml", "llama3", "yuan2")  # src/peftkit/data/templates/*.jinja
 
 CONFIG_FILE = "config.yaml"
+DATA_REPORT_FILE = "data_report.json"
 TRAINER_LOG = "trainer_log.jsonl"
 LOSS_PLOT = "training_loss.png"
 TRAINING_ARGS_FILE = "training_args.json"

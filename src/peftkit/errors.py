@@ -19,14 +19,17 @@ class ConfigError(PeftkitError):
 
 
 class DataError(PeftkitError):
-    """A bad record, named by file, record index and field."""
+    """A bad record, named by file, record (an index, or a location such as "line 12") and field."""
 
-    def __init__(self, file: str, record: int | None, field: str | None, reason: str) -> None:
+    def __init__(self, file: str, record: int | str | None, field: str | None, reason: str) -> None:
         self.file, self.record, self.field, self.reason = file, record, field, reason
-        where = file if record is None else f"{file}: record {record}"
+        where = file if record is None else f"{file}: {record}" if isinstance(record, str) else f"{file}: record {record}"
         if field:
             where += f", field {field!r}"
         super().__init__(f"{where}: {reason}")
+
+    def __reduce__(self):  # rebuild from the four parts in worker processes (datasets.map with num_proc)
+        return (DataError, (self.file, self.record, self.field, self.reason))
 
 
 class ModelError(PeftkitError):

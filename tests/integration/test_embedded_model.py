@@ -81,3 +81,35 @@ def test_chat_with_the_adapter_answers_and_stops(trained) -> None:
     assert proc.returncode == 0, proc.stderr
     answer = proc.stdout.strip()
     assert answer and "<|im_end|>" not in answer and "assistant" not in answer
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ensure_embedded_model()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+def test_labels_conform_to_apply_chat_template_on_the_embedded_tokenizer(smollm) -> None:
+    from tests.unit.test_data_masks import MESSAGES, SINGLE, expected_labels
+
+    from peftkit.data import encode_messages
+
+    _, tokenizer = smollm
+    for messages in (SINGLE, MESSAGES):
+        example, _ = encode_messages(tokenizer, messages, 1024, ("f", 0))
+        assert example["input_ids"] == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+        turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+        assert example["labels"] == expected_labels(tokenizer, messages, turns)
+
+
+def test_packed_loss_and_gradients_equal_one_by_one_on_the_embedded_model(smollm) -> None:
+    from tests.unit.test_data_packing import assert_packed_equals_one_by_one
+
+    from peftkit.config.schema import DataArgs
+    from peftkit.data import prepare_data
+
+    model, tokenizer = smollm
+    data = prepare_data(DataArgs(train=str(REPO / "data/resume_ner/dev.json"), max_samples=6, cutoff_len=256), tokenizer)
+    assert_packed_equals_one_by_one(model, tokenizer, data.train.to_list(), cutoff_len=256)

@@ -86,7 +86,7 @@ def test_impossible_values(tmp_path: Path, alpaca_file: Path) -> None:
 
 def test_missing_data_file(tmp_path: Path, alpaca_file: Path) -> None:
     (issue,) = _issues(_cfg(tmp_path, alpaca_file), [f"data.train={tmp_path / 'nope.json'}"])
-    assert issue.startswith(f"data.train: file '{tmp_path / 'nope.json'}' does not exist")
+    assert issue.startswith(f"data.train: '{tmp_path / 'nope.json'}' does not exist")
 
 
 def test_unknown_template_is_reported_with_the_rest(tmp_path: Path, alpaca_file: Path) -> None:

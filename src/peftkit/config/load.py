@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from peftkit.atomic import write_text_atomic
-from peftkit.config.schema import SECTIONS, RunConfig
+from peftkit.config.schema import FORMAT_NAMES, SECTIONS, DataArgs, DatasetSpec, RunConfig
 from peftkit.constants import SHIPPED_TEMPLATES
 from peftkit.errors import ConfigError
 
@@ -217,10 +218,11 @@ def validate(cfg: RunConfig) -> list[str]:
         issues.append(f"data.cutoff_len={d.cutoff_len}: must be at least 1 — set it to the longest example you need, e.g. 1024")
     if d.max_samples is not None and d.max_samples < 1:
         issues.append(f"data.max_samples={d.max_samples}: must be at least 1, or remove the key to use every record")
-    for key, files in (("data.train", d.train), ("data.eval", d.eval), ("eval.dataset", ev.dataset)):
-        for file in [files] if isinstance(files, str) else files or []:
-            if not Path(file).exists():
-                issues.append(f"{key}: file {file!r} does not exist (relative paths start at {os.getcwd()})")
+    for key in ("train", "eval"):
+        issues += dataset_specs(d, key)[1]
+    if ev.dataset and not Path(ev.dataset).exists():
+        issues.append(f"eval.dataset: file {ev.dataset!r} does not exist (relative paths start at {os.getcwd()})")
+    issues += _check_data_options(d, cfg.train)
     if d.template is not None and d.template not in SHIPPED_TEMPLATES and not Path(d.template).is_file():
         issues.append(f"data.template={d.template!r}: neither a shipped template ({', '.join(SHIPPED_TEMPLATES)}) "
                       "nor an existing .jinja file")
@@ -243,6 +245,62 @@ def validate(cfg: RunConfig) -> list[str]:
     if cfg.generate.max_new_tokens < 1:
         issues.append(f"generate.max_new_tokens={cfg.generate.max_new_tokens}: must be at least 1")
     issues += _check_training_arguments(cfg.train)
+    return issues
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """`org/name` with no file suffix and no leading ./ or /: read from the hub if not found locally."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not Path(path).suffix
+
+
+def dataset_specs(args: DataArgs, key: str) -> tuple[list[DatasetSpec], list[str]]:
+    """`data.train` or `data.eval` as DatasetSpecs with the data-level defaults filled in, and the problems."""
+    value = getattr(args, key)
+    entries = [value] if isinstance(value, (str, dict)) else list(value or [])
+    specs: list[DatasetSpec] = []
+    issues: list[str] = []
+    for i, entry in enumerate(entries):
+        where = f"data.{key}[{i}]" if len(entries) > 1 else f"data.{key}"
+        raw = {"path": entry} if isinstance(entry, str) else dict(entry)
+        spec, found = _build_section(where, DatasetSpec, raw)
+        issues += found
+        if not spec.path:
+            issues.append(f"{where}: `path` is missing — the file, folder or hub id to read")
+            continue
+        spec.format = spec.format or args.format
+        spec.columns = spec.columns if spec.columns is not None else args.columns
+        spec.tags = spec.tags if spec.tags is not None else args.tags
+        spec.max_samples = spec.max_samples or args.max_samples
+        if spec.format not in FORMAT_NAMES:
+            issues.append(f"{where}.format={spec.format!r}: must be one of {', '.join(FORMAT_NAMES)}")
+        if not Path(spec.path).exists() and not looks_like_hub_id(spec.path):
+            issues.append(f"{where}: {spec.path!r} does not exist (relative paths start at {os.getcwd()})")
+        specs.append(spec)
+    return specs, issues
+
+
+def _check_data_options(d: DataArgs, train: dict[str, Any]) -> list[str]:
+    issues: list[str] = []
+    n_train = len(dataset_specs(d, "train")[0])
+    if d.interleave_probs is not None:
+        if d.mix_strategy == "concat":
+            issues.append("data.interleave_probs: only used with data.mix_strategy interleave_under or interleave_over")
+        elif len(d.interleave_probs) != n_train or abs(sum(d.interleave_probs) - 1) > 1e-6:
+            issues.append(f"data.interleave_probs={d.interleave_probs}: needs one probability per training dataset "
+                          f"({n_train}), summing to 1")
+    if d.val_size < 0 or (d.val_size >= 1 and d.val_size != int(d.val_size)):
+        issues.append(f"data.val_size={d.val_size}: a fraction in [0, 1) or a whole count of examples")
+    if d.val_size and d.eval:
+        issues.append("data.val_size and data.eval: choose one source of evaluation data")
+    if d.preprocessing_num_workers is not None and d.preprocessing_num_workers < 1:
+        issues.append(f"data.preprocessing_num_workers={d.preprocessing_num_workers}: at least 1, or remove the key")
+    if d.streaming:
+        if not isinstance(train.get("max_steps"), int) or train["max_steps"] <= 0:
+            issues.append("data.streaming: the length of a stream is unknown, so set train.max_steps")
+        if d.val_size:
+            issues.append("data.streaming: val_size needs the whole dataset; give data.eval instead")
+        if train.get("train_sampling_strategy") == "group_by_length":
+            issues.append("data.streaming: train.train_sampling_strategy group_by_length needs the whole dataset")
     return issues
 
 

@@ -29,18 +29,65 @@ class ModelArgs:
     trust_remote_code: bool = _f(False, "Allow model code from the checkpoint folder (e.g. Yuan2).")
 
 
+FORMAT_NAMES = ("alpaca", "sharegpt", "messages", "preference", "text", "pairs")
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of `data.train` / `data.eval`: a path with its own format and column names."""
+
+    path: str = _f("", "A file (.json .jsonl .csv .tsv .parquet .txt), a folder of them, or a hub dataset id.")
+    format: str | None = _f(None, "This dataset's record format; None takes data.format.")
+    columns: dict[str, str] | None = _f(
+        None, "Field renames, peftkit name -> the file's name, e.g. {instruction: question, output: answer}."
+    )
+    tags: dict[str, str] | None = _f(
+        None, "sharegpt role tags (role_tag, content_tag, user_tag, assistant_tag, system_tag, observation_tag, "
+        "function_tag); None takes data.tags."
+    )
+    max_samples: int | None = _f(None, "Use only the first N records of this dataset; None takes data.max_samples.")
+    split: str = _f("train", "Hub datasets only: the split to read.")
+
+
 @dataclass
 class DataArgs:
-    train: str | list[str] | None = _f(None, "Training file(s): .json or .jsonl records.")
-    eval: str | list[str] | None = _f(None, "Evaluation file(s) for eval_loss during training.")
-    format: Literal["alpaca", "messages"] = _f("alpaca", "Record format of the files.")
+    train: str | list[str | dict] | None = _f(
+        None, "Training data: a path, or a list of paths and {path, format, columns, tags, max_samples} mappings."
+    )
+    eval: str | list[str | dict] | None = _f(None, "Evaluation data for eval_loss during training (as data.train).")
+    format: Literal["alpaca", "sharegpt", "messages", "preference", "text", "pairs"] = _f(
+        "alpaca",
+        "Record format: alpaca (instruction/input/output), sharegpt or messages (conversations of "
+        "{from, value} or messages of {role, content}), preference (chosen/rejected), text (documents), "
+        "pairs (text/text_pair/label).",
+    )
+    columns: dict[str, str] | None = _f(None, "Field renames for every dataset (see DatasetSpec.columns).")
+    tags: dict[str, str] | None = _f(None, "sharegpt role tags for every dataset (see DatasetSpec.tags).")
     template: str | None = _f(
         None,
         "Chat template: None uses the tokenizer's own; a shipped name (alpaca, chatml, llama3, yuan2) "
         "or a path to a .jinja file.",
     )
-    cutoff_len: int = _f(1024, "Maximum tokens per example; truncation keeps part of every response.")
-    max_samples: int | None = _f(None, "Use only the first N records of each file.")
+    cutoff_len: int = _f(1024, "Maximum tokens per example (and per packed row); truncation keeps part of every response.")
+    max_samples: int | None = _f(None, "Use only the first N records of each dataset.")
+    mask: Literal["assistant", "last", "all"] = _f(
+        "assistant", "Supervised tokens: every assistant turn, only the last one, or every token. "
+        "A message with `train: false` is never supervised."
+    )
+    packing: bool = _f(False, "Pack records into rows of cutoff_len tokens; records never attend to each other.")
+    mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = _f(
+        "concat", "Several datasets: concatenate, or interleave until the first (under) / last (over) runs out."
+    )
+    interleave_probs: list[float] | None = _f(None, "Sampling probability of each dataset when interleaving.")
+    val_size: float = _f(0.0, "Hold out this fraction (< 1) or count (>= 1) of the training examples for eval.")
+    seed: int = _f(42, "Seed of the val_size split and of interleaving.")
+    on_bad_record: Literal["error", "skip"] = _f(
+        "error", "A malformed record stops the run with its location, or is skipped and counted per reason."
+    )
+    txt_document: Literal["line", "file"] = _f("line", ".txt files: one document per non-empty line, or per file.")
+    streaming: bool = _f(False, "Read and tokenize lazily, for data larger than memory (needs train.max_steps).")
+    overwrite_cache: bool = _f(False, "Rebuild the tokenized dataset even if a cache for it exists.")
+    preprocessing_num_workers: int | None = _f(None, "Processes that tokenize in parallel; None: one.")
 
 
 @dataclass

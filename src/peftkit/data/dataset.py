@@ -1,111 +1,267 @@
-"""Files → tokenized `datasets.Dataset`: read, convert to messages, encode, report what happened."""
+"""The data engine, top to bottom: datasets → samples → encoded examples → mixed → split → packed → cached.
+
+`prepare_data` is what `peftkit train` and `peftkit data` call; everything it does is counted
+in a DataReport, written to data_report.json.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from peftkit.config.schema import DataArgs
+from peftkit.config.load import dataset_specs
+from peftkit.config.schema import DataArgs, DatasetSpec
 from peftkit.constants import IGNORE_INDEX
-from peftkit.data.encode import encode_messages
-from peftkit.data.formats import FORMATS
-from peftkit.data.sources import read_records
+from peftkit.data import cache
+from peftkit.data.encode import encode_samples
+from peftkit.data.formats import (
+    FORMATS,
+    Message,
+    Sample,
+    Where,
+    rename_columns,
+    sft_messages,
+)
+from peftkit.data.packing import pack_examples, pack_stream
+from peftkit.data.report import (
+    DataReport,
+    DatasetCounts,
+    Drops,
+    bad_record_reason,
+    describe_example,
+    percentiles,
+)
+from peftkit.data.sources import iter_records
 from peftkit.data.template import stop_token_ids
+from peftkit.errors import ConfigError, DataError
 
 logger = logging.getLogger("peftkit")
+_CHUNK = 1000  # samples tokenized per call
 
 
 @dataclass
-class DataReport:
-    """What preprocessing did, so nothing is discarded or cut silently."""
-
-    records: int = 0
-    examples: int = 0
-    truncated: int = 0
-    dropped: int = 0
-    dropped_first: list[str] = field(default_factory=list)
-    tokens: int = 0
-    supervised_tokens: int = 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+class PreparedData:
+    train: Any  # datasets.Dataset or IterableDataset of input_ids / labels (/ position_ids when packed)
+    eval: Any | None
+    report: DataReport
 
 
-def as_file_list(files: str | list[str] | None) -> list[str]:
-    """`data.train` / `data.eval` as a list of files."""
-    return [files] if isinstance(files, str) else list(files or [])
+def iter_samples(spec: DatasetSpec, args: DataArgs, drops: Drops | None = None) -> Iterator[tuple[Sample, tuple[str, str]]]:
+    """(sample, (file, location)) for the first max_samples records of a dataset.
+
+    A bad record raises its DataError, or with `drops` given (on_bad_record: skip) is counted there.
+    """
+    convert = FORMATS[spec.format]
+    for n, (file, location, record) in enumerate(iter_records(spec.path, args.txt_document, spec.split)):
+        if spec.max_samples and n >= spec.max_samples:
+            return
+        loc = location if isinstance(location, str) else f"record {location}"
+        try:
+            if isinstance(record, DataError):
+                raise record
+            yield convert(rename_columns(record, spec.columns), Where(file, loc), spec.tags), (file, loc)
+        except DataError as e:
+            if drops is None:
+                raise
+            drops.add(bad_record_reason(e.field, e.reason), f"{file}: {loc}")
 
 
-def load_messages(files: list[str], args: DataArgs) -> list[tuple[list[dict[str, str]], tuple[str, int]]]:
-    """Every record of every file as (messages, (file, index))."""
-    convert = FORMATS[args.format]
+def load_messages(paths: list[str], args: DataArgs) -> list[tuple[list[Message], tuple[str, str]]]:
+    """Every record of the files as the conversation SFT trains on (for prediction and export checks)."""
     out = []
-    for file in files:
-        for index, record in enumerate(read_records(file, args.max_samples)):
-            out.append((convert(record, file, index), (file, index)))
+    for path in paths:
+        spec = DatasetSpec(path=path, format=args.format, columns=args.columns, tags=args.tags,
+                           max_samples=args.max_samples)
+        for sample, where in iter_samples(spec, args):
+            messages = sft_messages(sample)
+            if messages is not None:
+                out.append((messages, where))
     return out
 
 
-def build_dataset(files: list[str], args: DataArgs, tokenizer: Any) -> tuple[Any, DataReport]:
-    """A Dataset of input_ids / attention_mask / labels, and the report of how it was made."""
+def _encode_batch(batch: dict[str, list[Any]], tokenizer: Any, cutoff_len: int, mask: str, strict: bool) -> dict[str, list[Any]]:
+    samples = [json.loads(s) for s in batch["sample"]]
+    encoded = encode_samples(tokenizer, samples, list(zip(batch["file"], batch["location"])), cutoff_len, mask, strict)
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "truncated": [], "drop": [], "where": []}
+    for examples, file, loc in zip(encoded, batch["file"], batch["location"]):
+        for ex in examples:
+            out["input_ids"].append(ex.input_ids)
+            out["labels"].append(ex.labels)
+            out["truncated"].append(ex.truncated)
+            out["drop"].append(ex.drop)
+            out["where"].append(f"{file}: {loc}")
+    return out
+
+
+def encode_dataset(spec: DatasetSpec, args: DataArgs, tokenizer: Any) -> tuple[Any, DatasetCounts]:
+    """One dataset encoded (in `preprocessing_num_workers` processes) and its counts."""
     from datasets import Dataset
 
-    report = DataReport()
-    columns: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
-    for messages, where in load_messages(files, args):
-        report.records += 1
-        example, cut = encode_messages(tokenizer, messages, args.cutoff_len, where)
-        if example is None:
-            report.dropped += 1
-            if len(report.dropped_first) < 3:
-                report.dropped_first.append(f"{where[0]}: record {where[1]}")
-            continue
-        report.truncated += int(cut)
-        report.examples += 1
-        report.tokens += len(example["input_ids"])
-        report.supervised_tokens += sum(label != IGNORE_INDEX for label in example["labels"])
-        for key, values in columns.items():
-            values.append(example[key])
-    _log_report(files, report, args.cutoff_len)
-    if columns["input_ids"]:
-        _check_end_of_turn_supervised(tokenizer, columns["labels"][0])
-    return Dataset.from_dict(columns), report
+    skip = args.on_bad_record == "skip"
+    counts = DatasetCounts(spec.path, spec.format)
+    columns: dict[str, list[str]] = {"sample": [], "file": [], "location": []}
+    for sample, (file, loc) in iter_samples(spec, args, counts.drops if skip else None):
+        columns["sample"].append(json.dumps(sample, ensure_ascii=False))
+        columns["file"].append(file)
+        columns["location"].append(loc)
+    counts.records = len(columns["sample"]) + counts.drops.total
+    raw = Dataset.from_dict(columns)
+    encoded = raw.map(
+        _encode_batch, batched=True, batch_size=_CHUNK, num_proc=args.preprocessing_num_workers,
+        remove_columns=raw.column_names, keep_in_memory=True, new_fingerprint=f"peftkit-{id(raw)}",
+        fn_kwargs={"tokenizer": tokenizer, "cutoff_len": args.cutoff_len, "mask": args.mask, "strict": not skip},
+        desc=f"tokenizing {spec.path}" if len(raw) > 10_000 else None,
+    ) if len(raw) else Dataset.from_dict({"input_ids": [], "labels": [], "truncated": [], "drop": [], "where": []})
+    for drop, where in zip(encoded["drop"], encoded["where"]):
+        if drop:
+            counts.drops.add(drop, where)
+    kept = encoded.filter(lambda d: not d, input_columns="drop", keep_in_memory=True) if counts.drops.total else encoded
+    counts.truncated = sum(kept["truncated"])
+    counts.examples = len(kept)
+    return kept.remove_columns(["truncated", "drop", "where"]), counts
 
 
-def _log_report(files: list[str], report: DataReport, cutoff_len: int) -> None:
-    logger.info(
-        "%s: %d records -> %d examples, %d tokens (%d supervised), %d truncated to cutoff_len=%d",
-        ", ".join(files), report.records, report.examples, report.tokens, report.supervised_tokens,
-        report.truncated, cutoff_len,
-    )
-    if report.dropped:
-        logger.warning(
-            "dropped %d record(s) whose response would not fit in data.cutoff_len=%d (first: %s); "
-            "raise data.cutoff_len to keep them", report.dropped, cutoff_len, "; ".join(report.dropped_first),
-        )
+def _mix(parts: list[Any], args: DataArgs) -> Any:
+    from datasets import concatenate_datasets, interleave_datasets
+
+    if len(parts) == 1:
+        return parts[0]
+    if args.mix_strategy == "concat":
+        return concatenate_datasets(parts)
+    stopping = "first_exhausted" if args.mix_strategy == "interleave_under" else "all_exhausted"
+    return interleave_datasets(parts, probabilities=args.interleave_probs, seed=args.seed, stopping_strategy=stopping)
 
 
-def _check_end_of_turn_supervised(tokenizer: Any, labels: list[int]) -> None:
+def _specs(args: DataArgs, key: str) -> list[DatasetSpec]:
+    specs, issues = dataset_specs(args, key)
+    if issues:
+        raise ConfigError(issues)
+    return specs
+
+
+def prepare_data(args: DataArgs, tokenizer: Any) -> PreparedData:
+    """Train (and eval) datasets as configured, from the cache when nothing that shapes them changed."""
+    train_specs, eval_specs = _specs(args, "train"), _specs(args, "eval")
+    if not train_specs:
+        raise ConfigError(["data.train: missing — the file(s) to train on"])
+    if args.streaming:
+        return _prepare_streaming(train_specs, eval_specs, args, tokenizer)
+    key = cache.fingerprint(train_specs, eval_specs, args, tokenizer)
+    if key and not args.overwrite_cache:
+        hit = cache.load_cache(key)
+        if hit:
+            splits, report = hit
+            logger.info("tokenized data from the cache %s (data.overwrite_cache: true rebuilds it)", cache.cache_dir(key))
+            return PreparedData(splits["train"], splits.get("eval"), DataReport.from_dict(report))
+
+    report = DataReport(cutoff_len=args.cutoff_len, mask=args.mask)
+    parts = []
+    for spec in train_specs:
+        part, counts = encode_dataset(spec, args, tokenizer)
+        parts.append(part)
+        report.datasets.append(counts)
+    train = _mix(parts, args)
+    if not len(train):
+        raise DataError(", ".join(s.path for s in train_specs), None, None,
+                        "no example left to train on:\n" + report.summary())
+    eval_ds = None
+    if eval_specs:
+        eval_parts = [encode_dataset(spec, args, tokenizer)[0] for spec in eval_specs]
+        eval_ds = _mix(eval_parts, DataArgs(mix_strategy="concat"))
+    elif args.val_size:
+        size = int(args.val_size) if args.val_size >= 1 else args.val_size
+        split = train.train_test_split(test_size=size, seed=args.seed)
+        train, eval_ds = split["train"], split["test"]
+
+    lengths = [len(ids) for ids in train["input_ids"]]
+    report.examples, report.tokens = len(train), sum(lengths)
+    report.supervised_tokens = sum(sum(1 for t in labels if t != IGNORE_INDEX) for labels in train["labels"])
+    report.length_percentiles = percentiles(lengths)
+    report.eval_examples = len(eval_ds) if eval_ds is not None else 0
+    report.example = describe_example(tokenizer, train[0])
+    _check_end_of_turn_supervised(tokenizer, train[:20]["labels"], args)
+
+    if args.packing:
+        train = _pack(train, args.cutoff_len)
+        report.packing = {"rows": len(train), "efficiency": round(report.tokens / (len(train) * args.cutoff_len), 4)}
+        eval_ds = _pack(eval_ds, args.cutoff_len) if eval_ds is not None else None
+    if key:
+        cache.save_cache(key, {"train": train, "eval": eval_ds}, report.as_dict())
+    return PreparedData(train, eval_ds, report)
+
+
+def _pack(ds: Any, cutoff_len: int) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list(pack_examples(ds.to_list(), cutoff_len))
+
+
+def _prepare_streaming(train_specs: list[DatasetSpec], eval_specs: list[DatasetSpec], args: DataArgs,
+                       tokenizer: Any) -> PreparedData:
+    """IterableDatasets read and tokenized as the trainer asks for them; packing on the fly."""
+    from datasets import IterableDataset
+
+    def examples(spec: DatasetSpec) -> Iterator[dict[str, list[int]]]:
+        drops = Drops() if args.on_bad_record == "skip" else None
+        chunk: list[tuple[Sample, tuple[str, str]]] = []
+        for item in iter_samples(spec, args, drops):
+            chunk.append(item)
+            if len(chunk) == _CHUNK:
+                yield from _kept(chunk)
+                chunk = []
+        yield from _kept(chunk)
+
+    def _kept(chunk: list[tuple[Sample, tuple[str, str]]]) -> Iterator[dict[str, list[int]]]:
+        encoded = encode_samples(tokenizer, [s for s, _ in chunk], [w for _, w in chunk], args.cutoff_len, args.mask,
+                                 strict=args.on_bad_record == "error")
+        for exs in encoded:
+            for ex in exs:
+                if not ex.drop:
+                    yield {"input_ids": ex.input_ids, "labels": ex.labels}
+
+    def stream(specs: list[DatasetSpec], mix: DataArgs) -> Any:
+        parts = [IterableDataset.from_generator(examples, gen_kwargs={"spec": s}) for s in specs]
+        mixed = _mix(parts, mix)
+        if not args.packing:
+            return mixed
+        return IterableDataset.from_generator(lambda: pack_stream(iter(mixed), args.cutoff_len))
+
+    train = stream(train_specs, args)
+    first = next(iter(examples(train_specs[0])), None)
+    if first is None:
+        raise DataError(train_specs[0].path, None, None, "no example to train on")
+    report = DataReport(datasets=[DatasetCounts(s.path, s.format) for s in train_specs], cutoff_len=args.cutoff_len,
+                        mask=args.mask, streaming=True, example=describe_example(tokenizer, first))
+    _check_end_of_turn_supervised(tokenizer, [first["labels"]], args)
+    eval_ds = stream(eval_specs, DataArgs(mix_strategy="concat")) if eval_specs else None
+    return PreparedData(train, eval_ds, report)
+
+
+def _check_end_of_turn_supervised(tokenizer: Any, labels: list[list[int]], args: DataArgs) -> None:
+    """Warn once if no example (of the first few; truncation may cut the end) supervises an end-of-turn token."""
+    if args.format == "text":
+        return
     stops = set(stop_token_ids(tokenizer))
-    if not stops.intersection(labels):
+    if not any(stops.intersection(row) for row in labels):
         logger.warning(
-            "the chat template leaves the end-of-turn token outside the labels: the model will not learn "
-            "to stop. Use a template whose assistant turn ends with %s.", tokenizer.eos_token,
+            "WARNING: the chat template leaves the end-of-turn token outside the labels: the model will not "
+            "learn to stop. Use a template whose assistant turn ends with %s (data.template).", tokenizer.eos_token,
         )
 
 
-def describe_example(tokenizer: Any, example: dict[str, list[int]]) -> str:
-    """The decoded example with supervised spans in [[...]], for the log and for humans."""
-    parts, current, supervised = [], [], None
-    for token, label in zip(example["input_ids"], example["labels"]):
-        is_sup = label != IGNORE_INDEX
-        if supervised is not None and is_sup != supervised:
-            parts.append((supervised, current))
-            current = []
-        supervised = is_sup
-        current.append(token)
-    parts.append((bool(supervised), current))
-    return "".join(
-        f"[[{tokenizer.decode(ids)}]]" if sup else tokenizer.decode(ids) for sup, ids in parts
-    )
+def build_dataset(paths: list[str], args: DataArgs, tokenizer: Any) -> tuple[Any, DataReport]:
+    """One unpacked, uncached dataset of `paths` (for eval loss and tests)."""
+    report = DataReport(cutoff_len=args.cutoff_len, mask=args.mask)
+    parts = []
+    for path in paths:
+        spec = DatasetSpec(path=path, format=args.format, columns=args.columns, tags=args.tags,
+                           max_samples=args.max_samples)
+        part, counts = encode_dataset(spec, args, tokenizer)
+        parts.append(part)
+        report.datasets.append(counts)
+    ds = _mix(parts, DataArgs(mix_strategy="concat"))
+    report.examples = len(ds)
+    return ds, report

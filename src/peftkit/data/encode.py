@@ -1,9 +1,9 @@
-"""Messages → input_ids and labels, through the tokenizer's chat template. Labels are made only here.
+"""Samples → input_ids and labels, through the tokenizer's chat template. Labels are made only here.
 
 The labels of assistant turn k are exactly the tokens between
 render(messages[:k], add_generation_prompt=True) and render(messages[:k+1]). If the first is not a
 token prefix of the second (a template that rewrites earlier turns), the record fails loudly rather
-than being mislabelled.
+than being mislabelled. Every text of a batch is tokenized in one call of the fast tokenizer.
 """
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftkit.constants import IGNORE_INDEX
+from peftkit.data.formats import Message, Sample, sft_messages
 from peftkit.errors import DataError
+
+# Why an encoded record was dropped; the report counts each.
+FULLY_MASKED = "fully masked: no supervised message (data.mask, `train: false`)"
+DOES_NOT_FIT = "no response token fits in cutoff_len"
+TEMPLATE = "chat template does not render turns incrementally"
+TOO_SHORT = "document block shorter than 2 tokens"
 
 
 @dataclass
@@ -23,32 +30,67 @@ class Segment:
     supervised: bool
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+@dataclass
+class Encoded:
+    """One example, or the reason its record was dropped (then ids and labels are empty)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+    drop: str = ""
 
 
-def segment_messages(tokenizer: Any, messages: list[dict[str, str]], where: tuple[str, int]) -> list[Segment]:
-    """Split the rendered conversation into prompt and response segments, checking the prefix property."""
+def _render(tokenizer: Any, messages: list[Message], generation_prompt: bool) -> str:
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _texts(tokenizer: Any, messages: list[Message]) -> list[str]:
+    """For each assistant turn: the prompt rendering, then the rendering that includes the turn."""
+    texts = []
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant":
+            texts += [_render(tokenizer, messages[:k], True), _render(tokenizer, messages[: k + 1], False)]
+    return texts
+
+
+def segment_messages(
+    messages: list[Message], renders: list[list[int]], mask: str, where: tuple[str, int | str]
+) -> list[Segment]:
+    """Prompt / response segments from the token renderings of `_texts`, with supervision from `mask`."""
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
     segments: list[Segment] = []
     done: list[int] = []
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _render(tokenizer, messages[:k], generation_prompt=True)
-        full = _render(tokenizer, messages[: k + 1], generation_prompt=False)
+    for n, k in enumerate(turns):
+        prompt, full = renders[2 * n], renders[2 * n + 1]
         if prompt[: len(done)] != done or full[: len(prompt)] != prompt:
             raise DataError(
                 where[0], where[1], None,
-                f"the chat template does not render assistant turn {k} as an extension of the conversation "
-                "before it (render(messages[:k], add_generation_prompt=True) is not a token prefix of "
-                "render(messages[:k+1])), so its labels cannot be placed exactly. Use a template that renders "
-                "turns incrementally (data.template: chatml, llama3, alpaca or yuan2) or your own .jinja file.",
+                f"{TEMPLATE}: render(messages[:{k}], add_generation_prompt=True) is not a token prefix of "
+                f"render(messages[:{k + 1}]), so the labels of assistant turn {k} cannot be placed exactly. Use a "
+                "template that renders turns incrementally (data.template: chatml, llama3, alpaca or yuan2) or your "
+                "own .jinja file.",
             )
-        segments.append(Segment(prompt[len(done):], supervised=False))
-        segments.append(Segment(full[len(prompt):], supervised=True))
+        trains = messages[k].get("train", True) and (mask != "last" or n == len(turns) - 1)
+        segments.append(Segment(prompt[len(done):], supervised=mask == "all"))
+        segments.append(Segment(full[len(prompt):], supervised=bool(trains)))
         done = full
     return segments
+
+
+def _pairs(segments: list[Segment]) -> list[Segment]:
+    """Alternating (prompt, response) segments: runs with the same supervision merged, an unsupervised tail dropped."""
+    merged: list[Segment] = []
+    for seg in segments:
+        if merged and merged[-1].supervised == seg.supervised:
+            merged[-1] = Segment(merged[-1].ids + seg.ids, seg.supervised)
+        else:
+            merged.append(Segment(list(seg.ids), seg.supervised))
+    if merged and merged[0].supervised:
+        merged.insert(0, Segment([], False))
+    if merged and not merged[-1].supervised:
+        merged.pop()  # tokens after the last supervised one change no loss
+    return merged
 
 
 def truncate_segments(segments: list[Segment], cutoff_len: int) -> tuple[list[Segment], bool]:
@@ -77,20 +119,64 @@ def truncate_segments(segments: list[Segment], cutoff_len: int) -> tuple[list[Se
     return kept, cut
 
 
-def encode_messages(
-    tokenizer: Any, messages: list[dict[str, str]], cutoff_len: int, where: tuple[str, int]
-) -> tuple[dict[str, list[int]] | None, bool]:
-    """One training example: input_ids, attention_mask, labels (IGNORE_INDEX outside responses).
-
-    Returns the example (None when no response token fits: the caller reports it) and whether
-    it was truncated.
-    """
-    segments, cut = truncate_segments(segment_messages(tokenizer, messages, where), cutoff_len)
+def _conversation(messages: list[Message], renders: list[list[int]], cutoff_len: int, mask: str,
+                  where: tuple[str, int | str]) -> Encoded:
+    pairs = _pairs(segment_messages(messages, renders, mask, where))
+    if not pairs:
+        return Encoded([], [], drop=FULLY_MASKED)
+    kept, cut = truncate_segments(pairs, cutoff_len)
     input_ids: list[int] = []
     labels: list[int] = []
-    for seg in segments:
+    for seg in kept:
         input_ids += seg.ids
         labels += seg.ids if seg.supervised else [IGNORE_INDEX] * len(seg.ids)
     if all(label == IGNORE_INDEX for label in labels):
-        return None, True
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}, cut
+        return Encoded([], [], truncated=True, drop=DOES_NOT_FIT)
+    return Encoded(input_ids, labels, truncated=cut)
+
+
+def _document(ids: list[int], cutoff_len: int) -> list[Encoded]:
+    """A document cut into blocks of cutoff_len, every token supervised: nothing is thrown away."""
+    blocks = [ids[i : i + cutoff_len] for i in range(0, len(ids), cutoff_len)]
+    return [Encoded(b, list(b)) if len(b) > 1 else Encoded([], [], drop=TOO_SHORT) for b in blocks]
+
+
+def encode_samples(
+    tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]], cutoff_len: int,
+    mask: str = "assistant", strict: bool = True,
+) -> list[list[Encoded]]:
+    """The examples of each sample (one, or several blocks for a long document; dropped ones carry a reason).
+
+    strict=False turns a template error into a dropped record instead of raising it.
+    """
+    conversations = [sft_messages(s) for s in samples]
+    texts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    for sample, messages in zip(samples, conversations):
+        start = len(texts)
+        texts += _texts(tokenizer, messages) if messages is not None else [sample["text"]]
+        spans.append((start, len(texts)))
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out: list[list[Encoded]] = []
+    for messages, (start, end), where in zip(conversations, spans, wheres):
+        if messages is None:
+            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            out.append(_document(ids[start] + eos, cutoff_len))
+            continue
+        try:
+            out.append([_conversation(messages, ids[start:end], cutoff_len, mask, where)])
+        except DataError:
+            if strict:
+                raise
+            out.append([Encoded([], [], drop=TEMPLATE)])
+    return out
+
+
+def encode_messages(
+    tokenizer: Any, messages: list[Message], cutoff_len: int, where: tuple[str, int | str], mask: str = "assistant"
+) -> tuple[dict[str, list[int]] | None, bool]:
+    """One conversation as {input_ids, labels}, or None when nothing supervised fits; and whether it was cut."""
+    (encoded,) = encode_samples(tokenizer, [{"messages": messages}], [where], cutoff_len, mask)[0]
+    if encoded.drop:
+        return None, encoded.truncated
+    return {"input_ids": encoded.input_ids, "labels": encoded.labels}, encoded.truncated

@@ -1,61 +1,208 @@
-"""Record formats: each a plain function from one record to a list of chat messages."""
+"""Record formats: each a plain function from one record to a sample.
+
+A sample is one of
+  {"messages": [...]}                                   a conversation ending with the assistant
+  {"messages": [...], "chosen": msg, "rejected": msg}   a preference pair after a prompt conversation
+  {"text": str}                                         a document (continued pre-training)
+  {"text": str, "text_pair": str | None, "label": ...}  a classification record
+Messages are {"role", "content"} plus an optional "train": false, which is never supervised.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from peftkit.errors import DataError
 
-Message = dict[str, str]
+Message = dict[str, Any]
+Sample = dict[str, Any]
+
+DEFAULT_TAGS = {
+    "role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+    "system_tag": "system", "observation_tag": "observation", "function_tag": "function_call",
+}
+_ROLES = ("system", "user", "assistant", "tool")
 
 
-def _text(record: dict[str, Any], key: str, file: str, index: int, required: bool) -> str:
+class Where:
+    """The file and record a conversion is working on, for its error messages."""
+
+    def __init__(self, file: str, record: int | str) -> None:
+        self.file, self.record = file, record
+
+    def error(self, field: str | None, reason: str) -> DataError:
+        return DataError(self.file, self.record, field, reason)
+
+
+def _text(record: dict[str, Any], key: str, at: Where, required: bool) -> str:
     value = record.get(key)
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        shown = "missing" if value is None else f"a {type(value).__name__}"
-        raise DataError(file, index, key, f"must be a string, got {shown}")
+        shown = "it is missing" if value is None else f"got a {type(value).__name__}"
+        raise at.error(key, f"must be a string, {shown}; map your field name with `columns: {{{key}: YOUR_FIELD}}`")
     return value
 
 
-def alpaca(record: dict[str, Any], file: str, index: int) -> list[Message]:
+def _check_turns(messages: list[Message], field: str, at: Where, final_assistant: bool = True) -> None:
+    """After an optional system message: user/tool and assistant turns alternate."""
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    for i, m in enumerate(messages[start:], start=start):
+        expected = ("user", "tool") if (i - start) % 2 == 0 else ("assistant",)
+        if m["role"] not in expected:
+            raise at.error(f"{field}[{i}]", f"out of role order: found {m['role']!r} where {' or '.join(expected)} "
+                           "should be (an optional system message, then user and assistant turns alternating)")
+    if final_assistant and (len(messages) == start or messages[-1]["role"] != "assistant"):
+        raise at.error(field, "must end with the assistant's answer (nothing to learn otherwise)")
+    if not final_assistant and messages[start:] and messages[-1]["role"] == "assistant":
+        raise at.error(field, "the prompt of a preference pair must end with a user turn")
+
+
+def _message(raw: Any, tags: dict[str, str], field: str, at: Where) -> Message:
+    """One {from, value} or {role, content} message as {role, content[, train]}."""
+    if not isinstance(raw, dict):
+        raise at.error(field, f"must be a message object, got {type(raw).__name__}")
+    if "role" in raw:  # OpenAI style
+        role, content, allowed = raw.get("role"), raw.get("content"), _ROLES
+    else:
+        role_names = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system",
+                      tags["observation_tag"]: "tool", tags["function_tag"]: "assistant"}
+        tag = raw.get(tags["role_tag"])
+        if tag not in role_names:
+            raise at.error(f"{field}.{tags['role_tag']}", f"unknown role {tag!r}; allowed: {', '.join(role_names)} "
+                           "(other tag names: set data.tags, e.g. {user_tag: user, assistant_tag: assistant})")
+        role, content, allowed = role_names[tag], raw.get(tags["content_tag"]), _ROLES
+    if role not in allowed:
+        raise at.error(f"{field}.role", f"unknown role {role!r}; allowed: {', '.join(allowed)}")
+    if not isinstance(content, str):
+        raise at.error(field, f"content must be a string, got {type(content).__name__}")
+    message: Message = {"role": role, "content": content}
+    if raw.get("train") is False:
+        message["train"] = False
+    return message
+
+
+def _conversation(record: dict[str, Any], at: Where, tags: dict[str, str] | None) -> list[Message]:
+    tags = {**DEFAULT_TAGS, **(tags or {})}
+    field = "messages" if "messages" in record else "conversations"
+    raw = record.get(field)
+    if not isinstance(raw, list):
+        raise at.error("conversations", "must be a list of {from, value} (or `messages` of {role, content}); "
+                       "map your field with `columns: {conversations: YOUR_FIELD}`")
+    messages = [_message(m, tags, f"{field}[{i}]", at) for i, m in enumerate(raw)]
+    system = record.get("system")
+    if isinstance(system, str) and system and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def alpaca(record: dict[str, Any], at: Where, tags: dict[str, str] | None = None) -> Sample:
     """instruction (+ input on a new line) → output, after the optional system and history turns."""
+    messages = _alpaca_prompt(record, at)
+    messages.append({"role": "assistant", "content": _text(record, "output", at, required=True)})
+    return {"messages": messages}
+
+
+def _alpaca_prompt(record: dict[str, Any], at: Where) -> list[Message]:
     messages: list[Message] = []
-    system = _text(record, "system", file, index, required=False)
+    system = _text(record, "system", at, required=False)
     if system:
         messages.append({"role": "system", "content": system})
     history = record.get("history") or []
     if not isinstance(history, list):
-        raise DataError(file, index, "history", "must be a list of [query, answer] pairs")
+        raise at.error("history", "must be a list of [query, answer] pairs")
     for turn, pair in enumerate(history):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise DataError(file, index, "history", f"turn {turn} must be a [query, answer] pair of strings")
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise at.error(f"history[{turn}]", "must be a [query, answer] pair of strings")
         messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    instruction = _text(record, "instruction", file, index, required=True)
-    extra = _text(record, "input", file, index, required=False)
+    instruction = _text(record, "instruction", at, required=True)
+    extra = _text(record, "input", at, required=False)
     prompt = f"{instruction}\n{extra}" if extra else instruction
     if not prompt.strip():
-        raise DataError(file, index, "instruction", "is empty")
-    output = _text(record, "output", file, index, required=True)
-    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        raise at.error("instruction", "is empty")
+    messages.append({"role": "user", "content": prompt})
     return messages
 
 
-def openai_messages(record: dict[str, Any], file: str, index: int) -> list[Message]:
-    """OpenAI-style {"messages": [{"role", "content"}, ...]} ending with an assistant turn."""
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise DataError(file, index, "messages", "must be a non-empty list of {role, content}")
-    for turn, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-            raise DataError(file, index, "messages", f"message {turn} needs role system/user/assistant and string content")
-    if messages[-1]["role"] != "assistant":
-        raise DataError(file, index, "messages", "the last message must be the assistant's answer")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+def sharegpt(record: dict[str, Any], at: Where, tags: dict[str, str] | None = None) -> Sample:
+    """`conversations` of {from, value} (role tags configurable) or OpenAI `messages` of {role, content}."""
+    messages = _conversation(record, at, tags)
+    _check_turns(messages, "conversations" if "conversations" in record else "messages", at)
+    return {"messages": messages}
 
 
-FORMATS: dict[str, Callable[[dict[str, Any], str, int], list[Message]]] = {
+def preference(record: dict[str, Any], at: Where, tags: dict[str, str] | None = None) -> Sample:
+    """A prompt (conversation, alpaca fields or a `prompt` string) with a chosen and a rejected answer."""
+    if "conversations" in record or "messages" in record:
+        messages = _conversation(record, at, tags)
+        _check_turns(messages, "conversations" if "conversations" in record else "messages", at, final_assistant=False)
+    elif "instruction" in record:
+        messages = _alpaca_prompt(record, at)
+    else:
+        messages = [{"role": "user", "content": _text(record, "prompt", at, required=True)}]
+    sample: Sample = {"messages": messages}
+    for key in ("chosen", "rejected"):
+        value = record.get(key)
+        if isinstance(value, list) and value:  # TRL's conversational style: the answer is the last message
+            value = value[-1]
+        answer = {"role": "assistant", "content": value} if isinstance(value, str) else _message(
+            value, {**DEFAULT_TAGS, **(tags or {})}, key, at)
+        if answer["role"] != "assistant" or not answer["content"].strip():
+            raise at.error(key, "must be a non-empty assistant answer (a string, or a gpt / assistant message)")
+        sample[key] = answer
+    return sample
+
+
+def text(record: dict[str, Any], at: Where, tags: dict[str, str] | None = None) -> Sample:
+    """A document for continued pre-training."""
+    value = _text(record, "text", at, required=True)
+    if not value.strip():
+        raise at.error("text", "is empty")
+    return {"text": value}
+
+
+def pairs(record: dict[str, Any], at: Where, tags: dict[str, str] | None = None) -> Sample:
+    """text, optional text_pair, and label (an integer class or a class name)."""
+    label = record.get("label")
+    if label is None or isinstance(label, (bool, float)) or not isinstance(label, (int, str)):
+        raise at.error("label", f"must be an integer class or a class name, got {label!r}; "
+                       "map your field with `columns: {label: YOUR_FIELD}`")
+    pair = record.get("text_pair")
+    return {"text": _text(record, "text", at, required=True),
+            "text_pair": _text(record, "text_pair", at, required=False) if pair is not None else None,
+            "label": label}
+
+
+FORMATS: dict[str, Callable[..., Sample]] = {
     "alpaca": alpaca,
-    "messages": openai_messages,
+    "sharegpt": sharegpt,
+    "messages": sharegpt,
+    "preference": preference,
+    "text": text,
+    "pairs": pairs,
 }
+
+
+def rename_columns(record: dict[str, Any], columns: dict[str, str] | None) -> dict[str, Any]:
+    """The record with the file's field names replaced by peftkit's (`columns: {peftkit_name: file_name}`)."""
+    if not columns:
+        return record
+    out = dict(record)
+    for ours, theirs in columns.items():
+        if theirs in record:
+            out[ours] = record[theirs]
+    return out
+
+
+def sft_messages(sample: Sample) -> list[Message] | None:
+    """The conversation supervised fine-tuning learns from a sample; None for a plain document.
+
+    Preference pairs train on the chosen answer; classification pairs on the label as the answer.
+    """
+    if "chosen" in sample:
+        return [*sample["messages"], sample["chosen"]]
+    if "label" in sample:
+        prompt = sample["text"] if sample["text_pair"] is None else f"{sample['text']}\n{sample['text_pair']}"
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(sample["label"])}]
+    return sample.get("messages")

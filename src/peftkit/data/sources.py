@@ -1,40 +1,117 @@
-"""Read records from .json / .jsonl files, keeping the file name for error messages."""
+"""Read raw records lazily from files, folders or the hub, each with the location errors will name.
+
+JSON, JSONL and text files are parsed here, so a malformed line is reported by its line number;
+CSV, TSV and Parquet go through `datasets` (streaming, so nothing is copied to its cache).
+A bad line is yielded as a DataError rather than raised, so `on_bad_record: skip` can go on.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from peftkit.errors import DataError
 
-SUPPORTED_SUFFIXES = (".json", ".jsonl")
+SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
+
+# (file, location, record or the error that replaced it)
+RawRecord = tuple[str, "int | str", "dict[str, Any] | DataError"]
 
 
-def read_records(file: str, max_samples: int | None = None) -> list[dict[str, Any]]:
-    """The records of one file, in order; `max_samples` keeps the first N."""
-    path = Path(file)
-    if not path.is_file():
-        raise DataError(file, None, None, "file does not exist")
-    if path.suffix not in SUPPORTED_SUFFIXES:
-        raise DataError(file, None, None, f"unsupported file type {path.suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+def data_files(path: str) -> list[Path]:
+    """The files behind a path: the file itself, or a folder's supported files in sorted order."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUPPORTED_SUFFIXES)
+        if not files:
+            raise DataError(path, None, None, f"folder holds no data files ({', '.join(SUPPORTED_SUFFIXES)})")
+        return files
+    if p.suffix not in SUPPORTED_SUFFIXES:
+        raise DataError(path, None, None, f"unsupported file type {p.suffix!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+    return [p]
+
+
+def iter_records(path: str, txt_document: str = "line", split: str = "train") -> Iterator[RawRecord]:
+    """Every record behind `path` in order; a path that does not exist locally is tried on the hub."""
+    if not Path(path).exists():
+        yield from _hub_records(path, split)
+        return
+    for file in data_files(path):
+        reader = {".json": _json, ".jsonl": _jsonl, ".txt": _txt}.get(file.suffix, _tabular)
+        for location, record in reader(file, txt_document):
+            if not isinstance(record, (dict, DataError)):
+                record = DataError(str(file), location, None, f"expected an object, got {type(record).__name__}")
+            yield str(file), location, record
+
+
+def _json(file: Path, _: str) -> Iterator[tuple[int | str, Any]]:
+    text = file.read_text(encoding="utf-8")
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(str(file), None, None, f"not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}. "
+                        "A file of one JSON object per line must be named .jsonl") from e
+    if not isinstance(records, list):
+        raise DataError(str(file), None, None, "a .json data file must hold a list of records")
+    yield from enumerate(records)
+
+
+def _jsonl(file: Path, _: str) -> Iterator[tuple[int | str, Any]]:
+    with file.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"line {lineno}", DataError(str(file), f"line {lineno}", None,
+                                                   f"not valid JSON (column {e.colno}): {e.msg}")
+
+
+def _txt(file: Path, txt_document: str) -> Iterator[tuple[int | str, Any]]:
+    if txt_document == "file":
+        yield "the whole file", {"text": file.read_text(encoding="utf-8")}
+        return
+    with file.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
             if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(file, len(records), None, f"line {lineno} is not valid JSON: {e.msg}") from e
-    else:
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(file, None, None, f"not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from e
-        if not isinstance(records, list):
-            raise DataError(file, None, None, "a .json data file must hold a list of records")
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(file, index, None, f"expected an object, got {type(record).__name__}")
-    return records[:max_samples] if max_samples else records
+                yield f"line {lineno}", {"text": line.rstrip("\n")}
+
+
+def _tabular(file: Path, _: str) -> Iterator[tuple[int | str, Any]]:
+    import csv
+
+    from datasets import load_dataset
+
+    if file.suffix == ".parquet":
+        ds = load_dataset("parquet", data_files=str(file), split="train", streaming=True)
+        yield from enumerate(ds)
+        return
+    sep = "\t" if file.suffix == ".tsv" else ","
+    # TSV corpora (GLUE) hold bare quotes inside fields: read them literally.
+    quoting = csv.QUOTE_NONE if sep == "\t" else csv.QUOTE_MINIMAL
+    ds = load_dataset("csv", data_files=str(file), split="train", streaming=True, sep=sep, quoting=quoting)
+    try:
+        for i, row in enumerate(ds):
+            yield f"line {i + 2}", row  # line 1 is the header
+    except Exception as e:  # pandas' parser errors carry the line in their text
+        raise DataError(str(file), None, None, f"cannot be read as {file.suffix[1:].upper()}: {e}") from e
+
+
+def _hub_records(name: str, split: str) -> Iterator[RawRecord]:
+    from datasets import load_dataset
+
+    try:
+        ds = load_dataset(name, split=split, streaming=True)
+        rows = iter(ds)
+        first = next(rows, None)
+    except Exception as e:
+        raise DataError(name, None, None, "is not a local file or folder, and reading it as a hub dataset failed "
+                        f"({type(e).__name__}: {str(e)[:200]}). Check the path, or the network if it is a hub id") from e
+    if first is None:
+        return
+    yield name, 0, first
+    for i, row in enumerate(rows, start=1):
+        yield name, i, row

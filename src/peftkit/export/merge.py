@@ -19,7 +19,9 @@ import yaml
 
 from peftkit.config.schema import DataArgs
 from peftkit.constants import CONFIG_FILE, FINETUNING_ARGS_FILE
-from peftkit.data.dataset import as_file_list, load_messages
+from peftkit.config.load import dataset_specs
+from peftkit.data.dataset import iter_samples
+from peftkit.data.formats import sft_messages
 from peftkit.data.encode import encode_messages
 from peftkit.errors import PeftkitError
 
@@ -89,12 +91,18 @@ def _training_records(run_dir: Path, limit: int) -> list[tuple[list[dict[str, st
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
         return []
-    data = yaml.safe_load(config_path.read_text(encoding="utf-8"))["data"]
-    files = [f for f in as_file_list(data.get("train")) if Path(f).is_file()]
-    if not files:
+    args = DataArgs(**yaml.safe_load(config_path.read_text(encoding="utf-8"))["data"])
+    specs = [s for s in dataset_specs(args, "train")[0] if Path(s.path).exists()]
+    if not specs:
         return []
-    args = DataArgs(**{**data, "max_samples": limit})
-    return load_messages(files[:1], args)
+    records = []
+    for sample, where in iter_samples(specs[0], args):
+        messages = sft_messages(sample)
+        if messages is not None:
+            records.append((messages, where))
+        if len(records) == limit:
+            break
+    return records
 
 
 def _check_template(run_tokenizer: Any, exported_dir: Path, records: list, cutoff_len: int) -> None:

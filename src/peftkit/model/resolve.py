@@ -12,10 +12,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
+from peftkit.atomic import write_dir_atomic
 from peftkit.constants import EMBEDDED_MODEL
 from peftkit.errors import ModelError
 
@@ -62,19 +61,9 @@ def ensure_embedded_model() -> Path:
     if (target / _COMPLETE_MARKER).is_file():
         return target
     gguf = embedded_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("converting the embedded model %s once into %s", gguf.name, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=target.parent))
-    try:
-        _convert_gguf(gguf, tmp)
-        (tmp / _COMPLETE_MARKER).write_text("ok\n")
-        if target.exists():  # a stale folder without the marker: an earlier run died before the rename
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    # a folder without the marker is an earlier run that died mid-conversion: it is replaced
+    return write_dir_atomic(target, lambda tmp: _convert_gguf(gguf, tmp), _COMPLETE_MARKER)
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

@@ -10,8 +10,8 @@ from typing import Any
 
 from peftkit.atomic import write_json_atomic
 from peftkit.config import RunConfig, build_training_arguments, dump_config
-from peftkit.constants import CONFIG_FILE, IGNORE_INDEX
-from peftkit.data import apply_template, as_file_list, build_dataset, describe_example
+from peftkit.constants import CONFIG_FILE, DATA_REPORT_FILE
+from peftkit.data import apply_template, build_collator, prepare_data
 from peftkit.eval.predict import predict
 from peftkit.model import load_model, load_tokenizer, prepare_for_training
 from peftkit.train.callbacks import LogCallback
@@ -37,10 +37,9 @@ def train(cfg: RunConfig) -> TrainResult:
 
     tokenizer = load_tokenizer(cfg.model)
     apply_template(tokenizer, cfg.data.template)
-    train_ds, report = build_dataset(as_file_list(cfg.data.train), cfg.data, tokenizer)
-    eval_ds = build_dataset(as_file_list(cfg.data.eval), cfg.data, tokenizer)[0] if cfg.data.eval else None
-    write_json_atomic(output_dir / "data_report.json", report.as_dict())
-    logger.info("example 0 (supervised spans in [[...]]):\n%s", describe_example(tokenizer, train_ds[0]))
+    data = prepare_data(cfg.data, tokenizer)
+    write_json_atomic(output_dir / DATA_REPORT_FILE, data.report.as_dict())
+    logger.info("data:\n%s\nexample (supervised spans in [[...]]):\n%s", data.report.summary(), data.report.example)
 
     model = load_model(cfg.model)
     summary: dict[str, Any] = {"output_dir": str(output_dir)}
@@ -48,7 +47,7 @@ def train(cfg: RunConfig) -> TrainResult:
         summary["metrics_before"] = predict(model, tokenizer, cfg, output_dir, tag="_before")
     model = prepare_for_training(model, cfg.finetuning)
 
-    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds)
+    trainer = build_trainer(cfg, model, tokenizer, data.train, data.eval)
     result = trainer.train(resume_from_checkpoint=cfg.train.get("resume_from_checkpoint"))
     trainer.save_model()
     trainer.save_state()
@@ -68,17 +67,14 @@ def train(cfg: RunConfig) -> TrainResult:
 
 
 def build_trainer(cfg: RunConfig, model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any) -> PeftTrainer:
-    """The PeftTrainer with peftkit's collator (labels padded with IGNORE_INDEX) and LogCallback."""
-    from transformers import DataCollatorForSeq2Seq
-
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+    """The PeftTrainer with the collator for data.packing and the LogCallback."""
     return PeftTrainer(
         finetuning_args=cfg.finetuning,
         model=model,
         args=build_training_arguments(cfg.train),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
-        data_collator=collator,
+        data_collator=build_collator(tokenizer, cfg.data.packing),
         processing_class=tokenizer,
         callbacks=[LogCallback()],
     )

@@ -1,0 +1,89 @@
+"""The tokenized-dataset cache: keyed by everything that could change its content, written atomically.
+
+The key hashes the data files' bytes, the tokenizer (its vocabulary and merges, special tokens and
+chat template), every data option that shapes examples, and the peftkit version: a change to any
+of them is a new key, never a stale hit. Hub datasets are not cached here (their content has no
+local hash); `datasets` caches their download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from peftkit import __version__
+from peftkit.atomic import write_dir_atomic
+from peftkit.config.schema import DataArgs, DatasetSpec
+from peftkit.data.sources import data_files
+from peftkit.model.resolve import peftkit_home
+
+logger = logging.getLogger("peftkit")
+_COMPLETE = ".peftkit_complete"
+# Options that change how fast, not what, is built.
+_NOT_IN_KEY = ("overwrite_cache", "preprocessing_num_workers", "streaming", "train", "eval")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [
+        type(tokenizer).__name__,
+        backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())),
+        tokenizer.chat_template or "",
+        json.dumps({"special": tokenizer.special_tokens_map, "eos": tokenizer.eos_token_id,
+                    "pad": tokenizer.pad_token_id}, sort_keys=True, default=str),
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def fingerprint(train: list[DatasetSpec], eval_: list[DatasetSpec], args: DataArgs, tokenizer: Any) -> str | None:
+    """The cache key, or None when a dataset has no local files to hash."""
+    files: list[Any] = []
+    for spec in [*train, None, *eval_]:  # None separates train from eval
+        if spec is None:
+            files.append("--eval--")
+            continue
+        if not Path(spec.path).exists():
+            return None
+        files.append([asdict(spec), [(str(f), _file_digest(f)) for f in data_files(spec.path)]])
+    options = {k: v for k, v in asdict(args).items() if k not in _NOT_IN_KEY}
+    key = json.dumps([__version__, options, files, tokenizer_digest(tokenizer)], sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def cache_dir(key: str) -> Path:
+    return peftkit_home() / "data_cache" / key
+
+
+def load_cache(key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The cached splits and report, or None if there is no complete cache for this key."""
+    from datasets import load_from_disk
+
+    folder = cache_dir(key)
+    if not (folder / _COMPLETE).is_file():
+        return None
+    report = json.loads((folder / "data_report.json").read_text(encoding="utf-8"))
+    splits = {p.name: load_from_disk(str(p)) for p in sorted(folder.iterdir()) if p.is_dir()}
+    return splits, report
+
+
+def save_cache(key: str, splits: dict[str, Any], report: dict[str, Any]) -> Path:
+    """Write the splits to a temporary folder and rename it into place: never half a cache."""
+    def fill(tmp: Path) -> None:
+        for name, ds in splits.items():
+            if ds is not None:
+                ds.save_to_disk(str(tmp / name))
+        (tmp / "data_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+
+    return write_dir_atomic(cache_dir(key), fill, _COMPLETE)

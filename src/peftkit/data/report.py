@@ -1,0 +1,134 @@
+"""What preprocessing did, so nothing is dropped, cut or masked silently: data_report.json and its summary."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from peftkit.constants import IGNORE_INDEX
+
+logger = logging.getLogger("peftkit")
+
+
+@dataclass
+class Drops:
+    """Dropped records by reason: how many, and where the first one was."""
+
+    reasons: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, reason: str, where: str) -> None:
+        entry = self.reasons.setdefault(reason, {"count": 0, "first": where})
+        entry["count"] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(e["count"] for e in self.reasons.values())
+
+
+def bad_record_reason(field: str | None, reason: str) -> str:
+    """A reason that groups alike errors: turn numbers and quoted values taken out."""
+    field = re.sub(r"\[\d+\]", "[]", field or "")
+    reason = re.sub(r"'[^']*'", "'…'", reason.split(";")[0])
+    return f"bad record: {field}: {reason}" if field else f"bad record: {reason}"
+
+
+@dataclass
+class DatasetCounts:
+    path: str
+    format: str
+    records: int = 0
+    examples: int = 0
+    truncated: int = 0
+    drops: Drops = field(default_factory=Drops)
+
+
+@dataclass
+class DataReport:
+    """The numbers behind data_report.json; `summary()` is what the console shows."""
+
+    datasets: list[DatasetCounts] = field(default_factory=list)
+    examples: int = 0
+    eval_examples: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    length_percentiles: dict[str, int] = field(default_factory=dict)
+    cutoff_len: int = 0
+    mask: str = "assistant"
+    packing: dict[str, Any] | None = None
+    streaming: bool = False
+    example: str = ""
+
+    @property
+    def records(self) -> int:
+        return sum(d.records for d in self.datasets)
+
+    @property
+    def truncated(self) -> int:
+        return sum(d.truncated for d in self.datasets)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for d in self.datasets:
+            for reason, entry in d.drops.reasons.items():
+                out[reason] = out.get(reason, 0) + entry["count"]
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["datasets"] = [{**asdict(d), "drops": d.drops.reasons} for d in self.datasets]
+        out.update(records=self.records, truncated=self.truncated, dropped=self.dropped,
+                   supervised_fraction=round(self.supervised_tokens / self.tokens, 4) if self.tokens else 0.0)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataReport:
+        keep = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        keep["datasets"] = [DatasetCounts(**{**d, "drops": Drops(d["drops"])}) for d in data["datasets"]]
+        return cls(**keep)
+
+    def summary(self) -> str:
+        lines = []
+        for d in self.datasets:
+            lines.append(f"{d.path} ({d.format}): {d.records} records -> {d.examples} examples, "
+                         f"{d.truncated} truncated to cutoff_len={self.cutoff_len}")
+            for reason, entry in d.drops.reasons.items():
+                lines.append(f"  dropped {entry['count']}: {reason} (first: {entry['first']})")
+        if self.streaming:
+            lines.append("streaming: counts are not known in advance; the example below is the first one")
+        else:
+            share = self.supervised_tokens / self.tokens if self.tokens else 0.0
+            lines.append(f"train: {self.examples} examples, {self.tokens} tokens, {share:.1%} supervised (mask: "
+                         f"{self.mask}); lengths {self.length_percentiles}")
+            if self.eval_examples:
+                lines.append(f"eval: {self.eval_examples} examples")
+        if self.packing:
+            lines.append(f"packing: {self.packing['rows']} rows of <= {self.cutoff_len} tokens, "
+                         f"efficiency {self.packing['efficiency']:.1%} (real tokens / rows x cutoff_len)")
+        return "\n".join(lines)
+
+
+def percentiles(lengths: list[int]) -> dict[str, int]:
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+    at = {q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] for q in (0.5, 0.9, 0.99)}
+    return {"min": ordered[0], "p50": at[0.5], "p90": at[0.9], "p99": at[0.99], "max": ordered[-1]}
+
+
+def describe_example(tokenizer: Any, example: dict[str, list[int]]) -> str:
+    """The decoded example with supervised spans in [[...]], for the log and for humans."""
+    parts, current, supervised = [], [], None
+    for token, label in zip(example["input_ids"], example["labels"]):
+        is_sup = label != IGNORE_INDEX
+        if supervised is not None and is_sup != supervised:
+            parts.append((supervised, current))
+            current = []
+        supervised = is_sup
+        current.append(token)
+    parts.append((bool(supervised), current))
+    return "".join(
+        f"[[{tokenizer.decode(ids)}]]" if sup else tokenizer.decode(ids) for sup, ids in parts
+    )
