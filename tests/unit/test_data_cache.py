@@ -80,3 +80,9 @@ def test_peftkit_data_bad_record_exits_2(tmp_path: Path, tokenizer_dir: Path, ca
     assert main(["data", str(config)]) == 2
     err = capsys.readouterr().err
     assert f"{bad}: line 2, field 'output': must be a string, got a int" in err
+
+
+def test_worker_processes_tokenize_identically(tokenizer, alpaca_file: Path) -> None:
+    one = prepare_data(DataArgs(train=str(alpaca_file)), tokenizer)
+    two = prepare_data(DataArgs(train=str(alpaca_file), preprocessing_num_workers=2, overwrite_cache=True), tokenizer)
+    assert two.train["input_ids"] == one.train["input_ids"] and two.train["labels"] == one.train["labels"]

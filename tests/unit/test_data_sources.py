@@ -40,6 +40,9 @@ def test_sharegpt_with_tool_roles_and_openai_messages() -> None:
         {"from": "human", "value": "weather?"}, {"from": "function_call", "value": "{\"name\": \"w\"}"},
         {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "It is sunny."}]}
     assert [m["role"] for m in sharegpt(record, AT)["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+    glaive = json.loads((REPO / "data/demo/glaive_toolcall_en_demo.json").read_text())[0]
+    first = sharegpt(glaive, AT)["messages"][0]
+    assert first["role"] == "system" and json.loads(glaive["tools"])[0]["name"] in first["content"]
     openai = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "train": False},
                            {"role": "user", "content": "again"}, {"role": "assistant", "content": "yo!"}]}
     assert sharegpt(openai, AT)["messages"][1] == {"role": "assistant", "content": "yo", "train": False}

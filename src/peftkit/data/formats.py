@@ -10,6 +10,8 @@ Messages are {"role", "content"} plus an optional "train": false, which is never
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Callable
 from typing import Any
 
@@ -94,6 +96,14 @@ def _conversation(record: dict[str, Any], at: Where, tags: dict[str, str] | None
     system = record.get("system")
     if isinstance(system, str) and system and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
+    tools = record.get("tools")
+    if tools:  # tool-call data (glaive): the model must see the tools it may call
+        text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+        note = f"You may call these tools (answer with a JSON call):\n{text}"
+        if messages and messages[0]["role"] == "system":
+            messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}
+        else:
+            messages.insert(0, {"role": "system", "content": note})
     return messages
 
 
