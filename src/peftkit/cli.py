@@ -19,7 +19,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from peftkit.config import load_config
     from peftkit.train.run import train
 
-    _print_summary(train(load_config(args.config, args.overrides)).summary)
+    _print_summary(train(load_config(args.config, args.overrides), config_path=args.config).summary)
     return 0
 
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except PeftkitError as e:
         print(f"peftkit: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print("peftkit: interrupted", file=sys.stderr)
         return 130

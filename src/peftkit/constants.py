@@ -12,4 +12,6 @@ TRAINING_ARGS_FILE = "training_args.json"
 FINETUNING_ARGS_FILE = "finetuning_args.json"
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 PREDICT_RESULTS_FILE = "predict_results.json"
-LOG_SCHEMA_VERSION = 1
+LOG_SCHEMA_VERSION = 2  # 2: train_begin / save / error events, token counts, throughput, memory
+CHECKPOINT_MARKER = ".peftkit_complete"
+CHECKPOINT_STATE_FILE = "peftkit_state.json"

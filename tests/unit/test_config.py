@@ -112,9 +112,20 @@ def test_all_problems_reported_at_once(tmp_path: Path, alpaca_file: Path) -> Non
 
 
 def test_transformers_cross_checks_are_reported(tmp_path: Path, alpaca_file: Path) -> None:
-    (issue,) = _issues(_cfg(tmp_path, alpaca_file), ["train.load_best_model_at_end=true",
-                                                      "train.eval_strategy=steps", "train.save_strategy=epoch"])
-    assert issue.startswith("train: transformers rejected these TrainingArguments:")
+    issues = _issues(_cfg(tmp_path, alpaca_file), ["train.load_best_model_at_end=true",
+                                                    "train.eval_strategy=steps", "train.save_strategy=epoch"])
+    assert issues[0].startswith("train.eval_strategy=steps: there is nothing to evaluate on")
+    assert issues[1].startswith("train: transformers rejected these TrainingArguments:")
+
+
+def test_lifecycle_keys_are_checked(tmp_path: Path, alpaca_file: Path) -> None:
+    issues = _issues(_cfg(tmp_path, alpaca_file), ["train.early_stopping_patience=2", "train.save_strategy=false"])
+    assert issues == ["train.early_stopping_patience: needs evaluations — set train.eval_strategy (steps or epoch) "
+                      "and data.eval or data.val_size"]
+    issues = _issues(_cfg(tmp_path, alpaca_file), ["train.deepspeed=examples/deepspeed_zero2.json"])
+    assert issues == ["train.deepspeed: the deepspeed package is not installed (pip install deepspeed)"]
+    cfg = load_config(_cfg(tmp_path, alpaca_file), ["train.resume_from_checkpoint=true", "train.save_strategy=no"])
+    assert cfg.train["resume_from_checkpoint"] is True and cfg.train["save_strategy"] == "no"
 
 
 def test_resolved_config_round_trips(tmp_path: Path, alpaca_file: Path) -> None:

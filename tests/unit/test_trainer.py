@@ -112,15 +112,3 @@ def test_trainer_log_lines(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Pa
         assert isinstance(r["loss"], float) and isinstance(r["learning_rate"], float) and isinstance(r["epoch"], float)
     assert logs[-1]["percentage"] == 100.0 and logs[-1]["remaining_time"] == "0:00:00"
     assert rows[-1]["event"] == "train_end"
-
-
-def test_resumed_run_appends_to_the_log(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    train(_config(tiny_model_dir, alpaca_file, out, "train.save_strategy=steps", "train.save_steps=2"))
-    first = (out / "trainer_log.jsonl").read_text().splitlines()
-    train(_config(tiny_model_dir, alpaca_file, out, "train.save_strategy=steps", "train.save_steps=2",
-                  f"train.resume_from_checkpoint={out / 'checkpoint-2'}"))
-    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-    assert [json.dumps(r) for r in rows[: len(first)]] == [json.dumps(json.loads(line)) for line in first]
-    resumed = [r["current_steps"] for r in rows[len(first):] if r["event"] == "log"]
-    assert resumed == [3, 4]  # the resumed process logged only the steps it ran

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import re
 import types
@@ -18,7 +19,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from peftkit.atomic import write_text_atomic
-from peftkit.config.schema import FORMAT_NAMES, SECTIONS, DataArgs, DatasetSpec, RunConfig
+from peftkit.config.schema import FORMAT_NAMES, SECTIONS, DataArgs, DatasetSpec, RunConfig, TrainExtras
 from peftkit.constants import SHIPPED_TEMPLATES
 from peftkit.errors import ConfigError
 
@@ -129,13 +130,16 @@ def _check_train(train: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     from transformers import Seq2SeqTrainingArguments
 
     issues: list[str] = []
-    fields = {f.name: f for f in dataclasses.fields(Seq2SeqTrainingArguments) if f.init}
+    fields = {f.name: f.type for f in dataclasses.fields(Seq2SeqTrainingArguments) if f.init}
+    fields.update(typing.get_type_hints(TrainExtras))
     checked = {**TRAIN_DEFAULTS, "use_cpu": not _has_accelerator()}
     for key, value in train.items():
         if key not in fields:
             issues.append(f"train.{key}: not a Seq2SeqTrainingArguments field{_suggest(str(key), list(fields))}")
             continue
-        value, problem = coerce(value, fields[key].type)
+        if value is False and key.endswith("_strategy"):  # YAML 1.1 reads a bare `no` as false
+            value = "no"
+        value, problem = coerce(value, fields[key])
         if problem:
             issues.append(f"train.{key}={train[key]!r}: {problem}")
             continue
@@ -223,6 +227,9 @@ def validate(cfg: RunConfig) -> list[str]:
     if ev.dataset and not Path(ev.dataset).exists():
         issues.append(f"eval.dataset: file {ev.dataset!r} does not exist (relative paths start at {os.getcwd()})")
     issues += _check_data_options(d, cfg.train)
+    if cfg.train.get("eval_strategy", "no") != "no" and not (d.eval or d.val_size):
+        issues.append(f"train.eval_strategy={cfg.train['eval_strategy']}: there is nothing to evaluate on — "
+                      "set data.eval or data.val_size")
     if d.template is not None and d.template not in SHIPPED_TEMPLATES and not Path(d.template).is_file():
         issues.append(f"data.template={d.template!r}: neither a shipped template ({', '.join(SHIPPED_TEMPLATES)}) "
                       "nor an existing .jinja file")
@@ -308,18 +315,40 @@ def _check_training_arguments(train: dict[str, Any]) -> list[str]:
     """Let transformers check what only it knows (strategies, schedulers, best-model rules)."""
     if not train.get("output_dir"):
         return ["train.output_dir: missing — where checkpoints and logs go, e.g. train.output_dir=outputs/my_run"]
+    issues = []
+    for key, package, extra in (("deepspeed", "deepspeed", "pip install deepspeed"),):
+        if train.get(key) and importlib.util.find_spec(package) is None:
+            return [f"train.{key}: the {package} package is not installed ({extra})"]
     try:
-        build_training_arguments(train)
-    except (ValueError, TypeError) as e:
+        args = build_training_arguments(train)
+    except (ValueError, TypeError, ImportError) as e:
         return [f"train: transformers rejected these TrainingArguments: {e}"]
-    return []
+    if train.get("early_stopping_patience") is not None:
+        if train["early_stopping_patience"] < 1:
+            issues.append("train.early_stopping_patience: at least 1 evaluation")
+        if args.eval_strategy == "no":
+            issues.append("train.early_stopping_patience: needs evaluations — set train.eval_strategy (steps or "
+                          "epoch) and data.eval or data.val_size")
+    report_to = train.get("report_to")
+    if "tensorboard" in ([report_to] if isinstance(report_to, str) else report_to or []):
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            issues.append("train.report_to: tensorboard is not installed (pip install 'peftkit[tensorboard]')")
+    return issues
+
+
+def train_extras(train: dict[str, Any]) -> TrainExtras:
+    """peftkit's own keys of the `train` section."""
+    return TrainExtras(**{k: v for k, v in train.items() if k in TrainExtras.__dataclass_fields__})
 
 
 def build_training_arguments(train: dict[str, Any]) -> Any:
-    """Seq2SeqTrainingArguments from the `train` section, exactly as written."""
+    """Seq2SeqTrainingArguments from the `train` section as written, less peftkit's own keys."""
     from transformers import Seq2SeqTrainingArguments
 
-    return Seq2SeqTrainingArguments(**train)
+    args = {k: v for k, v in train.items() if k not in TrainExtras.__dataclass_fields__}
+    if train.get("early_stopping_patience"):
+        args.setdefault("metric_for_best_model", "eval_loss")
+    return Seq2SeqTrainingArguments(**args)
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

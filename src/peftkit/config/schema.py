@@ -128,6 +128,23 @@ class GenerateArgs:
 
 
 @dataclass
+class TrainExtras:
+    """Keys peftkit reads from the `train` section besides Seq2SeqTrainingArguments' own."""
+
+    resume_from_checkpoint: bool | str | None = _f(
+        None, "true: the latest complete checkpoint in output_dir (a fresh start if there is none); "
+        "a path: that checkpoint."
+    )
+    overwrite_output_dir: bool = _f(
+        False, "Allow a fresh run into an output_dir that holds checkpoints (they are deleted first)."
+    )
+    early_stopping_patience: int | None = _f(
+        None, "Stop after this many evaluations without improving metric_for_best_model (default eval_loss)."
+    )
+    early_stopping_threshold: float = _f(0.0, "The least change that counts as an improvement.")
+
+
+@dataclass
 class RunConfig:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)

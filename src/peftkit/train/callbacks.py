@@ -1,8 +1,15 @@
-"""LogCallback: one JSON line per logging event in <output_dir>/trainer_log.jsonl, for live plots."""
+"""LogCallback: one JSON line per event in <output_dir>/trainer_log.jsonl, for live plots and the board.
+
+Events: train_begin, log, eval, save, train_end, error. Every line has the original design's fields
+(current_steps, total_steps, loss, reward, learning_rate, epoch, percentage, elapsed_time,
+remaining_time) plus grad_norm, tokens seen (fed / real / supervised, cumulative over the run),
+real tokens per second and peak memory. Only the main process writes; each line is flushed.
+"""
 
 from __future__ import annotations
 
 import json
+import resource
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -10,59 +17,127 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from peftkit.atomic import write_text_atomic
 from peftkit.constants import LOG_SCHEMA_VERSION, TRAINER_LOG
+
+_TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "epoch", "tokens_seen", "real_tokens_seen", "supervised_tokens_seen")
 
 
 def _clock(seconds: float) -> str:
     return str(timedelta(seconds=int(seconds)))
 
 
-class LogCallback(TrainerCallback):
-    """Appends progress lines with the original design's fields; only the main process writes.
+def peak_memory_mb() -> float:
+    """Peak CUDA memory allocated when on a GPU, else the process's peak resident memory."""
+    import torch
 
-    A fresh run (global step 0) removes an old log in the same output_dir; a resumed run appends.
-    Elapsed and remaining time count only this process's steps, so a resume does not fake speed.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+class LogCallback(TrainerCallback):
+    """Writes trainer_log.jsonl.
+
+    A fresh run starts a new log. A resumed run first drops the lines past the checkpoint it resumes
+    from (rewriting the file atomically), so every step appears once; its elapsed / remaining time
+    and throughput count only this process's steps and tokens, so a resume fakes no speed.
+    Set `resumed_from` and `tokens_at_start` before training when resuming.
     """
 
     def __init__(self) -> None:
         self.path: Path | None = None
         self.start_time = 0.0
         self.start_step = 0
+        self.resumed_from: str | None = None
+        self.tokens_at_start = 0
+        self.status = "finished"
+        self.last_loss: float | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
         self.path = Path(args.output_dir) / TRAINER_LOG
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if state.global_step == 0 and self.path.exists():
-            self.path.unlink()
+        if state.global_step == 0:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            self._drop_lines_after(state.global_step)
         self.start_time, self.start_step = time.time(), state.global_step
+        self.write(state, "train_begin", resumed_from=self.resumed_from, world_size=args.world_size)
+
+    def _drop_lines_after(self, step: int) -> None:
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line).get("current_steps", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+        write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or self.path is None:
             return
-        logs = logs or {}
-        elapsed = time.time() - self.start_time
+        logs = dict(logs or {})
+        if "train_runtime" in logs:
+            self.last_loss = logs.get("train_loss")
+            status = self.status if self.status != "finished" or state.global_step >= state.max_steps else "stopped_early"
+            self.write(state, "train_end", status=status, loss=logs.get("train_loss"), train_loss=logs.get("train_loss"),
+                       **{k: logs.get(k) for k in _TRAIN_KEYS if k in logs and k != "loss"})
+            return
+        event = "eval" if any(k.startswith("eval_") for k in logs) else "log"
+        fields = {k: logs.get(k) for k in _TRAIN_KEYS}
+        if event == "eval":
+            fields.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+        self.write(state, event, **fields)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero and self.path is not None:
+            self.write(state, "save", checkpoint=str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
+
+    def write(self, state: Any, event: str, **fields: Any) -> None:
+        """Append one line; also used by `peftkit train` for the `error` event."""
+        if self.path is None:
+            return
+        elapsed = time.time() - self.start_time if self.start_time else 0.0
         done = state.global_step - self.start_step
         remaining = elapsed / done * (state.max_steps - state.global_step) if done > 0 else None
-        event = "eval" if "eval_loss" in logs else "train_end" if "train_runtime" in logs else "log"
         line = {
             "v": LOG_SCHEMA_VERSION,
             "event": event,
             "current_steps": state.global_step,
             "total_steps": state.max_steps,
-            "loss": logs.get("loss", logs.get("train_loss")),
-            "eval_loss": logs.get("eval_loss"),
-            "reward": logs.get("reward"),
-            "learning_rate": logs.get("learning_rate"),
-            "grad_norm": logs.get("grad_norm"),
-            "epoch": logs.get("epoch", state.epoch),
+            "loss": None,
+            "eval_loss": None,
+            "reward": None,
+            "learning_rate": None,
+            "grad_norm": None,
+            "epoch": state.epoch,
             "percentage": round(100 * state.global_step / state.max_steps, 2) if state.max_steps else None,
             "elapsed_time": _clock(elapsed),
             "remaining_time": _clock(remaining) if remaining is not None else None,
             "elapsed_seconds": round(elapsed, 3),
             "remaining_seconds": round(remaining, 3) if remaining is not None else None,
+            "peak_memory_mb": peak_memory_mb(),
+            "time": round(time.time(), 3),
         }
+        line.update({k: v for k, v in fields.items() if v is not None or k not in line})
+        if line.get("real_tokens_seen") is not None and elapsed > 0:
+            line["tokens_per_second"] = round((line["real_tokens_seen"] - self.tokens_at_start) / elapsed, 1)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            f.write(json.dumps(line, ensure_ascii=False, default=str) + "\n")
             f.flush()
+
+
+class StopCallback(TrainerCallback):
+    """Turns a requested stop (SIGINT / SIGTERM) into: save a checkpoint at this step boundary, then stop."""
+
+    def __init__(self, stop: Any, log: LogCallback) -> None:
+        self.stop, self.log = stop, log
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.stop.agreed(args):
+            control.should_save = True
+            control.should_training_stop = True
+            self.log.status = "interrupted"

@@ -1,4 +1,8 @@
-"""`peftkit train`: config → tokenizer → data → model → trainer → train → save → predict. Read top to bottom."""
+"""`peftkit train`: config → tokenizer → data → model → trainer → train → save → predict. Read top to bottom.
+
+The same code runs in one process or under torchrun / accelerate launch: the main process prepares
+the data first (the others read its cache) and is the only one that writes files.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,27 @@ from typing import Any
 
 from peftkit.atomic import write_json_atomic
 from peftkit.config import RunConfig, build_training_arguments, dump_config
+from peftkit.config.load import train_extras
 from peftkit.constants import CONFIG_FILE, DATA_REPORT_FILE
-from peftkit.data import apply_template, build_collator, prepare_data
+from peftkit.data import PreparedData, apply_template, build_collator, prepare_data
+from peftkit.errors import PeftkitError
 from peftkit.eval.predict import predict
 from peftkit.model import load_model, load_tokenizer, prepare_for_training
-from peftkit.train.callbacks import LogCallback
+from peftkit.train.callbacks import LogCallback, StopCallback
+from peftkit.train.checkpoints import latest_complete, resolve_resume
 from peftkit.train.plot import plot_loss
-from peftkit.train.trainer import PeftTrainer
+from peftkit.train.signals import GracefulStop
+from peftkit.train.trainer import PeftTrainer, preprocess_logits_for_accuracy, token_accuracy
 
 logger = logging.getLogger("peftkit")
+
+
+class Interrupted(PeftkitError):
+    """Training stopped on SIGINT / SIGTERM after saving a checkpoint."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -29,29 +45,55 @@ class TrainResult:
     model: Any
 
 
-def train(cfg: RunConfig) -> TrainResult:
+def train(cfg: RunConfig, config_path: str = "CONFIG.yaml") -> TrainResult:
     """Fine-tune as configured; the summary holds output_dir, losses, metrics before/after, wall time."""
+    from transformers import set_seed
+
     start = time.time()
-    output_dir = Path(cfg.train["output_dir"])
-    dump_config(cfg, output_dir / CONFIG_FILE)
+    args = build_training_arguments(cfg.train)
+    set_seed(args.seed)  # before the adapter is created: its initialisation must not depend on what ran before
+    output_dir, main = Path(args.output_dir), args.should_save
+    with args.main_process_first(desc="checking checkpoints"):
+        resume = resolve_resume(output_dir, train_extras(cfg.train), config_path)
+    if main:
+        dump_config(cfg, output_dir / CONFIG_FILE)
 
     tokenizer = load_tokenizer(cfg.model)
     apply_template(tokenizer, cfg.data.template)
-    data = prepare_data(cfg.data, tokenizer)
-    write_json_atomic(output_dir / DATA_REPORT_FILE, data.report.as_dict())
-    logger.info("data:\n%s\nexample (supervised spans in [[...]]):\n%s", data.report.summary(), data.report.example)
+    with args.main_process_first(desc="preparing data"):  # the others then read the main process's cache
+        data = prepare_data(cfg.data, tokenizer)
+    if main:
+        write_json_atomic(output_dir / DATA_REPORT_FILE, data.report.as_dict())
+        logger.info("data:\n%s\nexample (supervised spans in [[...]]):\n%s", data.report.summary(), data.report.example)
 
     model = load_model(cfg.model)
     summary: dict[str, Any] = {"output_dir": str(output_dir)}
-    if cfg.eval.dataset and cfg.eval.before_training:
+    if cfg.eval.dataset and cfg.eval.before_training and main and resume is None:
         summary["metrics_before"] = predict(model, tokenizer, cfg, output_dir, tag="_before")
     model = prepare_for_training(model, cfg.finetuning)
 
-    trainer = build_trainer(cfg, model, tokenizer, data.train, data.eval)
-    result = trainer.train(resume_from_checkpoint=cfg.train.get("resume_from_checkpoint"))
+    trainer, log = build_trainer(cfg, args, model, tokenizer, data)
+    if resume is not None:
+        trainer.restore_token_counts(resume)
+        log.resumed_from, log.tokens_at_start = str(resume), trainer.token_base.real_tokens
+        logger.info("resuming from %s", resume)
+    with GracefulStop() as stop:
+        trainer.add_callback(StopCallback(stop, log))
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except BaseException as e:
+            status = "aborted" if isinstance(e, KeyboardInterrupt) else "error"
+            log.write(trainer.state, "error", status=status, message=f"{type(e).__name__}: {e}"[:1000])
+            raise
+    if stop.signal is not None:
+        raise Interrupted(
+            f"training stopped at step {trainer.state.global_step} of {trainer.state.max_steps}; the checkpoint is "
+            f"{latest_complete(output_dir)}. Resume with: peftkit train {config_path} train.resume_from_checkpoint=true",
+            stop.exit_code,
+        )
     trainer.save_model()
     trainer.save_state()
-    if plot_loss(output_dir) is None:
+    if main and plot_loss(output_dir) is None:
         logger.info("no training_loss.png: no loss was logged (train.logging_steps is larger than the steps run)")
     # accelerate wrapped forward() in autocast for bf16/fp16; hand back the plain model, so what
     # callers compute matches a reload of the saved folder (generation applies its own autocast).
@@ -59,22 +101,34 @@ def train(cfg: RunConfig) -> TrainResult:
     summary["train_loss"] = result.training_loss
     summary["train_seconds"] = round(result.metrics["train_runtime"], 1)
 
-    if cfg.eval.dataset:
+    if cfg.eval.dataset and main:
         summary["metrics_after"] = predict(model, tokenizer, cfg, output_dir)
     summary["wall_seconds"] = round(time.time() - start, 1)
-    write_json_atomic(output_dir / "run_summary.json", summary)
+    if main:
+        write_json_atomic(output_dir / "run_summary.json", summary)
     return TrainResult(summary, model)
 
 
-def build_trainer(cfg: RunConfig, model: Any, tokenizer: Any, train_ds: Any, eval_ds: Any) -> PeftTrainer:
-    """The PeftTrainer with the collator for data.packing and the LogCallback."""
-    return PeftTrainer(
+def build_trainer(cfg: RunConfig, args: Any, model: Any, tokenizer: Any, data: PreparedData) -> tuple[PeftTrainer, LogCallback]:
+    """The PeftTrainer with the collator for data.packing, token accuracy on eval, early stopping, the log."""
+    from transformers import EarlyStoppingCallback
+
+    log = LogCallback()
+    callbacks: list[Any] = [log]
+    extras = train_extras(cfg.train)
+    if extras.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(extras.early_stopping_patience, extras.early_stopping_threshold))
+    has_eval = data.eval is not None
+    trainer = PeftTrainer(
         finetuning_args=cfg.finetuning,
         model=model,
-        args=build_training_arguments(cfg.train),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
         data_collator=build_collator(tokenizer, cfg.data.packing),
         processing_class=tokenizer,
-        callbacks=[LogCallback()],
+        callbacks=callbacks,
+        compute_metrics=token_accuracy if has_eval else None,
+        preprocess_logits_for_metrics=preprocess_logits_for_accuracy if has_eval else None,
     )
+    return trainer, log

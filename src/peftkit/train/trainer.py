@@ -1,9 +1,14 @@
-"""PeftTrainer: transformers' Seq2SeqTrainer that knows what `finetuning_type` trained and saves it."""
+"""PeftTrainer: transformers' Seq2SeqTrainer that knows what `finetuning_type` trained and saves it.
+
+It also counts the tokens it trains on (fed, real, supervised), stops on a non-finite loss, and
+marks each checkpoint complete as its very last write.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+import math
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +17,50 @@ from typing_extensions import override
 
 from peftkit.atomic import write_json_atomic
 from peftkit.config.schema import FinetuningArgs
-from peftkit.constants import FINETUNING_ARGS_FILE, TRAINING_ARGS_FILE
+from peftkit.constants import (
+    CHECKPOINT_MARKER,
+    CHECKPOINT_STATE_FILE,
+    FINETUNING_ARGS_FILE,
+    IGNORE_INDEX,
+    TRAINING_ARGS_FILE,
+)
+from peftkit.errors import PeftkitError
+
+
+class TrainingDiverged(PeftkitError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TokenCounts:
+    """Tokens trained on, over every process, since step 0 (restored on resume)."""
+
+    tokens: int = 0  # fed to the model, padding included
+    real_tokens: int = 0  # without padding
+    supervised_tokens: int = 0  # with a label (the ones the loss is over)
+
+    def add(self, other: TokenCounts) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+def count_tokens(inputs: dict[str, Any], pad_token_id: int | None) -> TokenCounts:
+    ids, labels = inputs["input_ids"], inputs.get("labels")
+    if "attention_mask" in inputs:
+        real = int(inputs["attention_mask"].sum())
+    elif "position_ids" in inputs and labels is not None:  # packed rows: padding is the unlabelled tail
+        real = ids.numel() - _padding_tail(ids, labels, pad_token_id)
+    else:
+        real = ids.numel()
+    supervised = int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels is not None else 0
+    return TokenCounts(ids.numel(), real, supervised)
+
+
+def _padding_tail(ids: Any, labels: Any, pad_token_id: int | None) -> int:
+    pad = (ids == pad_token_id) & (labels == IGNORE_INDEX)
+    # length of each row's run of padding at its end
+    tail = pad.flip(-1).int().cumprod(-1).sum(-1)
+    return int(tail.sum())
 
 
 class PeftTrainer(Seq2SeqTrainer):
@@ -27,6 +75,8 @@ class PeftTrainer(Seq2SeqTrainer):
     def __init__(self, finetuning_args: FinetuningArgs, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.finetuning_args = finetuning_args
+        self.token_counts = TokenCounts()  # this process, since it started
+        self.token_base = TokenCounts()  # every process, up to the checkpoint resumed from
 
     @override
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -34,3 +84,70 @@ class PeftTrainer(Seq2SeqTrainer):
         out = Path(output_dir or self.args.output_dir)
         write_json_atomic(out / TRAINING_ARGS_FILE, json.loads(self.args.to_json_string()))
         write_json_atomic(out / FINETUNING_ARGS_FILE, asdict(self.finetuning_args))
+
+    @override
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        totals = self.total_token_counts()  # every process takes part in the reduction
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            write_json_atomic(folder / CHECKPOINT_STATE_FILE, asdict(totals))
+            (folder / CHECKPOINT_MARKER).write_text("ok\n", encoding="utf-8")
+
+    def restore_token_counts(self, checkpoint: Path) -> None:
+        path = Path(checkpoint) / CHECKPOINT_STATE_FILE
+        if path.is_file():
+            self.token_base = TokenCounts(**json.loads(path.read_text(encoding="utf-8")))
+
+    def total_token_counts(self) -> TokenCounts:
+        """Counts of every process (an all-reduce when distributed: call it on every rank)."""
+        local = [self.token_counts.tokens, self.token_counts.real_tokens, self.token_counts.supervised_tokens]
+        if self.args.world_size > 1:
+            import torch
+            import torch.distributed as dist
+
+            t = torch.tensor(local, dtype=torch.long, device=self.args.device)
+            dist.all_reduce(t)
+            local = t.tolist()
+        total = TokenCounts(*local)
+        total.add(self.token_base)
+        return total
+
+    @override
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        self.token_counts.add(count_tokens(inputs, getattr(self.processing_class, "pad_token_id", None)))
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        value = float(loss)
+        if not math.isfinite(value):
+            from peftkit.train.checkpoints import latest_complete
+
+            last = latest_complete(Path(self.args.output_dir))
+            raise TrainingDiverged(
+                f"the loss is {value} at step {self.state.global_step + 1}: training stopped. "
+                + (f"The last good checkpoint is {last}. " if last else "No checkpoint was saved. ")
+                + "Lower train.learning_rate, check the data (data_report.json), or use bf16 instead of fp16."
+            )
+        return loss
+
+    @override
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training or "train_runtime" in logs or "loss" in logs:
+            logs.update({f"{k}_seen": v for k, v in asdict(self.total_token_counts()).items()})
+        super().log(logs, start_time)
+
+
+def preprocess_logits_for_accuracy(logits: Any, labels: Any) -> Any:
+    """Keep only the argmax during evaluation: the full logits of an eval set need not stay in memory."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(-1)
+
+
+def token_accuracy(eval_pred: Any) -> dict[str, float]:
+    """Share of supervised tokens predicted exactly (next-token argmax, labels shifted as the loss does)."""
+    import numpy as np
+
+    preds, labels = np.asarray(eval_pred.predictions), np.asarray(eval_pred.label_ids)
+    preds, labels = preds[:, :-1], labels[:, 1:]
+    mask = labels != IGNORE_INDEX
+    return {"accuracy": round(float((preds[mask] == labels[mask]).mean()) if mask.any() else 0.0, 6)}
