@@ -16,11 +16,32 @@ logger = logging.getLogger("peftkit")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import os
+
     from peftkit.config import load_config
     from peftkit.train.run import train
 
-    _print_summary(train(load_config(args.config, args.overrides), config_path=args.config).summary)
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _torchrun(args)
+    cfg = load_config(args.config, args.overrides)  # every process checks it: errors show before any launch
+    summary = train(cfg, config_path=args.config).summary
+    if os.environ.get("RANK", "0") == "0":
+        _print_summary(summary)
     return 0
+
+
+def _torchrun(args: argparse.Namespace) -> int:
+    """`--nproc N`: hand over to torchrun (never a launcher of peftkit's own); it forwards signals."""
+    import os
+
+    from peftkit.config import load_config
+
+    load_config(args.config, args.overrides)  # fail here, once, rather than in N processes
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "peftkit", "train", args.config, *args.overrides]
+    logger.info("running: %s", " ".join(command[1:]))
+    os.execv(sys.executable, command)
+    return 0  # not reached
 
 
 def _print_summary(summary: dict) -> None:
@@ -147,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune as a YAML config says")
     p.add_argument("config", help="YAML config (see examples/)")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=2")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes (GPUs) on this machine: runs torchrun --standalone --nproc_per_node N")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("data", help="show what the data engine makes of a config's data, without loading the model")
     p.add_argument("config")

@@ -24,8 +24,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     captured = {}
     real_train = run_module.train
 
-    def keep_result(cfg):
-        captured["result"] = real_train(cfg)
+    def keep_result(cfg, **kwargs):
+        captured["result"] = real_train(cfg, **kwargs)
         return captured["result"]
 
     run_module.train = keep_result

@@ -133,3 +133,11 @@ def test_eval_token_accuracy_and_early_stopping(tiny_model_dir, alpaca_file, tmp
     logs = [r for r in rows if r["event"] == "log"]
     assert all(r["tokens_seen"] >= r["real_tokens_seen"] >= r["supervised_tokens_seen"] > 0 for r in logs)
     assert all(r["tokens_per_second"] > 0 and r["peak_memory_mb"] > 0 for r in logs)
+
+
+def test_report_to_tensorboard_writes_event_files(tiny_model_dir, alpaca_file, tmp_path) -> None:
+    out = tmp_path / "run"
+    train(load_config(None, _overrides(tiny_model_dir, alpaca_file, out, "train.max_steps=2", "train.save_strategy=no",
+                                       "train.report_to=tensorboard")))
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

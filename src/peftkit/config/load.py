@@ -24,7 +24,8 @@ from peftkit.constants import SHIPPED_TEMPLATES
 from peftkit.errors import ConfigError
 
 # Keys peftkit sets in `train` when the user does not: quiet by default, no hub, safe for CPU.
-TRAIN_DEFAULTS: dict[str, Any] = {"report_to": "none", "logging_steps": 10, "save_strategy": "no"}
+TRAIN_DEFAULTS: dict[str, Any] = {"report_to": "none", "logging_steps": 10, "save_strategy": "no",
+                                  "ddp_find_unused_parameters": False}  # adapters use every trainable weight
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
@@ -139,6 +140,9 @@ def _check_train(train: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             continue
         if value is False and key.endswith("_strategy"):  # YAML 1.1 reads a bare `no` as false
             value = "no"
+        if key == "fsdp" and isinstance(value, bool):  # transformers 5 style: fsdp: true + fsdp_config
+            checked[key] = value
+            continue
         value, problem = coerce(value, fields[key])
         if problem:
             issues.append(f"train.{key}={train[key]!r}: {problem}")
