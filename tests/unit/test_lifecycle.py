@@ -141,3 +141,17 @@ def test_report_to_tensorboard_writes_event_files(tiny_model_dir, alpaca_file, t
                                        "train.report_to=tensorboard")))
     events = list(out.rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_first_ctrl_c_asks_for_a_stop_and_the_second_aborts() -> None:
+    from types import SimpleNamespace
+
+    from peftkit.train.signals import GracefulStop
+
+    with GracefulStop() as stop:
+        assert not stop.agreed(SimpleNamespace(world_size=1))
+        os.kill(os.getpid(), signal.SIGINT)  # handled: no KeyboardInterrupt
+        assert stop.agreed(SimpleNamespace(world_size=1)) and stop.exit_code == 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
