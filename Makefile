@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.peftkit-installed
 
-.PHONY: setup demo test clean-outputs
+.PHONY: setup demo test bench clean-outputs
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -32,6 +32,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Speed and memory against the classic Trainer and TRL (about 30 minutes on a 2-core CPU; see benchmarks/README.md).
+bench: setup
+	$(PIP) install --quiet -e '.[bench]'
+	$(PY) benchmarks/preprocess.py
+	$(PY) benchmarks/train_speed.py
 
 clean-outputs:
 	rm -rf outputs

@@ -142,6 +142,10 @@ class TrainExtras:
         None, "Stop after this many evaluations without improving metric_for_best_model (default eval_loss)."
     )
     early_stopping_threshold: float = _f(0.0, "The least change that counts as an improvement.")
+    chunked_loss: bool | None = _f(
+        None, "Cross-entropy over supervised tokens in chunks, never the whole batch's logits at once; "
+        "None: on wherever it is exact."
+    )
 
 
 @dataclass

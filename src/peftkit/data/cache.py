@@ -36,6 +36,17 @@ def _file_digest(path: Path) -> str:
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
+    """A hash of everything in the tokenizer that changes token ids; remembered on the object."""
+    stamp = (tokenizer.chat_template, len(tokenizer), str(tokenizer.special_tokens_map))
+    cached = getattr(tokenizer, "_peftkit_digest", None)
+    if cached and cached[0] == stamp:
+        return cached[1]
+    digest = _tokenizer_digest(tokenizer)
+    tokenizer._peftkit_digest = (stamp, digest)
+    return digest
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     parts = [
         type(tokenizer).__name__,

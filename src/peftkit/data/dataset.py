@@ -83,45 +83,59 @@ def load_messages(paths: list[str], args: DataArgs) -> list[tuple[list[Message],
 
 
 def _encode_batch(batch: dict[str, list[Any]], tokenizer: Any, cutoff_len: int, mask: str, strict: bool) -> dict[str, list[Any]]:
+    """datasets.map form of `_encode` (samples travel as JSON: their nesting varies too much for Arrow)."""
     samples = [json.loads(s) for s in batch["sample"]]
-    encoded = encode_samples(tokenizer, samples, list(zip(batch["file"], batch["location"])), cutoff_len, mask, strict)
+    return _encode(samples, list(zip(batch["file"], batch["location"])), tokenizer, cutoff_len, mask, strict)
+
+
+def _encode(samples: list[Sample], wheres: list[tuple[str, str]], tokenizer: Any, cutoff_len: int, mask: str,
+            strict: bool) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "truncated": [], "drop": [], "where": []}
-    for examples, file, loc in zip(encoded, batch["file"], batch["location"]):
-        for ex in examples:
-            out["input_ids"].append(ex.input_ids)
-            out["labels"].append(ex.labels)
-            out["truncated"].append(ex.truncated)
-            out["drop"].append(ex.drop)
-            out["where"].append(f"{file}: {loc}")
+    for start in range(0, len(samples), _CHUNK):
+        encoded = encode_samples(tokenizer, samples[start : start + _CHUNK], wheres[start : start + _CHUNK],
+                                 cutoff_len, mask, strict)
+        for examples, (file, loc) in zip(encoded, wheres[start : start + _CHUNK]):
+            for ex in examples:
+                out["input_ids"].append(ex.input_ids)
+                out["labels"].append(ex.labels)
+                out["truncated"].append(ex.truncated)
+                out["drop"].append(ex.drop)
+                out["where"].append(f"{file}: {loc}")
     return out
 
 
 def encode_dataset(spec: DatasetSpec, args: DataArgs, tokenizer: Any) -> tuple[Any, DatasetCounts]:
-    """One dataset encoded (in `preprocessing_num_workers` processes) and its counts."""
+    """One dataset encoded (in `preprocessing_num_workers` processes if more than one) and its counts."""
     from datasets import Dataset
 
     skip = args.on_bad_record == "skip"
     counts = DatasetCounts(spec.path, spec.format)
-    columns: dict[str, list[str]] = {"sample": [], "file": [], "location": []}
-    for sample, (file, loc) in iter_samples(spec, args, counts.drops if skip else None):
-        columns["sample"].append(json.dumps(sample, ensure_ascii=False))
-        columns["file"].append(file)
-        columns["location"].append(loc)
-    counts.records = len(columns["sample"]) + counts.drops.total
-    raw = Dataset.from_dict(columns)
-    encoded = raw.map(
-        _encode_batch, batched=True, batch_size=_CHUNK, num_proc=args.preprocessing_num_workers,
-        remove_columns=raw.column_names, keep_in_memory=True, new_fingerprint=f"peftkit-{id(raw)}",
-        fn_kwargs={"tokenizer": tokenizer, "cutoff_len": args.cutoff_len, "mask": args.mask, "strict": not skip},
-        desc=f"tokenizing {spec.path}" if len(raw) > 10_000 else None,
-    ) if len(raw) else Dataset.from_dict({"input_ids": [], "labels": [], "truncated": [], "drop": [], "where": []})
-    for drop, where in zip(encoded["drop"], encoded["where"]):
+    samples, wheres = [], []
+    for sample, where in iter_samples(spec, args, counts.drops if skip else None):
+        samples.append(sample)
+        wheres.append(where)
+    counts.records = len(samples) + counts.drops.total
+    workers = args.preprocessing_num_workers or 1
+    if workers > 1 and len(samples) > 1:
+        raw = Dataset.from_dict({"sample": [json.dumps(s, ensure_ascii=False) for s in samples],
+                                 "file": [w[0] for w in wheres], "location": [w[1] for w in wheres]})
+        columns = raw.map(
+            _encode_batch, batched=True, batch_size=_CHUNK, num_proc=workers, remove_columns=raw.column_names,
+            keep_in_memory=True, new_fingerprint=f"peftkit-{id(raw)}",
+            fn_kwargs={"tokenizer": tokenizer, "cutoff_len": args.cutoff_len, "mask": args.mask, "strict": not skip},
+        ).to_dict()
+    else:
+        columns = _encode(samples, wheres, tokenizer, args.cutoff_len, args.mask, strict=not skip)
+    kept: dict[str, list[Any]] = {"input_ids": [], "labels": []}
+    for ids, labels, truncated, drop, where in zip(*columns.values()):
         if drop:
             counts.drops.add(drop, where)
-    kept = encoded.filter(lambda d: not d, input_columns="drop", keep_in_memory=True) if counts.drops.total else encoded
-    counts.truncated = sum(kept["truncated"])
-    counts.examples = len(kept)
-    return kept.remove_columns(["truncated", "drop", "where"]), counts
+            continue
+        kept["input_ids"].append(ids)
+        kept["labels"].append(labels)
+        counts.truncated += int(truncated)
+    counts.examples = len(kept["input_ids"])
+    return Dataset.from_dict(kept), counts
 
 
 def _mix(parts: list[Any], args: DataArgs) -> Any:
@@ -176,9 +190,8 @@ def prepare_data(args: DataArgs, tokenizer: Any) -> PreparedData:
         split = train.train_test_split(test_size=size, seed=args.seed)
         train, eval_ds = split["train"], split["test"]
 
-    lengths = [len(ids) for ids in train["input_ids"]]
+    lengths, report.supervised_tokens = _token_stats(train)
     report.examples, report.tokens = len(train), sum(lengths)
-    report.supervised_tokens = sum(sum(1 for t in labels if t != IGNORE_INDEX) for labels in train["labels"])
     report.length_percentiles = percentiles(lengths)
     report.eval_examples = len(eval_ds) if eval_ds is not None else 0
     report.example = describe_example(tokenizer, train[0])
@@ -191,6 +204,16 @@ def prepare_data(args: DataArgs, tokenizer: Any) -> PreparedData:
     if key:
         cache.save_cache(key, {"train": train, "eval": eval_ds}, report.as_dict())
     return PreparedData(train, eval_ds, report)
+
+
+def _token_stats(ds: Any) -> tuple[list[int], int]:
+    """Example lengths and the number of supervised tokens, computed in Arrow (no Python lists of ids)."""
+    import pyarrow.compute as pc
+
+    table = ds.with_format("arrow")[:]
+    lengths = pc.list_value_length(table.column("input_ids")).to_pylist()
+    labels = pc.list_flatten(table.column("labels"))
+    return lengths, int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
 
 
 def _pack(ds: Any, cutoff_len: int) -> Any:

@@ -40,17 +40,37 @@ class Encoded:
     drop: str = ""
 
 
-def _render(tokenizer: Any, messages: list[Message], generation_prompt: bool) -> str:
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
+def _renderer(tokenizer: Any) -> Any:
+    """render(messages, add_generation_prompt) as apply_chat_template renders, without its per-call overhead.
+
+    The template is the one transformers compiles (same Jinja environment and globals) with the same
+    variables (the special tokens); the conformance tests compare it with apply_chat_template.
+    """
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        template = _compile_jinja_template(tokenizer.chat_template)
+        special = dict(tokenizer.special_tokens_map)
+    except (ImportError, AttributeError, TypeError):  # another transformers: take the public path
+        return lambda messages, gen: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    return lambda messages, gen: template.render(messages=messages, add_generation_prompt=gen, **special)
 
 
-def _texts(tokenizer: Any, messages: list[Message]) -> list[str]:
+def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts in one call of the Rust tokenizer (no offsets: not needed here)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _texts(render: Any, messages: list[Message]) -> list[str]:
     """For each assistant turn: the prompt rendering, then the rendering that includes the turn."""
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
     texts = []
-    for k, m in enumerate(messages):
+    for k, m in enumerate(plain):
         if m["role"] == "assistant":
-            texts += [_render(tokenizer, messages[:k], True), _render(tokenizer, messages[: k + 1], False)]
+            texts += [render(plain[:k], True), render(plain[: k + 1], False)]
     return texts
 
 
@@ -150,13 +170,14 @@ def encode_samples(
     strict=False turns a template error into a dropped record instead of raising it.
     """
     conversations = [sft_messages(s) for s in samples]
+    render = _renderer(tokenizer) if any(m is not None for m in conversations) else None
     texts: list[str] = []
     spans: list[tuple[int, int]] = []
     for sample, messages in zip(samples, conversations):
         start = len(texts)
-        texts += _texts(tokenizer, messages) if messages is not None else [sample["text"]]
+        texts += _texts(render, messages) if messages is not None else [sample["text"]]
         spans.append((start, len(texts)))
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    ids = _tokenize(tokenizer, texts) if texts else []
     out: list[list[Encoded]] = []
     for messages, (start, end), where in zip(conversations, spans, wheres):
         if messages is None:

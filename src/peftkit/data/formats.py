@@ -11,7 +11,6 @@ Messages are {"role", "content"} plus an optional "train": false, which is never
 from __future__ import annotations
 
 import json
-
 from collections.abc import Callable
 from typing import Any
 

@@ -37,6 +37,10 @@ def apply_template(tokenizer: Any, template: str | None) -> None:
 def stop_token_ids(tokenizer: Any) -> list[int]:
     """EOS plus the end-of-turn tokens this vocabulary knows: generation stops at the first of them."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    vocab = tokenizer.get_vocab()
-    ids += [vocab[t] for t in _END_OF_TURN_TOKENS if t in vocab]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a lookup per token, not the whole vocabulary
+        ids += [i for i in map(backend.token_to_id, _END_OF_TURN_TOKENS) if i is not None]
+    else:
+        vocab = tokenizer.get_vocab()
+        ids += [vocab[t] for t in _END_OF_TURN_TOKENS if t in vocab]
     return list(dict.fromkeys(ids))

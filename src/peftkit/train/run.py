@@ -24,7 +24,11 @@ from peftkit.train.callbacks import LogCallback, StopCallback
 from peftkit.train.checkpoints import latest_complete, resolve_resume
 from peftkit.train.plot import plot_loss
 from peftkit.train.signals import GracefulStop
-from peftkit.train.trainer import PeftTrainer, preprocess_logits_for_accuracy, token_accuracy
+from peftkit.train.trainer import (
+    PeftTrainer,
+    preprocess_logits_for_accuracy,
+    token_accuracy,
+)
 
 logger = logging.getLogger("peftkit")
 
@@ -121,6 +125,7 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, tokenizer: Any, data: P
     has_eval = data.eval is not None
     trainer = PeftTrainer(
         finetuning_args=cfg.finetuning,
+        chunked_loss=extras.chunked_loss,
         model=model,
         args=args,
         train_dataset=data.train,

@@ -25,6 +25,11 @@ from peftkit.constants import (
     TRAINING_ARGS_FILE,
 )
 from peftkit.errors import PeftkitError
+from peftkit.train.loss import (
+    chunked_causal_lm_loss,
+    hidden_states_as_logits,
+    supports_chunked_loss,
+)
 
 
 class TrainingDiverged(PeftkitError):
@@ -72,9 +77,10 @@ class PeftTrainer(Seq2SeqTrainer):
     correctly (tests/unit/test_trainer.py checks the restored weights), so it is not overridden.
     """
 
-    def __init__(self, finetuning_args: FinetuningArgs, **kwargs: Any) -> None:
+    def __init__(self, finetuning_args: FinetuningArgs, chunked_loss: bool | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.finetuning_args = finetuning_args
+        self.chunked_loss = self._use_chunked_loss(chunked_loss)
         self.token_counts = TokenCounts()  # this process, since it started
         self.token_base = TokenCounts()  # every process, up to the checkpoint resumed from
 
@@ -112,6 +118,34 @@ class PeftTrainer(Seq2SeqTrainer):
         total = TokenCounts(*local)
         total.add(self.token_base)
         return total
+
+    def _use_chunked_loss(self, requested: bool | None) -> bool:
+        """On by default where it is exact; never with a label smoother or a custom loss."""
+        causal_lm = self._causal_lm()
+        possible = (supports_chunked_loss(causal_lm) and self.label_smoother is None and self.compute_loss_func is None
+                    and (self.args.world_size == 1 or not causal_lm.get_output_embeddings().weight.requires_grad))
+        if requested and not possible:
+            raise PeftkitError("train.chunked_loss=true: not exact for this model or setup (a scaled or soft-capped "
+                               "output layer, a label smoother, or a trained output layer across processes)")
+        return possible if requested is None else bool(requested)
+
+    def _causal_lm(self) -> Any:
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    @override
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if not (self.chunked_loss and model.training and not return_outputs and "labels" in inputs):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"]
+        with hidden_states_as_logits(self._causal_lm()) as head:
+            hidden = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        total, count = chunked_causal_lm_loss(hidden, labels, head)
+        loss = total / (num_items_in_batch if num_items_in_batch is not None else max(count, 1))
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
+        return loss
 
     @override
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:

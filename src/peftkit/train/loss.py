@@ -1,0 +1,101 @@
+"""A memory-lean causal-LM loss: logits only for supervised tokens, a chunk at a time, never all at once.
+
+The standard forward materialises batch × length × vocabulary logits (8 × 512 × 49,152 floats is
+805 MB, and as much again for their gradient). Here the model's output layer is skipped during the
+forward, so it returns hidden states; the loss then projects only the positions that have a label,
+a chunk at a time, computing each chunk's gradient on the spot (as Liger's fused linear
+cross-entropy does). Same value and gradients as the standard loss (tested to 1e-5), a fraction of
+the memory, and fewer FLOPs where prompts are not supervised.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+from peftkit.constants import IGNORE_INDEX
+
+# Architectures whose logits are exactly output_layer(hidden): no scaling or soft-capping after it.
+PLAIN_OUTPUT_MODELS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3", "gemma")
+CHUNK_TOKENS = 1024
+
+
+def supports_chunked_loss(model: Any) -> bool:
+    import torch
+
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings()
+    return (
+        getattr(config, "model_type", None) in PLAIN_OUTPUT_MODELS
+        and getattr(config, "final_logit_softcapping", None) is None
+        and type(head) is torch.nn.Linear and head.bias is None  # a plain projection (not an adapter on it)
+    )
+
+
+@contextmanager
+def hidden_states_as_logits(causal_lm: Any):
+    """Inside, the model's output layer passes its input through (the forward returns hidden states)."""
+    head = causal_lm.get_output_embeddings()
+    head.forward = lambda hidden: hidden
+    try:
+        yield head
+    finally:
+        del head.forward  # back to the class's forward
+
+
+def _fused_linear_cross_entropy():
+    import torch
+
+    class FusedLinearCrossEntropy(torch.autograd.Function):
+        """Sum of cross-entropy of (states @ weight.T) against targets, chunk by chunk.
+
+        The gradient is computed in the forward pass, a chunk at a time (softmax minus one-hot, times
+        the weight), and kept: the backward pass only scales it. So no logits outlive their chunk,
+        and no logits are recomputed.
+        """
+
+        @staticmethod
+        def forward(ctx, states, weight, targets, chunk):
+            total = states.new_zeros((), dtype=torch.float32)
+            grad_states = torch.empty_like(states)
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+            for start in range(0, targets.numel(), chunk):
+                h, t = states[start : start + chunk], targets[start : start + chunk]
+                logits = (h @ weight.T).float()  # under autocast the matmul runs in bf16, as lm_head would
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                probs = torch.exp(logits - lse[:, None])
+                probs[torch.arange(t.numel(), device=t.device), t] -= 1.0
+                grad_states[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(states.dtype)
+                if grad_weight is not None:
+                    grad_weight += probs.T @ h.float()
+            ctx.save_for_backward(grad_states, grad_weight if grad_weight is not None else torch.empty(0))
+            ctx.weight_grad = grad_weight is not None
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            grad_states, grad_weight = ctx.saved_tensors
+            gw = (grad_weight * grad_output).to(grad_output.dtype) if ctx.weight_grad else None
+            return grad_states * grad_output.to(grad_states.dtype), gw, None, None
+
+    return FusedLinearCrossEntropy
+
+
+_FUSED = None
+
+
+def chunked_causal_lm_loss(hidden: Any, labels: Any, head: Any, chunk: int = CHUNK_TOKENS) -> tuple[Any, int]:
+    """Sum of next-token cross-entropy over the labelled positions, and their count."""
+    import torch
+
+    global _FUSED
+    if _FUSED is None:
+        _FUSED = _fused_linear_cross_entropy()
+    targets = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].reshape(-1)
+    keep = targets != IGNORE_INDEX
+    states = hidden.reshape(-1, hidden.shape[-1])[keep]
+    targets = targets[keep]
+    if not targets.numel():
+        return hidden.sum() * 0.0, 0  # keeps the graph when nothing is supervised
+    return _FUSED.apply(states, head.weight, targets, chunk), int(targets.numel())
