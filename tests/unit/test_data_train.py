@@ -51,3 +51,13 @@ def test_packing_and_val_size_train_and_evaluate(tiny_model_dir: Path, tmp_path:
     assert report["packing"]["rows"] < 32 and report["packing"]["efficiency"] > 0.8
     lines = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert any(line.get("event") == "eval" and math.isfinite(line["eval_loss"]) for line in lines)
+
+
+def test_streaming_with_packing_trains_for_max_steps(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code = _train(tiny_model_dir, out, f"data.train={REPO / 'data/demo/alpaca_en_demo.json'}", "data.max_samples=40",
+                  "data.streaming=true", "data.packing=true", "data.cutoff_len=256", "train.max_steps=3")
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r["current_steps"] for r in rows if r["event"] == "log"] == [1, 2, 3]
+    assert json.loads((out / "data_report.json").read_text())["streaming"] is True
