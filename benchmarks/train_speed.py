@@ -33,6 +33,7 @@ APPROACHES = {
     "peftkit_packed_bf16": "peftkit, packing, bf16 autocast",
     "peftkit_packed_bf16_gc": "peftkit, packing, bf16 autocast, gradient checkpointing",
     "peftkit_packed_nochunk": "peftkit, packing, standard (unchunked) loss",
+    "peftkit_packed_bf16_compile": "peftkit, packing, bf16 autocast, torch.compile (compile time included)",
 }
 DEFAULT = ["classic", "trl", "trl_bfd", "peftkit", "peftkit_packed", "peftkit_packed_bf16",
            "peftkit_packed_bf16_gc", "peftkit_packed_nochunk"]
@@ -216,6 +217,8 @@ def run_one(name: str, args: argparse.Namespace) -> dict:
             overrides.append("train.gradient_checkpointing=true")
         if name.endswith("_nochunk"):
             overrides.append("train.chunked_loss=false")
+        if name.endswith("_compile"):
+            overrides.append("train.torch_compile=true")
         return run_peftkit(args, out, *overrides)
 
 
