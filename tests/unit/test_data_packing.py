@@ -108,3 +108,11 @@ def test_streaming_gives_the_same_examples_and_packs_on_the_fly(tokenizer, alpac
     packed = list(prepare_data(DataArgs(train=str(alpaca_file), streaming=True, packing=True, cutoff_len=128), tokenizer).train)
     assert len(packed) < len(eager)
     assert sorted(len(ex["input_ids"]) for row in packed for ex in unpack_row(row)) == sorted(map(len, eager["input_ids"]))
+
+
+def test_fixed_shape_batches_for_torch_compile(tokenizer) -> None:
+    rows = pack_examples([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [4, 5]}], 4)
+    batch = build_collator(tokenizer, packing=True, fixed_shape=(3, 8))(rows)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (3, 8)
+    assert (batch["labels"][len(rows):] == IGNORE_INDEX).all()  # the added rows are padding only
+    assert batch["position_ids"][2].tolist() == list(range(8))

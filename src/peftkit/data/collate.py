@@ -14,13 +14,18 @@ class PackedCollator:
     `use_cache=False`: a forward that builds a cache silently ignores that mask.
     """
 
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, fixed_shape: tuple[int, int] | None = None) -> None:
         self.pad_token_id = pad_token_id
+        self.fixed_shape = fixed_shape  # (rows, length): every batch the same shape, so torch.compile never recompiles
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
         width = max(len(r["input_ids"]) for r in rows)
+        if self.fixed_shape:
+            n_rows, width = self.fixed_shape
+            empty = {"input_ids": [], "labels": [], "position_ids": []}
+            rows = list(rows) + [empty] * (n_rows - len(rows))  # all-padding rows carry no label
         batch: dict[str, Any] = {"input_ids": [], "labels": [], "position_ids": []}
         for r in rows:
             pad = width - len(r["input_ids"])
@@ -32,10 +37,14 @@ class PackedCollator:
         return out
 
 
-def build_collator(tokenizer: Any, packing: bool) -> Any:
-    """The collator for `data.packing`: labels are always padded with IGNORE_INDEX."""
+def build_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None) -> Any:
+    """The collator for `data.packing`: labels are always padded with IGNORE_INDEX.
+
+    `fixed_shape` (rows, cutoff_len) pads every packed batch to one shape, for torch.compile.
+    """
     if packing:
-        return PackedCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return PackedCollator(pad, fixed_shape)
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)

@@ -130,7 +130,8 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, tokenizer: Any, data: P
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=build_collator(tokenizer, cfg.data.packing),
+        data_collator=build_collator(tokenizer, cfg.data.packing, fixed_shape=(
+            args.per_device_train_batch_size, cfg.data.cutoff_len) if args.torch_compile else None),
         processing_class=tokenizer,
         callbacks=callbacks,
         compute_metrics=token_accuracy if has_eval else None,
