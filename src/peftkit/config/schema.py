@@ -97,7 +97,19 @@ class FinetuningArgs:
     lora_alpha: int = _f(16, "LoRA scaling alpha (the update is scaled by alpha / rank).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input; any dropout halves CPU training speed (measured).")
     lora_target: str | list[str] = _f(
-        "all", "`all`: every linear layer of the decoder blocks; or module names such as [q_proj, v_proj]."
+        "all", "`all`: every linear layer of the decoder blocks; module names such as [q_proj, v_proj]; "
+        "or one regular expression matched against full module names."
+    )
+    use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (peft use_dora).")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(rank) (peft use_rslora).")
+    init_lora_weights: Literal["default", "gaussian"] = _f(
+        "default", "LoRA initialisation: peft's default (B = 0, A Kaiming-uniform) or gaussian."
+    )
+    modules_to_save: list[str] | None = _f(
+        None, "Modules trained in full and saved with the adapter (e.g. [lm_head] or a classifier head)."
+    )
+    loraplus_lr_ratio: float | None = _f(
+        None, "LoRA+: the B matrices learn this many times faster than train.learning_rate (16 is common)."
     )
     freeze_trainable_layers: int = _f(2, "freeze: how many of the last decoder layers train.")
     freeze_trainable_modules: list[str] | None = _f(

@@ -40,13 +40,17 @@ def count_parameters(model: Any) -> tuple[int, int]:
 def _apply_lora(model: Any, args: FinetuningArgs) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model
 
-    target = "all-linear" if args.lora_target == "all" else args.lora_target
+    target = "all-linear" if args.lora_target == "all" else args.lora_target  # a string is a regex to peft
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM,
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=target,
+        use_dora=args.use_dora,
+        use_rslora=args.use_rslora,
+        init_lora_weights=True if args.init_lora_weights == "default" else args.init_lora_weights,
+        modules_to_save=args.modules_to_save,
     )
     try:
         return get_peft_model(model, config)

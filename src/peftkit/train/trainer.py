@@ -119,6 +119,22 @@ class PeftTrainer(Seq2SeqTrainer):
         total.add(self.token_base)
         return total
 
+    @override
+    def create_optimizer(self, model: Any = None) -> Any:
+        """LoRA+ (finetuning.loraplus_lr_ratio) through peft's own optimizer builder; otherwise transformers'."""
+        ratio = self.finetuning_args.loraplus_lr_ratio
+        if ratio is None or self.optimizer is not None:
+            return super().create_optimizer(*([model] if model is not None else []))
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = create_loraplus_optimizer(
+            self.model, optimizer_cls, lr=self.args.learning_rate, loraplus_lr_ratio=ratio,
+            loraplus_weight_decay=self.args.weight_decay, **optimizer_kwargs,
+        )
+        return self.optimizer
+
     def _use_chunked_loss(self, requested: bool | None) -> bool:
         """On by default where it is exact; never with a label smoother or a custom loss."""
         causal_lm = self._causal_lm()

@@ -1,0 +1,78 @@
+"""The LoRA family flags reach peft, train, save and reload in plain peft with equal logits; LoRA+ rates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkit.config import load_config
+from peftkit.errors import ConfigError
+from peftkit.train.run import train
+
+
+def _run(tiny_model_dir: Path, alpaca_file: Path, out: Path, *flags: str):
+    return train(load_config(None, [
+        f"model.name_or_path={tiny_model_dir}", f"data.train={alpaca_file}", f"train.output_dir={out}",
+        "data.cutoff_len=128", "train.max_steps=2", "train.per_device_train_batch_size=4", "train.learning_rate=1e-2",
+        "train.disable_tqdm=true", "train.logging_steps=1", *flags,
+    ]))
+
+
+@pytest.mark.parametrize("flags", [
+    ["finetuning.use_dora=true"],
+    ["finetuning.use_rslora=true"],
+    ["finetuning.init_lora_weights=gaussian"],
+    ["finetuning.modules_to_save=[lm_head]"],
+    ["finetuning.lora_target=.*\\.self_attn\\.(q|v)_proj"],
+    ["finetuning.loraplus_lr_ratio=16"],
+], ids=["dora", "rslora", "gaussian", "modules_to_save", "regex_target", "loraplus"])
+def test_flag_trains_saves_and_reloads(flags: list[str], tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    from peft import AutoPeftModelForCausalLM
+
+    out = tmp_path / "run"
+    result = _run(tiny_model_dir, alpaca_file, out, *flags)
+    config = json.loads((out / "adapter_config.json").read_text())
+    key, _, value = flags[0].removeprefix("finetuning.").partition("=")
+    if key == "use_dora":
+        assert config["use_dora"] is True
+    elif key == "use_rslora":
+        assert config["use_rslora"] is True
+    elif key == "init_lora_weights":
+        assert config["init_lora_weights"] == "gaussian"
+    elif key == "modules_to_save":
+        assert config["modules_to_save"] == ["lm_head"]
+    elif key == "lora_target":
+        assert config["target_modules"] == value
+        assert {n.split(".")[-4] for n, p in result.model.named_parameters() if p.requires_grad} == {"q_proj", "v_proj"}
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    result.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits, rtol=0, atol=1e-5)
+
+
+def test_loraplus_gives_b_matrices_the_higher_rate(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftkit.train.trainer import PeftTrainer
+
+    seen = {}
+    real = PeftTrainer.create_optimizer
+
+    def spy(self, *args):
+        optimizer = real(self, *args)
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        seen.update({names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]})
+        return optimizer
+
+    monkeypatch.setattr(PeftTrainer, "create_optimizer", spy)
+    _run(tiny_model_dir, alpaca_file, tmp_path / "run", "finetuning.loraplus_lr_ratio=16", "train.lr_scheduler_type=constant")
+    assert seen and all(lr == pytest.approx(0.16 if "lora_B" in n else 0.01) for n, lr in seen.items())
+
+
+def test_lora_flags_on_other_types_are_refused(tmp_path: Path, alpaca_file: Path) -> None:
+    with pytest.raises(ConfigError, match="apply to finetuning_type lora, not full"):
+        load_config(None, [f"data.train={alpaca_file}", f"train.output_dir={tmp_path}/o",
+                           "finetuning.finetuning_type=full", "finetuning.use_dora=true"])
