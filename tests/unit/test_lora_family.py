@@ -76,3 +76,19 @@ def test_lora_flags_on_other_types_are_refused(tmp_path: Path, alpaca_file: Path
     with pytest.raises(ConfigError, match="apply to finetuning_type lora, not full"):
         load_config(None, [f"data.train={alpaca_file}", f"train.output_dir={tmp_path}/o",
                            "finetuning.finetuning_type=full", "finetuning.use_dora=true"])
+
+
+def test_training_continues_an_existing_adapter(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    _run(tiny_model_dir, alpaca_file, first, "finetuning.lora_rank=4")
+    # learning rate 0: the continued run must start from, and keep, exactly the first run's adapter
+    second = tmp_path / "second"
+    result = _run(tiny_model_dir, alpaca_file, second, f"finetuning.adapter_name_or_path={first}", "train.learning_rate=0")
+    assert any(p.requires_grad for n, p in result.model.named_parameters() if "lora_" in n)  # loaded trainable
+    a, b = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((second / "adapter_config.json").read_text())["r"] == 4  # the adapter's own settings
+    with pytest.raises(ConfigError, match="no adapter_config.json there"):
+        _run(tiny_model_dir, alpaca_file, tmp_path / "third", f"finetuning.adapter_name_or_path={tmp_path}")

@@ -243,10 +243,14 @@ def validate(cfg: RunConfig) -> list[str]:
         issues.append(f"finetuning.lora_alpha={ft.lora_alpha}: must be at least 1 (commonly 2 x lora_rank)")
     if not 0.0 <= ft.lora_dropout < 1.0:
         issues.append(f"finetuning.lora_dropout={ft.lora_dropout}: must be in [0, 1)")
+    if ft.adapter_name_or_path and not (Path(ft.adapter_name_or_path) / "adapter_config.json").is_file():
+        issues.append(f"finetuning.adapter_name_or_path={ft.adapter_name_or_path!r}: no adapter_config.json there "
+                      "(give the output_dir of a LoRA run)")
     if ft.loraplus_lr_ratio is not None and ft.loraplus_lr_ratio <= 0:
         issues.append(f"finetuning.loraplus_lr_ratio={ft.loraplus_lr_ratio}: must be positive (16 is common)")
-    if ft.finetuning_type != "lora" and (ft.use_dora or ft.use_rslora or ft.loraplus_lr_ratio or ft.modules_to_save):
-        issues.append(f"finetuning: use_dora / use_rslora / loraplus_lr_ratio / modules_to_save apply to "
+    if ft.finetuning_type != "lora" and (ft.use_dora or ft.use_rslora or ft.loraplus_lr_ratio or ft.modules_to_save
+                                         or ft.adapter_name_or_path):
+        issues.append(f"finetuning: use_dora / use_rslora / loraplus_lr_ratio / modules_to_save / adapter_name_or_path apply to "
                       f"finetuning_type lora, not {ft.finetuning_type}")
     if ft.freeze_trainable_layers < 1:
         issues.append(f"finetuning.freeze_trainable_layers={ft.freeze_trainable_layers}: must be at least 1")

@@ -111,6 +111,10 @@ class FinetuningArgs:
     loraplus_lr_ratio: float | None = _f(
         None, "LoRA+: the B matrices learn this many times faster than train.learning_rate (16 is common)."
     )
+    adapter_name_or_path: str | None = _f(
+        None, "lora: go on training this saved adapter (a peftkit output_dir or any peft adapter folder) "
+        "instead of a new one; its own LoRA settings apply."
+    )
     freeze_trainable_layers: int = _f(2, "freeze: how many of the last decoder layers train.")
     freeze_trainable_modules: list[str] | None = _f(
         None, "freeze: module name fragments that train instead of the last layers (e.g. [mlp])."

@@ -38,7 +38,14 @@ def count_parameters(model: Any) -> tuple[int, int]:
 
 
 def _apply_lora(model: Any, args: FinetuningArgs) -> Any:
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+    if args.adapter_name_or_path:
+        try:
+            return PeftModel.from_pretrained(model, args.adapter_name_or_path, is_trainable=True)
+        except (OSError, ValueError) as e:
+            raise ConfigError([f"finetuning.adapter_name_or_path={args.adapter_name_or_path!r}: not a loadable "
+                               f"adapter for this model ({e})"]) from e
 
     target = "all-linear" if args.lora_target == "all" else args.lora_target  # a string is a regex to peft
     config = LoraConfig(
