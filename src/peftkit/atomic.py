@@ -25,20 +25,27 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def write_dir_atomic(target: Path, fill: Callable[[Path], None], marker: str) -> Path:
-    """Fill a temporary sibling folder, write `marker` in it last, then rename it over `target`.
+def write_dir_atomic(target: Path, fill: Callable[[Path], None], marker: str | None = None) -> Path:
+    """Fill a temporary sibling folder, write `marker` in it last (if given), then swap it in for `target`.
 
-    A folder without its marker is an interrupted write: readers must ignore it (it is replaced here).
+    If `fill` raises, nothing changes at `target`. A folder without its marker is an interrupted
+    write: readers must ignore it. An old `target` is moved aside before the swap and removed after,
+    so no file of the old folder survives into the new one.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         fill(tmp)
-        (tmp / marker).write_text("ok\n", encoding="utf-8")
+        if marker:
+            (tmp / marker).write_text("ok\n", encoding="utf-8")
+        old = None
         if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            old = target.with_name(f"{tmp.name}.old")
+            target.rename(old)
+        tmp.rename(target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -189,3 +189,14 @@ train: {{output_dir: {tmp_path}/out}}
     assert "data.train[1].format='csv': must be one of alpaca, sharegpt" in text
     assert "data.train[2]: 'missing.json' does not exist" in text
     assert "data.interleave_probs=[0.5, 0.6]: needs one probability per training dataset (3), summing to 1" in text
+
+
+def test_streaming_skip_reports_what_it_left_out(tmp_path: Path, tokenizer, caplog) -> None:
+    import logging
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{oops\n{"instruction": "c", "output": "d"}\n')
+    with caplog.at_level(logging.WARNING, logger="peftkit"):
+        data = prepare_data(DataArgs(train=str(path), streaming=True, on_bad_record="skip"), tokenizer)
+        assert len(list(data.train)) == 2
+    assert f"dropped 1: bad record: not valid JSON (column 2): Expecting property name enclosed in double quotes (first: {path}: line 2)" in caplog.text

@@ -19,7 +19,14 @@ from typing import Any, Literal, Union
 import yaml
 
 from peftkit.atomic import write_text_atomic
-from peftkit.config.schema import FORMAT_NAMES, SECTIONS, DataArgs, DatasetSpec, RunConfig, TrainExtras
+from peftkit.config.schema import (
+    FORMAT_NAMES,
+    SECTIONS,
+    DataArgs,
+    DatasetSpec,
+    RunConfig,
+    TrainExtras,
+)
 from peftkit.constants import SHIPPED_TEMPLATES
 from peftkit.errors import ConfigError
 
@@ -226,11 +233,11 @@ def validate(cfg: RunConfig) -> list[str]:
         issues.append(f"data.cutoff_len={d.cutoff_len}: must be at least 1 — set it to the longest example you need, e.g. 1024")
     if d.max_samples is not None and d.max_samples < 1:
         issues.append(f"data.max_samples={d.max_samples}: must be at least 1, or remove the key to use every record")
-    for key in ("train", "eval"):
-        issues += dataset_specs(d, key)[1]
+    train_specs, found = dataset_specs(d, "train")
+    issues += found + dataset_specs(d, "eval")[1]
     if ev.dataset and not Path(ev.dataset).exists():
         issues.append(f"eval.dataset: file {ev.dataset!r} does not exist (relative paths start at {os.getcwd()})")
-    issues += _check_data_options(d, cfg.train)
+    issues += _check_data_options(d, len(train_specs), cfg.train)
     if cfg.train.get("eval_strategy", "no") != "no" and not (d.eval or d.val_size):
         issues.append(f"train.eval_strategy={cfg.train['eval_strategy']}: there is nothing to evaluate on — "
                       "set data.eval or data.val_size")
@@ -299,9 +306,8 @@ def dataset_specs(args: DataArgs, key: str) -> tuple[list[DatasetSpec], list[str
     return specs, issues
 
 
-def _check_data_options(d: DataArgs, train: dict[str, Any]) -> list[str]:
+def _check_data_options(d: DataArgs, n_train: int, train: dict[str, Any]) -> list[str]:
     issues: list[str] = []
-    n_train = len(dataset_specs(d, "train")[0])
     if d.interleave_probs is not None:
         if d.mix_strategy == "concat":
             issues.append("data.interleave_probs: only used with data.mix_strategy interleave_under or interleave_over")

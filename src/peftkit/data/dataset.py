@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from peftkit.config.load import dataset_specs
@@ -69,17 +69,26 @@ def iter_samples(spec: DatasetSpec, args: DataArgs, drops: Drops | None = None) 
             drops.add(bad_record_reason(e.field, e.reason), f"{file}: {loc}")
 
 
+def file_specs(paths: list[str], args: DataArgs) -> list[DatasetSpec]:
+    """DatasetSpecs for plain paths, with the data-level format, columns, tags and max_samples."""
+    return _specs(replace(args, train=list(paths)), "train")
+
+
+def conversations(spec: DatasetSpec, args: DataArgs, limit: int | None = None) -> list[tuple[list[Message], tuple[str, str]]]:
+    """The conversations SFT trains on from one dataset (documents have none), at most `limit` of them."""
+    out = []
+    for sample, where in iter_samples(spec, args):
+        messages = sft_messages(sample)
+        if messages is not None:
+            out.append((messages, where))
+            if len(out) == limit:
+                break
+    return out
+
+
 def load_messages(paths: list[str], args: DataArgs) -> list[tuple[list[Message], tuple[str, str]]]:
     """Every record of the files as the conversation SFT trains on (for prediction and export checks)."""
-    out = []
-    for path in paths:
-        spec = DatasetSpec(path=path, format=args.format, columns=args.columns, tags=args.tags,
-                           max_samples=args.max_samples)
-        for sample, where in iter_samples(spec, args):
-            messages = sft_messages(sample)
-            if messages is not None:
-                out.append((messages, where))
-    return out
+    return [item for spec in file_specs(paths, args) for item in conversations(spec, args)]
 
 
 def _encode_batch(batch: dict[str, list[Any]], tokenizer: Any, cutoff_len: int, mask: str, strict: bool) -> dict[str, list[Any]]:
@@ -195,7 +204,7 @@ def prepare_data(args: DataArgs, tokenizer: Any) -> PreparedData:
     report.length_percentiles = percentiles(lengths)
     report.eval_examples = len(eval_ds) if eval_ds is not None else 0
     report.example = describe_example(tokenizer, train[0])
-    _check_end_of_turn_supervised(tokenizer, train[:20]["labels"], args)
+    _check_end_of_turn_supervised(tokenizer, train[:20]["labels"], train_specs)
 
     if args.packing:
         train = _pack(train, args.cutoff_len)
@@ -228,21 +237,25 @@ def _prepare_streaming(train_specs: list[DatasetSpec], eval_specs: list[DatasetS
     from datasets import IterableDataset
 
     def examples(spec: DatasetSpec) -> Iterator[dict[str, list[int]]]:
-        drops = Drops() if args.on_bad_record == "skip" else None
+        drops = Drops()
         chunk: list[tuple[Sample, tuple[str, str]]] = []
-        for item in iter_samples(spec, args, drops):
+        for item in iter_samples(spec, args, drops if args.on_bad_record == "skip" else None):
             chunk.append(item)
             if len(chunk) == _CHUNK:
-                yield from _kept(chunk)
+                yield from _kept(chunk, drops)
                 chunk = []
-        yield from _kept(chunk)
+        yield from _kept(chunk, drops)
+        for reason, entry in drops.reasons.items():  # the stream's end: say what was left out
+            logger.warning("%s: dropped %d: %s (first: %s)", spec.path, entry["count"], reason, entry["first"])
 
-    def _kept(chunk: list[tuple[Sample, tuple[str, str]]]) -> Iterator[dict[str, list[int]]]:
+    def _kept(chunk: list[tuple[Sample, tuple[str, str]]], drops: Drops) -> Iterator[dict[str, list[int]]]:
         encoded = encode_samples(tokenizer, [s for s, _ in chunk], [w for _, w in chunk], args.cutoff_len, args.mask,
                                  strict=args.on_bad_record == "error")
-        for exs in encoded:
+        for exs, (file, loc) in zip(encoded, (w for _, w in chunk)):
             for ex in exs:
-                if not ex.drop:
+                if ex.drop:
+                    drops.add(ex.drop, f"{file}: {loc}")
+                else:
                     yield {"input_ids": ex.input_ids, "labels": ex.labels}
 
     def stream(specs: list[DatasetSpec], mix: DataArgs) -> Any:
@@ -258,14 +271,14 @@ def _prepare_streaming(train_specs: list[DatasetSpec], eval_specs: list[DatasetS
         raise DataError(train_specs[0].path, None, None, "no example to train on")
     report = DataReport(datasets=[DatasetCounts(s.path, s.format) for s in train_specs], cutoff_len=args.cutoff_len,
                         mask=args.mask, streaming=True, example=describe_example(tokenizer, first))
-    _check_end_of_turn_supervised(tokenizer, [first["labels"]], args)
+    _check_end_of_turn_supervised(tokenizer, [first["labels"]], train_specs)
     eval_ds = stream(eval_specs, DataArgs(mix_strategy="concat")) if eval_specs else None
     return PreparedData(train, eval_ds, report)
 
 
-def _check_end_of_turn_supervised(tokenizer: Any, labels: list[list[int]], args: DataArgs) -> None:
+def _check_end_of_turn_supervised(tokenizer: Any, labels: list[list[int]], specs: list[DatasetSpec]) -> None:
     """Warn once if no example (of the first few; truncation may cut the end) supervises an end-of-turn token."""
-    if args.format == "text":
+    if all(spec.format == "text" for spec in specs):  # documents have no turns
         return
     stops = set(stop_token_ids(tokenizer))
     if not any(stops.intersection(row) for row in labels):
@@ -279,9 +292,7 @@ def build_dataset(paths: list[str], args: DataArgs, tokenizer: Any) -> tuple[Any
     """One unpacked, uncached dataset of `paths` (for eval loss and tests)."""
     report = DataReport(cutoff_len=args.cutoff_len, mask=args.mask)
     parts = []
-    for path in paths:
-        spec = DatasetSpec(path=path, format=args.format, columns=args.columns, tags=args.tags,
-                           max_samples=args.max_samples)
+    for spec in file_specs(paths, args):
         part, counts = encode_dataset(spec, args, tokenizer)
         parts.append(part)
         report.datasets.append(counts)

@@ -10,18 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from peftkit.atomic import write_dir_atomic
+from peftkit.config.load import dataset_specs
 from peftkit.config.schema import DataArgs
 from peftkit.constants import CONFIG_FILE, FINETUNING_ARGS_FILE
-from peftkit.config.load import dataset_specs
-from peftkit.data.dataset import iter_samples
-from peftkit.data.formats import sft_messages
+from peftkit.data.dataset import conversations
 from peftkit.data.encode import encode_messages
 from peftkit.errors import PeftkitError
 
@@ -93,16 +92,7 @@ def _training_records(run_dir: Path, limit: int) -> list[tuple[list[dict[str, st
         return []
     args = DataArgs(**yaml.safe_load(config_path.read_text(encoding="utf-8"))["data"])
     specs = [s for s in dataset_specs(args, "train")[0] if Path(s.path).exists()]
-    if not specs:
-        return []
-    records = []
-    for sample, where in iter_samples(specs[0], args):
-        messages = sft_messages(sample)
-        if messages is not None:
-            records.append((messages, where))
-        if len(records) == limit:
-            break
-    return records
+    return conversations(specs[0], args, limit) if specs else []
 
 
 def _check_template(run_tokenizer: Any, exported_dir: Path, records: list, cutoff_len: int) -> None:
@@ -125,9 +115,8 @@ def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB") ->
     Raises:
         PeftkitError: the run folder is not a peftkit run, or a check failed (nothing is written then).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir, out = Path(run_dir), Path(out)
     finetuning_type = _finetuning_type(run_dir)
@@ -138,9 +127,10 @@ def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB") ->
     if finetuning_type == "lora":
         model = model.merge_and_unload()  # in float64: the only rounding is the final cast below
     model = model.to(stored_dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    records = _training_records(run_dir, limit=16)
+    result: dict[str, ExportReport] = {}
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         for extra in ("value_head.safetensors",):  # carried along where a stage saved one
@@ -153,25 +143,12 @@ def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB") ->
                 f"export check failed: reloaded logits differ from the run's by {diff:.2e} (limit {MAX_LOGIT_DIFF:g}); "
                 "the export was not written"
             )
-        records = _training_records(run_dir, limit=16)
         _check_template(tokenizer, tmp, records, cutoff_len=4096)
-        report = ExportReport(finetuning_type, diff, len(records), str(out))
-        (tmp / "export_report.json").write_text(json.dumps(report.__dict__, indent=2) + "\n")
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        result["report"] = ExportReport(finetuning_type, diff, len(records), str(out))
+        (tmp / "export_report.json").write_text(json.dumps(result["report"].__dict__, indent=2) + "\n")
+
+    write_dir_atomic(out, fill)
+    report = result["report"]
     logger.info("exported %s run to %s (max logit difference %.2e, %d training records re-rendered identically)",
-                finetuning_type, out, diff, len(records))
+                finetuning_type, out, report.max_logit_diff, len(records))
     return report
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put `new` at `target`; an old export is moved aside first and removed after, so no stale shard survives."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{new.name.rsplit('-', 1)[-1]}")
-        target.rename(old)
-    new.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -76,7 +76,11 @@ class Engine:
         """Text pieces of the answer to the prompt `ids` (from `prompt_ids`); `outcome` holds the finish
         reason and token counts at the end."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import (
+            StoppingCriteria,
+            StoppingCriteriaList,
+            TextIteratorStreamer,
+        )
 
         outcome.prompt_tokens = len(ids)
         gen = GenerateArgs(max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,

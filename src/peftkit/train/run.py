@@ -15,6 +15,7 @@ from typing import Any
 from peftkit.atomic import write_json_atomic
 from peftkit.config import RunConfig, build_training_arguments, dump_config
 from peftkit.config.load import train_extras
+from peftkit.config.schema import TrainExtras
 from peftkit.constants import CONFIG_FILE, DATA_REPORT_FILE
 from peftkit.data import PreparedData, apply_template, build_collator, prepare_data
 from peftkit.errors import PeftkitError
@@ -57,8 +58,9 @@ def train(cfg: RunConfig, config_path: str = "CONFIG.yaml") -> TrainResult:
     args = build_training_arguments(cfg.train)
     set_seed(args.seed)  # before the adapter is created: its initialisation must not depend on what ran before
     output_dir, main = Path(args.output_dir), args.should_save
+    extras = train_extras(cfg.train)
     with args.main_process_first(desc="checking checkpoints"):
-        resume = resolve_resume(output_dir, train_extras(cfg.train), config_path)
+        resume = resolve_resume(output_dir, extras, config_path)
     if main:
         dump_config(cfg, output_dir / CONFIG_FILE)
 
@@ -76,7 +78,7 @@ def train(cfg: RunConfig, config_path: str = "CONFIG.yaml") -> TrainResult:
         summary["metrics_before"] = predict(model, tokenizer, cfg, output_dir, tag="_before")
     model = prepare_for_training(model, cfg.finetuning)
 
-    trainer, log = build_trainer(cfg, args, model, tokenizer, data)
+    trainer, log = build_trainer(cfg, args, extras, model, tokenizer, data)
     if resume is not None:
         trainer.restore_token_counts(resume)
         log.resumed_from, log.tokens_at_start = str(resume), trainer.token_base.real_tokens
@@ -113,13 +115,13 @@ def train(cfg: RunConfig, config_path: str = "CONFIG.yaml") -> TrainResult:
     return TrainResult(summary, model)
 
 
-def build_trainer(cfg: RunConfig, args: Any, model: Any, tokenizer: Any, data: PreparedData) -> tuple[PeftTrainer, LogCallback]:
+def build_trainer(cfg: RunConfig, args: Any, extras: TrainExtras, model: Any, tokenizer: Any,
+                  data: PreparedData) -> tuple[PeftTrainer, LogCallback]:
     """The PeftTrainer with the collator for data.packing, token accuracy on eval, early stopping, the log."""
     from transformers import EarlyStoppingCallback
 
     log = LogCallback()
     callbacks: list[Any] = [log]
-    extras = train_extras(cfg.train)
     if extras.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(extras.early_stopping_patience, extras.early_stopping_threshold))
     has_eval = data.eval is not None

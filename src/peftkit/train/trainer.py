@@ -146,7 +146,7 @@ class PeftTrainer(Seq2SeqTrainer):
         return possible if requested is None else bool(requested)
 
     def _causal_lm(self) -> Any:
-        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        model = self.accelerator.unwrap_model(self.model)
         return model.get_base_model() if hasattr(model, "get_base_model") else model
 
     @override
