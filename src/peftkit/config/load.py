@@ -22,6 +22,8 @@ from peftkit.atomic import write_text_atomic
 from peftkit.config.schema import (
     FORMAT_NAMES,
     SECTIONS,
+    STAGE_FORMATS,
+    STAGES,
     DataArgs,
     DatasetSpec,
     RunConfig,
@@ -73,6 +75,9 @@ def _read_yaml(path: str | Path | None) -> tuple[dict[str, Any], list[str]]:
 
 def _apply_override(raw: dict[str, Any], override: str) -> list[str]:
     key, sep, value = override.partition("=")
+    if key == "stage" and sep:
+        raw["stage"] = value.strip()
+        return []
     section, dot, name = key.partition(".")
     if not sep or not dot or not name:
         return [f"override {override!r}: expected section.key=value, e.g. train.max_steps=2"]
@@ -97,7 +102,7 @@ def _build(raw: dict[str, Any]) -> tuple[RunConfig, list[str]]:
     issues: list[str] = []
     if isinstance(raw.get("model"), str):
         raw = {**raw, "model": {"name_or_path": raw["model"]}}
-    valid_sections = [*SECTIONS, "train"]
+    valid_sections = [*SECTIONS, "train", "stage"]
     for section in raw:
         if section not in valid_sections:
             issues.append(f"unknown section {section!r}{_suggest(str(section), valid_sections)}")
@@ -115,6 +120,11 @@ def _build(raw: dict[str, Any]) -> tuple[RunConfig, list[str]]:
         train = {}
     built["train"], found = _check_train(train)
     issues += found
+    stage = raw.get("stage", "sft")
+    if stage not in STAGES:
+        issues.append(f"stage={stage!r}: must be one of {', '.join(STAGES)}")
+    else:
+        built["stage"] = stage
     return RunConfig(**built), issues
 
 
@@ -271,7 +281,25 @@ def validate(cfg: RunConfig) -> list[str]:
         issues.append(f"eval.max_samples={ev.max_samples}: must be at least 1, or remove the key")
     if cfg.generate.max_new_tokens < 1:
         issues.append(f"generate.max_new_tokens={cfg.generate.max_new_tokens}: must be at least 1")
+    issues += _check_stage(cfg, train_specs + dataset_specs(d, "eval")[0])
     issues += _check_training_arguments(cfg.train)
+    return issues
+
+
+def _check_stage(cfg: RunConfig, specs: list[DatasetSpec]) -> list[str]:
+    """Each stage trains on one record format; only sft and pt pack."""
+    issues = []
+    formats = STAGE_FORMATS.get(cfg.stage)
+    for spec in specs if formats else []:
+        if spec.format not in formats:
+            issues.append(f"stage {cfg.stage} trains on {' or '.join(formats)} records, but {spec.path!r} has format "
+                          f"{spec.format!r}: set data.format: {formats[0]} (and data.columns if the names differ)")
+    if cfg.stage in ("rm", "dpo", "cls") and cfg.data.packing:
+        issues.append(f"data.packing: stage {cfg.stage} scores whole sequences; packing applies to sft and pt only")
+    if cfg.finetuning.pref_beta <= 0:
+        issues.append(f"finetuning.pref_beta={cfg.finetuning.pref_beta}: must be positive (0.1 is common)")
+    if cfg.finetuning.pref_ftx < 0:
+        issues.append(f"finetuning.pref_ftx={cfg.finetuning.pref_ftx}: must be 0 or more")
     return issues
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call site
+def _f(default: Any, help: str) -> Any:
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
@@ -115,6 +115,8 @@ class FinetuningArgs:
         None, "lora: go on training this saved adapter (a peftkit output_dir or any peft adapter folder) "
         "instead of a new one; its own LoRA settings apply."
     )
+    pref_beta: float = _f(0.1, "dpo: beta, how far the policy may move from the reference (higher: closer).")
+    pref_ftx: float = _f(0.0, "dpo: weight of an SFT loss on the chosen answers added to the DPO loss.")
     freeze_trainable_layers: int = _f(2, "freeze: how many of the last decoder layers train.")
     freeze_trainable_modules: list[str] | None = _f(
         None, "freeze: module name fragments that train instead of the last layers (e.g. [mlp])."
@@ -164,8 +166,17 @@ class TrainExtras:
     )
 
 
+STAGES = ("sft", "pt", "rm", "dpo", "cls")
+# The record format each stage trains on; sft takes any.
+STAGE_FORMATS = {"pt": ("text",), "rm": ("preference",), "dpo": ("preference",), "cls": ("pairs",)}
+
+
 @dataclass
 class RunConfig:
+    stage: Literal["sft", "pt", "rm", "dpo", "cls"] = _f(
+        "sft", "sft: supervised fine-tuning; pt: continued pre-training on documents; rm: reward model (value "
+        "head, pairwise loss); dpo: direct preference optimisation; cls: sequence classification."
+    )
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     finetuning: FinetuningArgs = field(default_factory=FinetuningArgs)

@@ -58,7 +58,8 @@ def _tokenizer_digest(tokenizer: Any) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
-def fingerprint(train: list[DatasetSpec], eval_: list[DatasetSpec], args: DataArgs, tokenizer: Any) -> str | None:
+def fingerprint(train: list[DatasetSpec], eval_: list[DatasetSpec], args: DataArgs, tokenizer: Any,
+                stage: str = "sft") -> str | None:
     """The cache key, or None when a dataset has no local files to hash."""
     files: list[Any] = []
     for spec in [*train, None, *eval_]:  # None separates train from eval
@@ -69,7 +70,7 @@ def fingerprint(train: list[DatasetSpec], eval_: list[DatasetSpec], args: DataAr
             return None
         files.append([asdict(spec), [(str(f), _file_digest(f)) for f in data_files(spec.path)]])
     options = {k: v for k, v in asdict(args).items() if k not in _NOT_IN_KEY}
-    key = json.dumps([__version__, options, files, tokenizer_digest(tokenizer)], sort_keys=True, default=str)
+    key = json.dumps([__version__, stage, options, files, tokenizer_digest(tokenizer)], sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 

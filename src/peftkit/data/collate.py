@@ -37,13 +37,40 @@ class PackedCollator:
         return out
 
 
-def build_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None) -> Any:
-    """The collator for `data.packing`: labels are always padded with IGNORE_INDEX.
+class PairCollator:
+    """Preference pairs as one batch of 2B rows, chosen first, then rejected (one forward for both).
+
+    Right padding with an attention_mask; labels padded with IGNORE_INDEX.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, pairs: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        rows = [(p["input_ids"], p["labels"]) for p in pairs] + [
+            (p["rejected_input_ids"], p["rejected_labels"]) for p in pairs]
+        width = max(len(ids) for ids, _ in rows)
+        ids = [list(i) + [self.pad_token_id] * (width - len(i)) for i, _ in rows]
+        labels = [list(lab) + [IGNORE_INDEX] * (width - len(lab)) for _, lab in rows]
+        mask = [[1] * len(i) + [0] * (width - len(i)) for i, _ in rows]
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+
+
+def build_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None, stage: str = "sft") -> Any:
+    """The collator for the stage and `data.packing`: labels are always padded with IGNORE_INDEX.
 
     `fixed_shape` (rows, cutoff_len) pads every packed batch to one shape, for torch.compile.
     """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if stage in ("rm", "dpo"):
+        return PairCollator(pad)
+    if stage == "cls":
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(tokenizer)
     if packing:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         return PackedCollator(pad, fixed_shape)
     from transformers import DataCollatorForSeq2Seq
 

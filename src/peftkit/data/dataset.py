@@ -9,14 +9,21 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from peftkit.config.load import dataset_specs
 from peftkit.config.schema import DataArgs, DatasetSpec
 from peftkit.constants import IGNORE_INDEX
 from peftkit.data import cache
-from peftkit.data.encode import encode_samples
+from peftkit.data.encode import (
+    TOO_SHORT,
+    Encoded,
+    class_names,
+    encode_classification,
+    encode_preferences,
+    encode_samples,
+)
 from peftkit.data.formats import (
     FORMATS,
     Message,
@@ -91,33 +98,49 @@ def load_messages(paths: list[str], args: DataArgs) -> list[tuple[list[Message],
     return [item for spec in file_specs(paths, args) for item in conversations(spec, args)]
 
 
-def _encode_batch(batch: dict[str, list[Any]], tokenizer: Any, cutoff_len: int, mask: str, strict: bool) -> dict[str, list[Any]]:
-    """datasets.map form of `_encode` (samples travel as JSON: their nesting varies too much for Arrow)."""
-    samples = [json.loads(s) for s in batch["sample"]]
-    return _encode(samples, list(zip(batch["file"], batch["location"])), tokenizer, cutoff_len, mask, strict)
+@dataclass
+class Encoding:
+    """How a stage turns samples into examples (picklable: worker processes receive it)."""
+
+    cutoff_len: int
+    mask: str = "assistant"
+    stage: str = "sft"
+    classes: list[str] | None = None  # cls: class names by index
+    strict: bool = True  # a template error raises (on_bad_record: error) or drops the record
+
+    def __call__(self, tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, str]]) -> list[list[Encoded]]:
+        if self.stage in ("rm", "dpo"):
+            return [[e] for e in encode_preferences(tokenizer, samples, wheres, self.cutoff_len, self.strict)]
+        if self.stage == "cls":
+            return [[e] for e in encode_classification(tokenizer, samples, wheres, self.cutoff_len,
+                                                       self.classes or [], self.strict)]
+        return encode_samples(tokenizer, samples, wheres, self.cutoff_len, self.mask, self.strict)
 
 
-def _encode(samples: list[Sample], wheres: list[tuple[str, str]], tokenizer: Any, cutoff_len: int, mask: str,
-            strict: bool) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "truncated": [], "drop": [], "where": []}
+def _encode(samples: list[Sample], wheres: list[tuple[str, str]], tokenizer: Any,
+            encoding: Encoding) -> list[tuple[Encoded, str]]:
+    out: list[tuple[Encoded, str]] = []
     for start in range(0, len(samples), _CHUNK):
-        encoded = encode_samples(tokenizer, samples[start : start + _CHUNK], wheres[start : start + _CHUNK],
-                                 cutoff_len, mask, strict)
-        for examples, (file, loc) in zip(encoded, wheres[start : start + _CHUNK]):
-            for ex in examples:
-                out["input_ids"].append(ex.input_ids)
-                out["labels"].append(ex.labels)
-                out["truncated"].append(ex.truncated)
-                out["drop"].append(ex.drop)
-                out["where"].append(f"{file}: {loc}")
+        part = wheres[start : start + _CHUNK]
+        for examples, (file, loc) in zip(encoding(tokenizer, samples[start : start + _CHUNK], part), part):
+            out += [(ex, f"{file}: {loc}") for ex in examples]
     return out
 
 
-def encode_dataset(spec: DatasetSpec, args: DataArgs, tokenizer: Any) -> tuple[Any, DatasetCounts]:
-    """One dataset encoded (in `preprocessing_num_workers` processes if more than one) and its counts."""
+def _encode_batch(batch: dict[str, list[Any]], tokenizer: Any, encoding: Encoding) -> dict[str, list[Any]]:
+    """datasets.map form of `_encode` (samples and examples travel as JSON: their nesting varies too much for Arrow)."""
+    samples = [json.loads(s) for s in batch["sample"]]
+    encoded = _encode(samples, list(zip(batch["file"], batch["location"])), tokenizer, encoding)
+    return {"example": [json.dumps(asdict(ex)) for ex, _ in encoded], "where": [w for _, w in encoded]}
+
+
+def encode_dataset(spec: DatasetSpec, args: DataArgs, tokenizer: Any, stage: str = "sft",
+                   classes: list[str] | None = None) -> tuple[Any, DatasetCounts]:
+    """One dataset encoded for `stage` (in `preprocessing_num_workers` processes if more than one) and its counts."""
     from datasets import Dataset
 
     skip = args.on_bad_record == "skip"
+    encoding = Encoding(args.cutoff_len, args.mask, stage, classes, strict=not skip)
     counts = DatasetCounts(spec.path, spec.format)
     samples, wheres = [], []
     for sample, where in iter_samples(spec, args, counts.drops if skip else None):
@@ -131,20 +154,38 @@ def encode_dataset(spec: DatasetSpec, args: DataArgs, tokenizer: Any) -> tuple[A
         columns = raw.map(
             _encode_batch, batched=True, batch_size=_CHUNK, num_proc=workers, remove_columns=raw.column_names,
             keep_in_memory=True, new_fingerprint=f"peftkit-{id(raw)}",
-            fn_kwargs={"tokenizer": tokenizer, "cutoff_len": args.cutoff_len, "mask": args.mask, "strict": not skip},
+            fn_kwargs={"tokenizer": tokenizer, "encoding": encoding},
         ).to_dict()
+        encoded = [(Encoded(**json.loads(e)), w) for e, w in zip(columns["example"], columns["where"])]
     else:
-        columns = _encode(samples, wheres, tokenizer, args.cutoff_len, args.mask, strict=not skip)
+        encoded = _encode(samples, wheres, tokenizer, encoding)
     kept: dict[str, list[Any]] = {"input_ids": [], "labels": []}
-    for ids, labels, truncated, drop, where in zip(*columns.values()):
-        if drop:
-            counts.drops.add(drop, where)
+    for ex, where in encoded:
+        if ex.drop:
+            counts.drops.add(ex.drop, where)
             continue
-        kept["input_ids"].append(ids)
-        kept["labels"].append(labels)
-        counts.truncated += int(truncated)
+        for key, value in {"input_ids": ex.input_ids, "labels": ex.labels, **ex.extra}.items():
+            kept.setdefault(key, []).append(value)
+        counts.truncated += int(ex.truncated)
+    if spec.format == "text" and not args.packing:
+        kept = _join_documents(kept, args.cutoff_len, counts)
     counts.examples = len(kept["input_ids"])
     return Dataset.from_dict(kept), counts
+
+
+def _join_documents(kept: dict[str, list[Any]], cutoff_len: int, counts: DatasetCounts) -> dict[str, list[Any]]:
+    """Documents (each ending with EOS) joined into one stream and cut into full blocks of cutoff_len.
+
+    The last block is shorter; it is kept (nothing is discarded) and its length reported.
+    """
+    stream = [token for ids in kept["input_ids"] for token in ids]
+    blocks = [stream[i : i + cutoff_len] for i in range(0, len(stream), cutoff_len)]
+    if blocks and len(blocks[-1]) < 2:
+        counts.drops.add(TOO_SHORT, f"{counts.path}: the last token of the joined documents")
+        blocks.pop()
+    counts.last_block_tokens = len(blocks[-1]) if blocks else 0
+    counts.truncated = 0  # joined documents are cut into blocks, not truncated
+    return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
 
 def _mix(parts: list[Any], args: DataArgs) -> Any:
@@ -165,14 +206,14 @@ def _specs(args: DataArgs, key: str) -> list[DatasetSpec]:
     return specs
 
 
-def prepare_data(args: DataArgs, tokenizer: Any) -> PreparedData:
-    """Train (and eval) datasets as configured, from the cache when nothing that shapes them changed."""
+def prepare_data(args: DataArgs, tokenizer: Any, stage: str = "sft") -> PreparedData:
+    """Train (and eval) datasets for `stage`, from the cache when nothing that shapes them changed."""
     train_specs, eval_specs = _specs(args, "train"), _specs(args, "eval")
     if not train_specs:
         raise ConfigError(["data.train: missing — the file(s) to train on"])
     if args.streaming:
-        return _prepare_streaming(train_specs, eval_specs, args, tokenizer)
-    key = cache.fingerprint(train_specs, eval_specs, args, tokenizer)
+        return _prepare_streaming(train_specs, eval_specs, args, tokenizer, stage)
+    key = cache.fingerprint(train_specs, eval_specs, args, tokenizer, stage)
     if key and not args.overwrite_cache:
         hit = cache.load_cache(key)
         if hit:
@@ -180,10 +221,12 @@ def prepare_data(args: DataArgs, tokenizer: Any) -> PreparedData:
             logger.info("tokenized data from the cache %s (data.overwrite_cache: true rebuilds it)", cache.cache_dir(key))
             return PreparedData(splits["train"], splits.get("eval"), DataReport.from_dict(report))
 
-    report = DataReport(cutoff_len=args.cutoff_len, mask=args.mask)
+    report = DataReport(cutoff_len=args.cutoff_len, mask=args.mask, stage=stage)
+    if stage == "cls":
+        report.classes = _classes(train_specs, args)
     parts = []
     for spec in train_specs:
-        part, counts = encode_dataset(spec, args, tokenizer)
+        part, counts = encode_dataset(spec, args, tokenizer, stage, report.classes)
         parts.append(part)
         report.datasets.append(counts)
     train = _mix(parts, args)
@@ -192,7 +235,7 @@ def prepare_data(args: DataArgs, tokenizer: Any) -> PreparedData:
                         "no example left to train on:\n" + report.summary())
     eval_ds = None
     if eval_specs:
-        eval_parts = [encode_dataset(spec, args, tokenizer)[0] for spec in eval_specs]
+        eval_parts = [encode_dataset(spec, args, tokenizer, stage, report.classes)[0] for spec in eval_specs]
         eval_ds = _mix(eval_parts, DataArgs(mix_strategy="concat"))
     elif args.val_size:
         size = int(args.val_size) if args.val_size >= 1 else args.val_size
@@ -204,7 +247,8 @@ def prepare_data(args: DataArgs, tokenizer: Any) -> PreparedData:
     report.length_percentiles = percentiles(lengths)
     report.eval_examples = len(eval_ds) if eval_ds is not None else 0
     report.example = describe_example(tokenizer, train[0])
-    _check_end_of_turn_supervised(tokenizer, train[:20]["labels"], train_specs)
+    if stage != "cls":
+        _check_end_of_turn_supervised(tokenizer, train[:20]["labels"], train_specs)
 
     if args.packing:
         train = _pack(train, args.cutoff_len)
@@ -215,12 +259,21 @@ def prepare_data(args: DataArgs, tokenizer: Any) -> PreparedData:
     return PreparedData(train, eval_ds, report)
 
 
+def _classes(specs: list[DatasetSpec], args: DataArgs) -> list[str]:
+    labels = [sample["label"] for spec in specs for sample, _ in iter_samples(spec, args, Drops())]
+    if not labels:
+        raise DataError(", ".join(s.path for s in specs), None, "label", "no classification record to train on")
+    return class_names(labels)
+
+
 def _token_stats(ds: Any) -> tuple[list[int], int]:
     """Example lengths and the number of supervised tokens, computed in Arrow (no Python lists of ids)."""
     import pyarrow.compute as pc
 
     table = ds.with_format("arrow")[:]
     lengths = pc.list_value_length(table.column("input_ids")).to_pylist()
+    if not str(table.column("labels").type).startswith("list"):  # cls: one class per example
+        return lengths, len(lengths)
     labels = pc.list_flatten(table.column("labels"))
     return lengths, int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
 
@@ -232,7 +285,7 @@ def _pack(ds: Any, cutoff_len: int) -> Any:
 
 
 def _prepare_streaming(train_specs: list[DatasetSpec], eval_specs: list[DatasetSpec], args: DataArgs,
-                       tokenizer: Any) -> PreparedData:
+                       tokenizer: Any, stage: str) -> PreparedData:
     """IterableDatasets read and tokenized as the trainer asks for them; packing on the fly."""
     from datasets import IterableDataset
 
@@ -248,15 +301,14 @@ def _prepare_streaming(train_specs: list[DatasetSpec], eval_specs: list[DatasetS
         for reason, entry in drops.reasons.items():  # the stream's end: say what was left out
             logger.warning("%s: dropped %d: %s (first: %s)", spec.path, entry["count"], reason, entry["first"])
 
+    encoding = Encoding(args.cutoff_len, args.mask, stage, strict=args.on_bad_record == "error")
+
     def _kept(chunk: list[tuple[Sample, tuple[str, str]]], drops: Drops) -> Iterator[dict[str, list[int]]]:
-        encoded = encode_samples(tokenizer, [s for s, _ in chunk], [w for _, w in chunk], args.cutoff_len, args.mask,
-                                 strict=args.on_bad_record == "error")
-        for exs, (file, loc) in zip(encoded, (w for _, w in chunk)):
-            for ex in exs:
-                if ex.drop:
-                    drops.add(ex.drop, f"{file}: {loc}")
-                else:
-                    yield {"input_ids": ex.input_ids, "labels": ex.labels}
+        for ex, where in _encode([s for s, _ in chunk], [w for _, w in chunk], tokenizer, encoding):
+            if ex.drop:
+                drops.add(ex.drop, where)
+            else:
+                yield {"input_ids": ex.input_ids, "labels": ex.labels, **ex.extra}
 
     def stream(specs: list[DatasetSpec], mix: DataArgs) -> Any:
         parts = [IterableDataset.from_generator(examples, gen_kwargs={"spec": s}) for s in specs]
@@ -270,7 +322,7 @@ def _prepare_streaming(train_specs: list[DatasetSpec], eval_specs: list[DatasetS
     if first is None:
         raise DataError(train_specs[0].path, None, None, "no example to train on")
     report = DataReport(datasets=[DatasetCounts(s.path, s.format) for s in train_specs], cutoff_len=args.cutoff_len,
-                        mask=args.mask, streaming=True, example=describe_example(tokenizer, first))
+                        mask=args.mask, streaming=True, example=describe_example(tokenizer, first), stage=stage)
     _check_end_of_turn_supervised(tokenizer, [first["labels"]], train_specs)
     eval_ds = stream(eval_specs, DataArgs(mix_strategy="concat")) if eval_specs else None
     return PreparedData(train, eval_ds, report)
@@ -288,12 +340,13 @@ def _check_end_of_turn_supervised(tokenizer: Any, labels: list[list[int]], specs
         )
 
 
-def build_dataset(paths: list[str], args: DataArgs, tokenizer: Any) -> tuple[Any, DataReport]:
-    """One unpacked, uncached dataset of `paths` (for eval loss and tests)."""
-    report = DataReport(cutoff_len=args.cutoff_len, mask=args.mask)
+def build_dataset(paths: list[str], args: DataArgs, tokenizer: Any, stage: str = "sft",
+                  classes: list[str] | None = None) -> tuple[Any, DataReport]:
+    """One unpacked, uncached dataset of `paths` for `stage` (for evaluation and tests)."""
+    report = DataReport(cutoff_len=args.cutoff_len, mask=args.mask, stage=stage, classes=classes)
     parts = []
     for spec in file_specs(paths, args):
-        part, counts = encode_dataset(spec, args, tokenizer)
+        part, counts = encode_dataset(spec, replace(args, packing=False), tokenizer, stage, classes)
         parts.append(part)
         report.datasets.append(counts)
     ds = _mix(parts, DataArgs(mix_strategy="concat"))

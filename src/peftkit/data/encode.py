@@ -8,7 +8,7 @@ than being mislabelled. Every text of a batch is tokenized in one call of the fa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from peftkit.constants import IGNORE_INDEX
@@ -38,6 +38,7 @@ class Encoded:
     labels: list[int]
     truncated: bool = False
     drop: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # stage columns: rejected_input_ids, token_type_ids, ...
 
 
 def _renderer(tokenizer: Any) -> Any:
@@ -201,3 +202,70 @@ def encode_messages(
     if encoded.drop:
         return None, encoded.truncated
     return {"input_ids": encoded.input_ids, "labels": encoded.labels}, encoded.truncated
+
+
+def encode_preferences(
+    tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]], cutoff_len: int, strict: bool = True,
+) -> list[Encoded]:
+    """Preference pairs: the chosen conversation as input_ids / labels, the rejected one as rejected_*.
+
+    Only the final answer is supervised (mask `last`): rm reads its score after it, dpo sums its
+    log-probabilities. Each side is truncated on its own, keeping part of its answer.
+    """
+    sides = [encode_samples(tokenizer, [{"messages": [*s["messages"], s[key]]} for s in samples], wheres, cutoff_len,
+                            "last", strict) for key in ("chosen", "rejected")]
+    out = []
+    for (chosen,), (rejected,) in zip(*sides):
+        truncated = chosen.truncated or rejected.truncated
+        if chosen.drop or rejected.drop:
+            out.append(Encoded([], [], truncated, drop=chosen.drop or rejected.drop))
+        else:
+            out.append(Encoded(chosen.input_ids, chosen.labels, truncated, extra={
+                "rejected_input_ids": rejected.input_ids, "rejected_labels": rejected.labels}))
+    return out
+
+
+UNKNOWN_CLASS = "label not among the training data's classes"
+
+
+def class_names(labels: list[int | str]) -> list[str]:
+    """Class names by index: 0..max for integer labels (or digit strings, as in GLUE TSVs), else sorted names."""
+    if all(isinstance(x, int) or str(x).isdigit() for x in labels):
+        return [str(i) for i in range(max(int(x) for x in labels) + 1)]
+    return sorted({str(x) for x in labels})
+
+
+def class_id(label: int | str, classes: list[str]) -> int | None:
+    name = str(int(label)) if isinstance(label, int) or str(label).isdigit() else str(label)
+    return classes.index(name) if name in classes else None
+
+
+def encode_classification(
+    tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]], cutoff_len: int, classes: list[str],
+    strict: bool = True,
+) -> list[Encoded]:
+    """text (+ text_pair) → input_ids and the class index (`extra["labels"]`, an integer).
+
+    Encoders join a pair with their own template ([CLS] a [SEP] b [SEP], with token_type_ids);
+    decoders, which have none, read the two texts on separate lines.
+    """
+    pair_template = tokenizer.num_special_tokens_to_add(pair=True) > 0
+    out = []
+    for sample, where in zip(samples, wheres):
+        label = class_id(sample["label"], classes)
+        if label is None:
+            if strict:
+                raise DataError(where[0], where[1], "label", f"{sample['label']!r} is not one of the classes of the "
+                                f"training data ({', '.join(classes)})")
+            out.append(Encoded([], [], drop=UNKNOWN_CLASS))
+            continue
+        text, pair = sample["text"], sample["text_pair"]
+        if pair is not None and not pair_template:
+            text, pair = f"{text}\n{pair}", None
+        enc = tokenizer(text, pair, truncation=True, max_length=cutoff_len)
+        full = len(tokenizer(text, pair)["input_ids"]) if len(enc["input_ids"]) == cutoff_len else 0
+        extra: dict[str, Any] = {"labels": label}
+        if "token_type_ids" in enc:
+            extra["token_type_ids"] = enc["token_type_ids"]
+        out.append(Encoded(enc["input_ids"], [], truncated=full > cutoff_len, extra=extra))
+    return out

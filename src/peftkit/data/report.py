@@ -42,6 +42,7 @@ class DatasetCounts:
     examples: int = 0
     truncated: int = 0
     drops: Drops = field(default_factory=Drops)
+    last_block_tokens: int | None = None  # documents joined into blocks: the length of the shorter last block
 
 
 @dataclass
@@ -59,6 +60,8 @@ class DataReport:
     packing: dict[str, Any] | None = None
     streaming: bool = False
     example: str = ""
+    stage: str = "sft"
+    classes: list[str] | None = None  # cls: class names by index
 
     @property
     def records(self) -> int:
@@ -94,6 +97,9 @@ class DataReport:
         for d in self.datasets:
             lines.append(f"{d.path} ({d.format}): {d.records} records -> {d.examples} examples, "
                          f"{d.truncated} truncated to cutoff_len={self.cutoff_len}")
+            if d.last_block_tokens is not None:
+                lines.append(f"  documents joined with EOS into {d.examples} blocks of cutoff_len={self.cutoff_len}; "
+                             f"the last one holds the {d.last_block_tokens} leftover tokens (kept)")
             for reason, entry in d.drops.reasons.items():
                 lines.append(f"  dropped {entry['count']}: {reason} (first: {entry['first']})")
         if self.streaming:
@@ -104,6 +110,8 @@ class DataReport:
                          f"{self.mask}); lengths {self.length_percentiles}")
             if self.eval_examples:
                 lines.append(f"eval: {self.eval_examples} examples")
+        if self.classes:
+            lines.append(f"classes: {', '.join(f'{i}={name}' for i, name in enumerate(self.classes))}")
         if self.packing:
             lines.append(f"packing: {self.packing['rows']} rows of <= {self.cutoff_len} tokens, "
                          f"efficiency {self.packing['efficiency']:.1%} (real tokens / rows x cutoff_len)")
@@ -118,10 +126,20 @@ def percentiles(lengths: list[int]) -> dict[str, int]:
     return {"min": ordered[0], "p50": at[0.5], "p90": at[0.9], "p99": at[0.99], "max": ordered[-1]}
 
 
-def describe_example(tokenizer: Any, example: dict[str, list[int]]) -> str:
-    """The decoded example with supervised spans in [[...]], for the log and for humans."""
+def describe_example(tokenizer: Any, example: dict[str, Any]) -> str:
+    """The decoded example with supervised spans in [[...]] (both answers of a pair; a class: its index)."""
+    if isinstance(example["labels"], int):
+        return f"{tokenizer.decode(example['input_ids'])}\n  -> class {example['labels']}"
+    text = _spans(tokenizer, example["input_ids"], example["labels"])
+    if "rejected_input_ids" in example:
+        rejected = _spans(tokenizer, example["rejected_input_ids"], example["rejected_labels"])
+        return f"chosen: {text}\nrejected: {rejected}"
+    return text
+
+
+def _spans(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
     parts, current, supervised = [], [], None
-    for token, label in zip(example["input_ids"], example["labels"]):
+    for token, label in zip(input_ids, labels):
         is_sup = label != IGNORE_INDEX
         if supervised is not None and is_sup != supervised:
             parts.append((supervised, current))

@@ -14,8 +14,13 @@ __all__ = ["SHIPPED_TEMPLATES", "apply_template", "stop_token_ids"]
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<eod>", "<|endoftext|>", "<|end|>")
 
 
-def apply_template(tokenizer: Any, template: str | None) -> None:
-    """Set `tokenizer.chat_template` from `data.template`; it is saved with the tokenizer, so exports keep it."""
+def apply_template(tokenizer: Any, template: str | None, stage: str = "sft") -> None:
+    """Set `tokenizer.chat_template` from `data.template`; it is saved with the tokenizer, so exports keep it.
+
+    pt (documents) and cls (texts) use no template, so the tokenizer need not have one.
+    """
+    if template is None and stage in ("pt", "cls"):
+        return
     if template is None:
         if not tokenizer.chat_template:
             raise ConfigError([

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 
 def _merge_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -138,6 +138,19 @@ def f1(predictions: list[str], references: list[str]) -> dict[str, object]:
         tp = sum(p == label and r == label for p, r in pairs)
         scores.append(_f(tp, sum(p == label for p, _ in pairs), sum(r == label for _, r in pairs)))
     return {"f1": round(100 * sum(scores) / len(scores), 2) if scores else 0.0}
+
+
+def classification_scores(predictions: list[int], labels: list[int]) -> dict[str, float]:
+    """Class-index predictions (stage cls): accuracy and macro F1 in %, F1 of class 1 when binary (GLUE's MRPC F1),
+    and the majority-class accuracy the model has to beat."""
+    preds, refs = [str(int(p)) for p in predictions], [str(int(r)) for r in labels]
+    out = {**accuracy(preds, refs), **f1(preds, refs)}
+    if set(refs) <= {"0", "1"}:
+        tp = sum(p == r == "1" for p, r in zip(preds, refs))
+        out["f1_positive"] = round(100 * _f(tp, preds.count("1"), refs.count("1")), 2)
+    if refs:
+        out["majority_accuracy"] = round(100 * max(refs.count(c) for c in set(refs)) / len(refs), 2)
+    return out
 
 
 METRICS: dict[str, Callable[[list[str], list[str]], dict[str, object]]] = {

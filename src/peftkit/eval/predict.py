@@ -24,9 +24,15 @@ def predict(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: s
     """Score `eval.dataset` with `eval.metrics`; writes predict_results{tag}.json and returns it.
 
     `loss` needs no generation; every other metric scores generated answers, which are also
-    written to generated_predictions{tag}.jsonl.
+    written to generated_predictions{tag}.jsonl. rm / dpo / cls score records instead (eval/scoring.py).
     """
     metrics: dict[str, Any] = {}
+    if cfg.stage in ("rm", "dpo", "cls"):  # scored, not generated: eval.metrics does not apply
+        from peftkit.eval.scoring import classify, score_pairs
+
+        metrics = (classify if cfg.stage == "cls" else score_pairs)(model, tokenizer, cfg, output_dir, tag)
+        write_json_atomic(output_dir / PREDICT_RESULTS_FILE.replace(".json", f"{tag}.json"), metrics)
+        return metrics
     if "loss" in cfg.eval.metrics:
         metrics.update(eval_loss(model, tokenizer, cfg))
     if any(m != "loss" for m in cfg.eval.metrics):

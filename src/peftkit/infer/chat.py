@@ -7,24 +7,50 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from peftkit.config.schema import GenerateArgs, ModelArgs
+from peftkit.constants import DATA_REPORT_FILE
+from peftkit.errors import ModelError
 from peftkit.eval.generate import generation_kwargs, render_prompt
 from peftkit.model import load_model, load_tokenizer
+from peftkit.model.value_head import load_value_head
 
 
-def load_for_chat(model_name: str, adapter: str | None) -> tuple[Any, Any]:
-    """Model and tokenizer; with an adapter, the tokenizer saved beside it (it has the training template)."""
+def load_for_chat(model_name: str, adapter: str | None, stage: str = "sft") -> tuple[Any, Any]:
+    """Model and tokenizer of a trained run; with an adapter, the tokenizer saved beside it (it has the
+    training template). rm restores the value head, cls the classifier with the run's classes."""
     args = ModelArgs(name_or_path=model_name)
-    model = load_model(args)
+    trained = Path(adapter or model_name)
     if adapter and (Path(adapter) / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(ModelArgs(name_or_path=adapter))
     else:
         tokenizer = load_tokenizer(args)
+    model = load_model(args, _saved_classes(trained) if stage == "cls" else None, tokenizer.pad_token_id)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
+    if stage == "rm":
+        load_value_head(model, trained)
     model.eval()
     return model, tokenizer
+
+
+def _saved_classes(trained: Path) -> list[str]:
+    """The class names of a cls run: its data_report.json (beside a checkpoint, or one folder up), else config.json."""
+    import json
+
+    for folder in (trained, trained.parent):
+        report = folder / DATA_REPORT_FILE
+        if report.is_file():
+            classes = json.loads(report.read_text(encoding="utf-8")).get("classes")
+            if classes:
+                return classes
+    config = trained / "config.json"
+    if config.is_file():
+        id2label = json.loads(config.read_text(encoding="utf-8")).get("id2label") or {}
+        if id2label:
+            return [id2label[str(i)] for i in range(len(id2label))]
+    raise ModelError(f"{trained}: no data_report.json or config.json with the classes — is it the output_dir of a "
+                     "`stage: cls` run?")
 
 
 def _streamer(tokenizer: Any, stream: TextIO) -> Any:

@@ -4,25 +4,47 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 from peftkit.config.schema import FinetuningArgs
+from peftkit.constants import VALUE_HEAD_FILE
 from peftkit.errors import ConfigError
+from peftkit.model.value_head import attach_value_head, load_value_head, value_head
 
 logger = logging.getLogger("peftkit")
 
 
-def prepare_for_training(model: Any, args: FinetuningArgs) -> Any:
-    """The model ready to train under `args.finetuning_type`; a PeftModel for lora."""
+# Classification heads of AutoModelForSequenceClassification models: always trained in full.
+CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def prepare_for_training(model: Any, args: FinetuningArgs, stage: str = "sft") -> Any:
+    """The model ready to train under `args.finetuning_type`; a PeftModel for lora.
+
+    rm adds a trainable value head (restored from adapter_name_or_path when it has one); cls
+    trains the classification head in full under every finetuning_type.
+    """
     if args.finetuning_type == "lora":
-        model = _apply_lora(model, args)
+        model = _apply_lora(model, args, stage)
     elif args.finetuning_type == "freeze":
-        _freeze_all_but(model, _freeze_trainable_names(model, args))
+        names = _freeze_trainable_names(model, args)
+        if stage == "cls":
+            names += [n for n, _ in model.named_parameters() if n.split(".")[0] in CLASSIFIER_HEADS]
+        _freeze_all_but(model, names)
     else:
         model.requires_grad_(True)
+    if stage == "rm":
+        previous = args.adapter_name_or_path
+        if previous and (Path(previous) / VALUE_HEAD_FILE).is_file():
+            load_value_head(model, previous)
+        else:
+            attach_value_head(model)
+        value_head(model).requires_grad_(True)
     trainable, total = count_parameters(model)
     logger.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
+
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -37,7 +59,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def _apply_lora(model: Any, args: FinetuningArgs) -> Any:
+def _apply_lora(model: Any, args: FinetuningArgs, stage: str = "sft") -> Any:
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
     if args.adapter_name_or_path:
@@ -49,7 +71,7 @@ def _apply_lora(model: Any, args: FinetuningArgs) -> Any:
 
     target = "all-linear" if args.lora_target == "all" else args.lora_target  # a string is a regex to peft
     config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType.SEQ_CLS if stage == "cls" else TaskType.CAUSAL_LM,  # SEQ_CLS: peft trains the head in full
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
@@ -80,7 +102,7 @@ def _freeze_trainable_names(model: Any, args: FinetuningArgs) -> list[str]:
     else:
         layers = _decoder_layer_count(model)
         keep = range(max(0, layers - args.freeze_trainable_layers), layers)
-        patterns = [rf"\.layers\.{i}\." for i in keep]
+        patterns = [rf"\.layers?\.{i}\." for i in keep]  # Llama-style layers.N, BERT-style layer.N
         what = f"finetuning.freeze_trainable_layers={args.freeze_trainable_layers}"
     names = [n for n, _ in model.named_parameters() if any(re.search(p, n) for p in patterns)]
     if not names:

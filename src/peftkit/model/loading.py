@@ -38,14 +38,24 @@ def load_tokenizer(args: ModelArgs, padding_side: str = "right") -> Any:
     return tokenizer
 
 
-def load_model(args: ModelArgs) -> Any:
-    """A causal LM in the configured dtype and attention implementation."""
+def load_model(args: ModelArgs, classes: list[str] | None = None, pad_token_id: int | None = None) -> Any:
+    """A causal LM in the configured dtype and attention implementation.
+
+    With `classes` (stage cls): a sequence classifier with that many labels; a decoder reads its
+    score at the last non-padding token, so it needs `pad_token_id`.
+    """
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     path = resolve_model(args.name_or_path)
     kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
     kwargs["dtype"] = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
-    return _from_pretrained(AutoModelForCausalLM, path, "model", **kwargs)
+    if classes is None:
+        return _from_pretrained(AutoModelForCausalLM, path, "model", **kwargs)
+    model = _from_pretrained(AutoModelForSequenceClassification, path, "model", num_labels=len(classes),
+                             id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)}, **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model

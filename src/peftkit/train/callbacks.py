@@ -89,7 +89,9 @@ class LogCallback(TrainerCallback):
         event = "eval" if any(k.startswith("eval_") for k in logs) else "log"
         fields = {k: logs.get(k) for k in _TRAIN_KEYS}
         if event == "eval":
-            fields.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+            fields.update({k: v for k, v in logs.items() if k.startswith("eval_") or k == "reward"})
+        else:  # a stage's own metrics too (rm: accuracy, margin; dpo: rewards/*)
+            fields.update(logs)
         self.write(state, event, **fields)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -21,12 +21,15 @@ from peftkit.data import PreparedData, apply_template, build_collator, prepare_d
 from peftkit.errors import PeftkitError
 from peftkit.eval.predict import predict
 from peftkit.model import load_model, load_tokenizer, prepare_for_training
+from peftkit.model.value_head import attach_value_head
 from peftkit.train.callbacks import LogCallback, StopCallback
 from peftkit.train.checkpoints import latest_complete, resolve_resume
+from peftkit.train.objectives import build_objective, pair_eval_metrics
 from peftkit.train.plot import plot_loss
 from peftkit.train.signals import GracefulStop
 from peftkit.train.trainer import (
     PeftTrainer,
+    class_metrics,
     preprocess_logits_for_accuracy,
     token_accuracy,
 )
@@ -65,18 +68,22 @@ def train(cfg: RunConfig, config_path: str = "CONFIG.yaml") -> TrainResult:
         dump_config(cfg, output_dir / CONFIG_FILE)
 
     tokenizer = load_tokenizer(cfg.model)
-    apply_template(tokenizer, cfg.data.template)
+    apply_template(tokenizer, cfg.data.template, cfg.stage)
     with args.main_process_first(desc="preparing data"):  # the others then read the main process's cache
-        data = prepare_data(cfg.data, tokenizer)
+        data = prepare_data(cfg.data, tokenizer, cfg.stage)
     if main:
         write_json_atomic(output_dir / DATA_REPORT_FILE, data.report.as_dict())
         logger.info("data:\n%s\nexample (supervised spans in [[...]]):\n%s", data.report.summary(), data.report.example)
 
-    model = load_model(cfg.model)
-    summary: dict[str, Any] = {"output_dir": str(output_dir)}
+    model = load_model(cfg.model, data.report.classes, tokenizer.pad_token_id)
+    summary: dict[str, Any] = {"output_dir": str(output_dir), "stage": cfg.stage}
     if cfg.eval.dataset and cfg.eval.before_training and main and resume is None:
+        if cfg.stage == "rm":  # an untrained value head: the score a reward model starts from
+            set_seed(args.seed)
+            attach_value_head(model)
         summary["metrics_before"] = predict(model, tokenizer, cfg, output_dir, tag="_before")
-    model = prepare_for_training(model, cfg.finetuning)
+        set_seed(args.seed)
+    model = prepare_for_training(model, cfg.finetuning, cfg.stage)
 
     trainer, log = build_trainer(cfg, args, extras, model, tokenizer, data)
     if resume is not None:
@@ -124,19 +131,27 @@ def build_trainer(cfg: RunConfig, args: Any, extras: TrainExtras, model: Any, to
     callbacks: list[Any] = [log]
     if extras.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(extras.early_stopping_patience, extras.early_stopping_threshold))
+    objective = build_objective(cfg.stage, model, cfg.finetuning.pref_beta, cfg.finetuning.pref_ftx)
+    if objective is not None:
+        args.remove_unused_columns = False  # the collator needs rejected_input_ids / rejected_labels
+        metrics = pair_eval_metrics(objective.names)
+    else:
+        metrics = class_metrics if cfg.stage == "cls" else token_accuracy
     has_eval = data.eval is not None
     trainer = PeftTrainer(
         finetuning_args=cfg.finetuning,
         chunked_loss=extras.chunked_loss,
+        stage=cfg.stage,
+        objective=objective,
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=build_collator(tokenizer, cfg.data.packing, fixed_shape=(
-            args.per_device_train_batch_size, cfg.data.cutoff_len) if args.torch_compile else None),
+            args.per_device_train_batch_size, cfg.data.cutoff_len) if args.torch_compile else None, stage=cfg.stage),
         processing_class=tokenizer,
         callbacks=callbacks,
-        compute_metrics=token_accuracy if has_eval else None,
-        preprocess_logits_for_metrics=preprocess_logits_for_accuracy if has_eval else None,
+        compute_metrics=metrics if has_eval else None,
+        preprocess_logits_for_metrics=preprocess_logits_for_accuracy if has_eval and objective is None else None,
     )
     return trainer, log

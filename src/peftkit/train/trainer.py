@@ -25,6 +25,12 @@ from peftkit.constants import (
     TRAINING_ARGS_FILE,
 )
 from peftkit.errors import PeftkitError
+from peftkit.model.value_head import (
+    load_value_head,
+    save_value_head,
+    value_head,
+    without_value_head,
+)
 from peftkit.train.loss import (
     chunked_causal_lm_loss,
     hidden_states_as_logits,
@@ -57,7 +63,12 @@ def count_tokens(inputs: dict[str, Any], pad_token_id: int | None) -> TokenCount
         real = ids.numel() - _padding_tail(ids, labels, pad_token_id)
     else:
         real = ids.numel()
-    supervised = int((labels[:, 1:] != IGNORE_INDEX).sum()) if labels is not None else 0
+    if labels is None:
+        supervised = 0
+    elif labels.dim() == 1:  # cls: one class per record
+        supervised = labels.numel()
+    else:
+        supervised = int((labels[:, 1:] != IGNORE_INDEX).sum())
     return TokenCounts(ids.numel(), real, supervised)
 
 
@@ -77,19 +88,44 @@ class PeftTrainer(Seq2SeqTrainer):
     correctly (tests/unit/test_trainer.py checks the restored weights), so it is not overridden.
     """
 
-    def __init__(self, finetuning_args: FinetuningArgs, chunked_loss: bool | None = None, **kwargs: Any) -> None:
+    def __init__(self, finetuning_args: FinetuningArgs, chunked_loss: bool | None = None, stage: str = "sft",
+                 objective: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.finetuning_args = finetuning_args
-        self.chunked_loss = self._use_chunked_loss(chunked_loss)
+        self.objective = objective  # rm / dpo: a loss over (chosen, rejected) pairs (train/objectives.py)
+        if stage in ("rm", "dpo", "cls"):
+            # means over pairs or records, not sums over tokens: Trainer then scales them for
+            # gradient accumulation itself
+            self.model_accepts_loss_kwargs = False
+        self.chunked_loss = objective is None and self._use_chunked_loss(chunked_loss)
+        self.stage_metrics: dict[str, list[float]] = {}  # the objective's metrics since the last log
         self.token_counts = TokenCounts()  # this process, since it started
         self.token_base = TokenCounts()  # every process, up to the checkpoint resumed from
 
     @override
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        head = value_head(model)
+        if head is not None and not hasattr(model, "peft_config"):  # full weights stay a plain causal LM
+            state_dict = without_value_head(state_dict if state_dict is not None else model.state_dict())
         super()._save(output_dir, state_dict=state_dict)
         out = Path(output_dir or self.args.output_dir)
+        if head is not None:
+            save_value_head(model, out)
         write_json_atomic(out / TRAINING_ARGS_FILE, json.loads(self.args.to_json_string()))
         write_json_atomic(out / FINETUNING_ARGS_FILE, asdict(self.finetuning_args))
+
+    @override
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if value_head(self.model) is not None:
+            load_value_head(self.model, resume_from_checkpoint)
+
+    @override
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        if value_head(self.model) is not None:
+            load_value_head(self.model, self.state.best_model_checkpoint)
 
     @override
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
@@ -152,6 +188,12 @@ class PeftTrainer(Seq2SeqTrainer):
     @override
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        if self.objective is not None:
+            loss, metrics, pair_scores = self.objective(model, inputs)
+            if model.training:
+                for k, v in metrics.items():
+                    self.stage_metrics.setdefault(k, []).append(v)
+            return (loss, {"pair_scores": pair_scores}) if return_outputs else loss
         if not (self.chunked_loss and model.training and not return_outputs and "labels" in inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
@@ -180,9 +222,31 @@ class PeftTrainer(Seq2SeqTrainer):
         return loss
 
     @override
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None, **kwargs: Any) -> Any:
+        """rm / dpo: the eval loss and each pair's (chosen, rejected) scores, for pair_eval_metrics."""
+        if self.objective is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **kwargs)
+        import torch
+
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, _, pair_scores = self.objective(model, inputs)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), pair_scores.detach(), torch.zeros(len(pair_scores), device=pair_scores.device)
+
+    @override
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training or "train_runtime" in logs or "loss" in logs:
             logs.update({f"{k}_seen": v for k, v in asdict(self.total_token_counts()).items()})
+        if self.stage_metrics and "loss" in logs:  # averaged over the steps since the last log
+            logs.update({k: round(sum(v) / len(v), 6) for k, v in self.stage_metrics.items()})
+            self.stage_metrics.clear()
+        margin = self.objective.names["margin"] if self.objective is not None else None
+        for key in (margin, f"eval_{margin}"):
+            if key in logs:  # trainer_log.jsonl's `reward`: the mean reward margin
+                logs["reward"] = logs[key]
         super().log(logs, start_time)
 
 
@@ -201,3 +265,10 @@ def token_accuracy(eval_pred: Any) -> dict[str, float]:
     preds, labels = preds[:, :-1], labels[:, 1:]
     mask = labels != IGNORE_INDEX
     return {"accuracy": round(float((preds[mask] == labels[mask]).mean()) if mask.any() else 0.0, 6)}
+
+
+def class_metrics(eval_pred: Any) -> dict[str, float]:
+    """cls: accuracy and F1 of the predicted classes (argmax kept by preprocess_logits_for_accuracy)."""
+    from peftkit.eval.metrics import classification_scores
+
+    return classification_scores(list(eval_pred.predictions), list(eval_pred.label_ids))

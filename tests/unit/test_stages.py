@@ -1,0 +1,226 @@
+"""The stages beyond SFT on tiny models: pt blocks, rm value head, dpo loss and reference, cls heads."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkit.config import load_config
+from peftkit.config.schema import DataArgs
+from peftkit.constants import IGNORE_INDEX, VALUE_HEAD_FILE
+from peftkit.data.dataset import build_dataset, prepare_data
+from peftkit.errors import ConfigError
+from peftkit.train.run import train
+
+REPO = Path(__file__).resolve().parents[2]
+DPO = REPO / "data/demo/dpo_en_demo.json"
+WIKI = REPO / "data/demo/wiki_demo.txt"
+MRPC = REPO / "data/mrpc/train.tsv"
+MRPC_COLUMNS = "data.columns={text: '#1 String', text_pair: '#2 String', label: Quality}"
+
+
+def _overrides(model: Path, out: Path, stage: str, *flags: str) -> list[str]:
+    return [f"stage={stage}", f"model.name_or_path={model}", f"train.output_dir={out}", "data.cutoff_len=96",
+            "train.max_steps=3", "train.per_device_train_batch_size=4", "train.learning_rate=5e-3",
+            "train.disable_tqdm=true", "train.logging_steps=1", *flags]
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+
+
+def test_each_stage_needs_its_record_format(tmp_path: Path, alpaca_file: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"data.train={alpaca_file}", f"train.output_dir={tmp_path}", "stage=rm"])
+    assert "stage rm trains on preference records" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"data.train={DPO}", "data.format=preference", "data.packing=true", "stage=dpo",
+                           f"train.output_dir={tmp_path}"])
+    assert "packing applies to sft and pt only" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"data.train={DPO}", "stage=ppo", f"train.output_dir={tmp_path}"])
+    assert "stage='ppo': must be one of sft, pt, rm, dpo, cls" in str(e.value)
+
+
+def test_pt_joins_documents_into_full_blocks_and_reports_the_tail(tokenizer) -> None:
+    ds, report = build_dataset([str(WIKI)], DataArgs(format="text", cutoff_len=64), tokenizer, stage="pt")
+    docs = [line for line in WIKI.read_text().splitlines() if line.strip()]
+    expected = sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs)  # + EOS each
+    lengths = [len(r) for r in ds["input_ids"]]
+    assert all(n == 64 for n in lengths[:-1]) and 2 <= lengths[-1] <= 64
+    assert sum(lengths) + sum(e["count"] for e in report.datasets[0].drops.reasons.values()) == expected
+    assert report.datasets[0].last_block_tokens == lengths[-1]
+    assert ds["labels"] == ds["input_ids"]  # every token supervised
+    assert "the last one holds the" in report.summary()
+    eos = tokenizer.eos_token_id
+    assert sum(row.count(eos) for row in ds["input_ids"]) >= len(docs) - 1  # documents separated by EOS
+
+
+def test_preference_pairs_supervise_only_each_answer(tokenizer) -> None:
+    data = prepare_data(DataArgs(train=str(DPO), format="preference", cutoff_len=128, max_samples=8), tokenizer,
+                        stage="rm")
+    row = data.train[0]
+    record = json.loads(DPO.read_text())[0]
+    for side, key in (("", "chosen"), ("rejected_", "rejected")):
+        ids, labels = row[f"{side}input_ids"], row[f"{side}labels"]
+        supervised = [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+        assert tokenizer.decode(supervised).startswith(record[key]["value"][:20])
+        assert labels[0] == IGNORE_INDEX and len(ids) <= 128
+    assert data.report.stage == "rm" and "rejected:" in data.report.example
+
+
+def test_rm_trains_saves_value_head_and_reloads_equal_scores(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peftkit.eval.scoring import score_pairs
+    from peftkit.infer.chat import load_for_chat
+
+    out = tmp_path / "rm"
+    cfg = load_config(None, _overrides(tiny_model_dir, out, "rm", f"data.train={DPO}", "data.format=preference",
+                                       "data.max_samples=16", f"eval.dataset={DPO}", "eval.max_samples=8"))
+    result = train(cfg)
+    assert (out / VALUE_HEAD_FILE).is_file() and (out / "adapter_model.safetensors").is_file()
+    logs = [r for r in _log(out) if r["event"] == "log"]
+    assert len(logs) == 3 and all({"accuracy", "margin"} <= r.keys() and r["reward"] == r["margin"] for r in logs)
+    assert logs[0]["loss"] == pytest.approx(-math.log(torch.sigmoid(torch.tensor(0.0)).item()), abs=0.05)
+    in_memory = result.summary["metrics_after"]
+    model, tokenizer = load_for_chat(str(tiny_model_dir), str(out), "rm")
+    reloaded = score_pairs(model, tokenizer, cfg, tmp_path)
+    assert reloaded["accuracy"] == in_memory["accuracy"]
+    assert reloaded["margin"] == pytest.approx(in_memory["margin"], abs=1e-5)
+    lines = [json.loads(line) for line in (out / "pair_scores.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and {"chosen", "rejected", "correct"} <= lines[0].keys()
+
+
+def test_rm_full_tuning_keeps_head_out_of_the_model_and_restores_the_best(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from peftkit.model.value_head import value_head
+
+    out = tmp_path / "rm_full"
+    result = train(load_config(None, _overrides(
+        tiny_model_dir, out, "rm", f"data.train={DPO}", "data.format=preference", "data.max_samples=16",
+        "data.val_size=4", "finetuning.finetuning_type=full", "train.max_steps=4", "train.eval_strategy=steps",
+        "train.eval_steps=2", "train.save_strategy=steps", "train.save_steps=2", "train.load_best_model_at_end=true",
+        "train.metric_for_best_model=accuracy", "train.learning_rate=1e-3")))
+    assert not any(k.startswith("v_head") for k in load_file(str(out / "model.safetensors")))
+    evals = [r for r in _log(out) if r["event"] == "eval"]
+    assert evals and all("eval_accuracy" in r and r["reward"] == r["eval_margin"] for r in evals)
+    best = json.loads((out / "trainer_state.json").read_text())["best_model_checkpoint"]
+    saved = load_file(str(Path(best) / VALUE_HEAD_FILE))
+    torch.testing.assert_close(value_head(result.model).weight.detach(), saved["weight"])
+
+
+def test_dpo_lora_reference_is_the_adapter_disabled(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from peftkit.train.objectives import DirectPreference, build_objective
+
+    out = tmp_path / "dpo"
+    cfg = load_config(None, _overrides(tiny_model_dir, out, "dpo", f"data.train={DPO}", "data.format=preference",
+                                       "data.max_samples=16", "finetuning.pref_beta=0.2"))
+    result = train(cfg)
+    logs = [r for r in _log(out) if r["event"] == "log"]
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference before the first update
+    assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert all(r["reward"] == r["rewards/margins"] for r in logs)
+    assert build_objective("dpo", result.model).reference is None  # no second copy of the model
+
+    # the loss equals the DPO formula computed with an explicit copy of the base model as reference
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.data.collate import PairCollator
+
+    data = prepare_data(cfg.data, _tok(tiny_model_dir), stage="dpo")
+    batch = PairCollator(0)([data.train[i] for i in range(4)])
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        loss, _, _ = DirectPreference(0.2)(policy, batch)
+        expected, _, _ = DirectPreference(0.2, reference=base)(policy, batch)
+        manual = _manual_dpo(policy, base, batch, 0.2)
+    assert float(loss) == pytest.approx(float(expected), abs=1e-6)
+    assert float(loss) == pytest.approx(manual, abs=1e-5)
+
+
+def _tok(folder: Path):
+    from peftkit.config.schema import ModelArgs
+    from peftkit.model import load_tokenizer
+
+    return load_tokenizer(ModelArgs(name_or_path=str(folder)))
+
+
+def _manual_dpo(policy, reference, batch, beta: float) -> float:
+    def logps(model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        lp = torch.log_softmax(logits.float(), -1)
+        out = []
+        for row, lab, mask in zip(lp, labels, labels != IGNORE_INDEX):
+            out.append(sum(row[i, lab[i]] for i in range(len(lab)) if mask[i]))
+        return torch.stack(out)
+
+    pi, ref = logps(policy), logps(reference)
+    n = len(pi) // 2
+    z = beta * ((pi[:n] - ref[:n]) - (pi[n:] - ref[n:]))
+    return float(-torch.nn.functional.logsigmoid(z).mean())
+
+
+def test_dpo_full_tuning_uses_a_frozen_reference_and_an_sft_term(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "dpo_full"
+    train(load_config(None, _overrides(tiny_model_dir, out, "dpo", f"data.train={DPO}", "data.format=preference",
+                                       "data.max_samples=8", "finetuning.finetuning_type=full",
+                                       "finetuning.pref_ftx=1.0", "train.learning_rate=1e-4")))
+    first = next(r for r in _log(out) if r["event"] == "log")
+    # rewards are 0 at the first step; the loss is log 2 plus the mean NLL per token of the chosen answers
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    assert first["loss"] > math.log(2) + 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random BERT with the MiniLM encoder's tokenizer (pair template, token_type_ids)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from peftkit.model.resolve import embedded_encoder_path
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(embedded_encoder_path())
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128)
+    out = tmp_path_factory.mktemp("tiny_bert")
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("which", ["encoder", "decoder"])
+def test_cls_trains_head_in_full_with_lora_and_eval_writes_predictions(
+        which: str, tiny_bert_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    model_dir = tiny_bert_dir if which == "encoder" else tiny_model_dir
+    out = tmp_path / "cls"
+    cfg = load_config(None, _overrides(model_dir, out, "cls", f"data.train={MRPC}", "data.format=pairs", MRPC_COLUMNS,
+                                       "data.max_samples=24", f"eval.dataset={REPO / 'data/mrpc/dev.tsv'}",
+                                       "eval.max_samples=12", "data.val_size=8", "train.eval_strategy=steps",
+                                       "train.eval_steps=3"))
+    result = train(cfg)
+    trainable = {n for n, p in result.model.named_parameters() if p.requires_grad}
+    head = "classifier" if which == "encoder" else "score"
+    assert any(f"{head}.modules_to_save" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    metrics = result.summary["metrics_after"]
+    assert {"accuracy", "f1", "f1_positive", "majority_accuracy"} <= metrics.keys() and metrics["records"] == 12
+    evals = [r for r in _log(out) if r["event"] == "eval"]
+    assert "eval_accuracy" in evals[-1] and "eval_f1" in evals[-1]
+    lines = [json.loads(line) for line in (out / "class_predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and lines[0]["label"] in ("0", "1") and len(lines[0]["probabilities"]) == 2
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["classes"] == ["0", "1"]
+
+    # `peftkit eval` reloads base + adapter with the run's classes and predicts the same classes
+    proc = subprocess.run([sys.executable, "-m", "peftkit", "eval", str(out / "config.yaml"), "--adapter", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["accuracy"] == metrics["accuracy"]
