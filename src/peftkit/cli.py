@@ -44,14 +44,19 @@ def _torchrun(args: argparse.Namespace) -> int:
     return 0  # not reached
 
 
+# The figures each stage is judged by (sft, pt, rm, dpo, cls).
+_SHOWN_METRICS = ("precision", "recall", "f1", "exact_match", "invalid_json", "perplexity", "accuracy", "margin",
+                  "rewards/accuracies", "rewards/margins", "majority_accuracy")
+
+
 def _print_summary(summary: dict) -> None:
     lines = [f"training loss: {summary['train_loss']:.4f} ({summary['train_seconds']} s of training)"]
     for when in ("before", "after"):
         m = summary.get(f"metrics_{when}")
         if m:
-            shown = {k: v for k, v in m.items() if k in ("precision", "recall", "f1", "exact_match", "invalid_json")}
+            shown = {k: v for k, v in m.items() if k in _SHOWN_METRICS}
             lines.append(f"{when:>6} training: " + ", ".join(f"{k} {v}" for k, v in shown.items())
-                         + f" on {m['records']} records")
+                         + (f" on {m['records']} records" if "records" in m else ""))
     lines.append(f"wall time: {summary['wall_seconds']} s")
     lines.append(f"outputs: {summary['output_dir']}")
     print("\n".join(lines))

@@ -224,3 +224,18 @@ def test_cls_trains_head_in_full_with_lora_and_eval_writes_predictions(
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["accuracy"] == metrics["accuracy"]
+
+
+def test_rm_resume_restores_the_value_head_of_the_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "rm_resume"
+    flags = [f"data.train={DPO}", "data.format=preference", "data.max_samples=8", "train.max_steps=2",
+             "train.save_strategy=steps", "train.save_steps=2"]
+    train(load_config(None, _overrides(tiny_model_dir, out, "rm", *flags)))
+    saved = load_file(str(out / "checkpoint-2" / VALUE_HEAD_FILE))
+    (out / VALUE_HEAD_FILE).unlink()
+    # a resumed run with nothing left to train saves what it restored, not a freshly seeded head
+    train(load_config(None, _overrides(tiny_model_dir, out, "rm", *flags, "train.resume_from_checkpoint=true",
+                                       "train.seed=7")))
+    torch.testing.assert_close(load_file(str(out / VALUE_HEAD_FILE)), saved)
