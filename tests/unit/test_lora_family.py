@@ -25,10 +25,12 @@ def _run(tiny_model_dir: Path, alpaca_file: Path, out: Path, *flags: str):
     ["finetuning.use_dora=true"],
     ["finetuning.use_rslora=true"],
     ["finetuning.init_lora_weights=gaussian"],
+    ["finetuning.init_lora_weights=pissa"],
+    ["finetuning.init_lora_weights=olora"],
     ["finetuning.modules_to_save=[lm_head]"],
     ["finetuning.lora_target=.*\\.self_attn\\.(q|v)_proj"],
     ["finetuning.loraplus_lr_ratio=16"],
-], ids=["dora", "rslora", "gaussian", "modules_to_save", "regex_target", "loraplus"])
+], ids=["dora", "rslora", "gaussian", "pissa", "olora", "modules_to_save", "regex_target", "loraplus"])
 def test_flag_trains_saves_and_reloads(flags: list[str], tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
     from peft import AutoPeftModelForCausalLM
 
@@ -40,6 +42,9 @@ def test_flag_trains_saves_and_reloads(flags: list[str], tiny_model_dir: Path, a
         assert config["use_dora"] is True
     elif key == "use_rslora":
         assert config["use_rslora"] is True
+    elif key == "init_lora_weights" and value in ("pissa", "olora"):
+        # converted for the original model: a plain LoRA of twice the rank, loaded below on the untouched base
+        assert config["r"] == 2 * 8 and (out / "lora_init" / "adapter_config.json").is_file()
     elif key == "init_lora_weights":
         assert config["init_lora_weights"] == "gaussian"
     elif key == "modules_to_save":
@@ -90,5 +95,24 @@ def test_training_continues_an_existing_adapter(tiny_model_dir: Path, alpaca_fil
     a, b = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((second / "adapter_config.json").read_text())["r"] == 4  # the adapter's own settings
-    with pytest.raises(ConfigError, match="no adapter_config.json there"):
+    with pytest.raises(ConfigError, match="has no adapter_config.json"):
         _run(tiny_model_dir, alpaca_file, tmp_path / "third", f"finetuning.adapter_name_or_path={tmp_path}")
+
+
+def test_adapters_stack_earlier_merged_last_trained(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _run(tiny_model_dir, alpaca_file, a, "finetuning.lora_rank=4")
+    _run(tiny_model_dir, alpaca_file, b, "finetuning.lora_rank=2", "train.seed=3")
+    stacked = _run(tiny_model_dir, alpaca_file, tmp_path / "s", f"finetuning.adapter_name_or_path=[{a},{b}]",
+                   "train.learning_rate=0").model.eval()
+    trainable = {n for n, p in stacked.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert {p.shape[0] for n, p in stacked.named_parameters() if "lora_A" in n} == {2}  # only b's adapter is left
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    expected = PeftModel.from_pretrained(PeftModel.from_pretrained(base, a).merge_and_unload(), b).eval()
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(stacked(input_ids=ids).logits, expected(input_ids=ids).logits, rtol=0, atol=1e-5)

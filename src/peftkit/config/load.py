@@ -260,9 +260,10 @@ def validate(cfg: RunConfig) -> list[str]:
         issues.append(f"finetuning.lora_alpha={ft.lora_alpha}: must be at least 1 (commonly 2 x lora_rank)")
     if not 0.0 <= ft.lora_dropout < 1.0:
         issues.append(f"finetuning.lora_dropout={ft.lora_dropout}: must be in [0, 1)")
-    if ft.adapter_name_or_path and not (Path(ft.adapter_name_or_path) / "adapter_config.json").is_file():
-        issues.append(f"finetuning.adapter_name_or_path={ft.adapter_name_or_path!r}: no adapter_config.json there "
-                      "(give the output_dir of a LoRA run)")
+    for adapter in adapter_paths(ft):
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            issues.append(f"finetuning.adapter_name_or_path: {adapter!r} has no adapter_config.json (give the "
+                          "output_dir of a LoRA run)")
     if ft.loraplus_lr_ratio is not None and ft.loraplus_lr_ratio <= 0:
         issues.append(f"finetuning.loraplus_lr_ratio={ft.loraplus_lr_ratio}: must be positive (16 is common)")
     if ft.finetuning_type != "lora" and (ft.use_dora or ft.use_rslora or ft.loraplus_lr_ratio or ft.modules_to_save
@@ -301,6 +302,12 @@ def _check_stage(cfg: RunConfig, specs: list[DatasetSpec]) -> list[str]:
     if cfg.finetuning.pref_ftx < 0:
         issues.append(f"finetuning.pref_ftx={cfg.finetuning.pref_ftx}: must be 0 or more")
     return issues
+
+
+def adapter_paths(ft: Any) -> list[str]:
+    """finetuning.adapter_name_or_path as a list (earlier ones are merged, the last one trains)."""
+    value = ft.adapter_name_or_path
+    return [value] if isinstance(value, str) else list(value or [])
 
 
 def looks_like_hub_id(path: str) -> bool:

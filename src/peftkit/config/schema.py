@@ -102,8 +102,9 @@ class FinetuningArgs:
     )
     use_dora: bool = _f(False, "DoRA: weight-decomposed LoRA (peft use_dora).")
     use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale by alpha / sqrt(rank) (peft use_rslora).")
-    init_lora_weights: Literal["default", "gaussian"] = _f(
-        "default", "LoRA initialisation: peft's default (B = 0, A Kaiming-uniform) or gaussian."
+    init_lora_weights: Literal["default", "gaussian", "pissa", "olora"] = _f(
+        "default", "LoRA initialisation: peft's default (B = 0, A Kaiming-uniform), gaussian, or pissa / olora "
+        "(from the weights' SVD / QR; the saved adapter is converted to a plain rank-2r LoRA of the original model)."
     )
     modules_to_save: list[str] | None = _f(
         None, "Modules trained in full and saved with the adapter (e.g. [lm_head] or a classifier head)."
@@ -111,9 +112,10 @@ class FinetuningArgs:
     loraplus_lr_ratio: float | None = _f(
         None, "LoRA+: the B matrices learn this many times faster than train.learning_rate (16 is common)."
     )
-    adapter_name_or_path: str | None = _f(
+    adapter_name_or_path: str | list[str] | None = _f(
         None, "lora: go on training this saved adapter (a peftkit output_dir or any peft adapter folder) "
-        "instead of a new one; its own LoRA settings apply."
+        "instead of a new one; its own LoRA settings apply. A list stacks: every adapter but the last is merged "
+        "into the model, the last one trains."
     )
     pref_beta: float = _f(0.1, "dpo: beta, how far the policy may move from the reference (higher: closer).")
     pref_ftx: float = _f(0.0, "dpo: weight of an SFT loss on the chosen answers added to the DPO loss.")

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from peftkit.config.load import adapter_paths
 from peftkit.config.schema import FinetuningArgs
 from peftkit.constants import VALUE_HEAD_FILE
 from peftkit.errors import ConfigError
@@ -38,7 +39,7 @@ def prepare_for_training(model: Any, args: FinetuningArgs, stage: str = "sft") -
     else:
         model.requires_grad_(True)
     if stage == "rm":
-        previous = args.adapter_name_or_path
+        previous = (adapter_paths(args) or [None])[-1]
         if previous and (Path(previous) / VALUE_HEAD_FILE).is_file():
             load_value_head(model, previous)
         else:
@@ -48,6 +49,24 @@ def prepare_for_training(model: Any, args: FinetuningArgs, stage: str = "sft") -
     logger.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
 
+
+# Initialisations that rewrite the base weights; the saved adapter is converted back (see save_initial_adapter).
+CONVERTED_INITS = ("pissa", "olora")
+LORA_INIT_DIR = "lora_init"
+
+
+def save_initial_adapter(model: Any, folder: Path) -> None:
+    """Keep the adapter as pissa / olora initialised it (they move part of each weight into it).
+
+    PeftTrainer's final save hands this folder to peft, which turns the trained adapter into a plain
+    rank-2r LoRA of the original model, loadable without any conversion step.
+    """
+    config = model.peft_config["default"]
+    init, config.init_lora_weights = config.init_lora_weights, True  # as peft's conversion expects
+    try:
+        model.save_pretrained(str(folder))
+    finally:
+        config.init_lora_weights = init
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -65,12 +84,17 @@ def count_parameters(model: Any) -> tuple[int, int]:
 def _apply_lora(model: Any, args: FinetuningArgs, stage: str = "sft") -> Any:
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
-    if args.adapter_name_or_path:
+    adapters = adapter_paths(args)
+    for n, path in enumerate(adapters):
         try:
-            return PeftModel.from_pretrained(model, args.adapter_name_or_path, is_trainable=True)
+            model = PeftModel.from_pretrained(model, path, is_trainable=n == len(adapters) - 1)
         except (OSError, ValueError) as e:
-            raise ConfigError([f"finetuning.adapter_name_or_path={args.adapter_name_or_path!r}: not a loadable "
-                               f"adapter for this model ({e})"]) from e
+            raise ConfigError([f"finetuning.adapter_name_or_path: {path!r} is not a loadable adapter for this "
+                               f"model ({e})"]) from e
+        if n < len(adapters) - 1:
+            model = model.merge_and_unload()  # stacked: earlier adapters become part of the model
+    if adapters:
+        return model
 
     target = "all-linear" if args.lora_target == "all" else args.lora_target  # a string is a regex to peft
     config = LoraConfig(

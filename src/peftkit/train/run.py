@@ -21,6 +21,7 @@ from peftkit.data import PreparedData, apply_template, build_collator, prepare_d
 from peftkit.errors import PeftkitError
 from peftkit.eval.predict import predict
 from peftkit.model import load_model, load_tokenizer, prepare_for_training
+from peftkit.model.finetuning import CONVERTED_INITS, LORA_INIT_DIR, save_initial_adapter
 from peftkit.model.value_head import attach_value_head
 from peftkit.train.callbacks import LogCallback, StopCallback
 from peftkit.train.checkpoints import latest_complete, resolve_resume
@@ -84,6 +85,9 @@ def train(cfg: RunConfig, config_path: str = "CONFIG.yaml") -> TrainResult:
         summary["metrics_before"] = predict(model, tokenizer, cfg, output_dir, tag="_before")
         set_seed(args.seed)
     model = prepare_for_training(model, cfg.finetuning, cfg.stage)
+    if cfg.finetuning.init_lora_weights in CONVERTED_INITS and not cfg.finetuning.adapter_name_or_path and main:
+        if not (output_dir / LORA_INIT_DIR).is_dir():  # a resumed run keeps the first run's
+            save_initial_adapter(model, output_dir / LORA_INIT_DIR)
 
     trainer, log = build_trainer(cfg, args, extras, model, tokenizer, data)
     if resume is not None:

@@ -25,6 +25,7 @@ from peftkit.constants import (
     TRAINING_ARGS_FILE,
 )
 from peftkit.errors import PeftkitError
+from peftkit.model.finetuning import LORA_INIT_DIR
 from peftkit.model.value_head import (
     load_value_head,
     save_value_head,
@@ -110,6 +111,11 @@ class PeftTrainer(Seq2SeqTrainer):
             state_dict = without_value_head(state_dict if state_dict is not None else model.state_dict())
         super()._save(output_dir, state_dict=state_dict)
         out = Path(output_dir or self.args.output_dir)
+        initial = Path(self.args.output_dir) / LORA_INIT_DIR
+        if out == Path(self.args.output_dir) and initial.is_dir() and hasattr(model, "peft_config"):
+            # pissa / olora: the final adapter becomes a plain LoRA of the original model (checkpoints stay
+            # as trained, for resuming on the in-memory, rewritten base)
+            model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(initial))
         if head is not None:
             save_value_head(model, out)
         write_json_atomic(out / TRAINING_ARGS_FILE, json.loads(self.args.to_json_string()))
