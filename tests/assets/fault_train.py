@@ -15,7 +15,7 @@ from peftkit.train.trainer import PeftTrainer
 
 fault, _, at = sys.argv[1].partition(":")
 step = int(at or 0)
-step_of = lambda self: self.state.global_step + 1
+step_of = lambda self: self.state.global_step + 1  # noqa: E731 - the step being computed
 
 if fault in ("kill_in_step", "term_in_step"):
     real_step = PeftTrainer.training_step

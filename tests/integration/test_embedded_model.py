@@ -92,8 +92,9 @@ def smollm():
 
 
 def test_labels_conform_to_apply_chat_template_on_the_embedded_tokenizer(smollm) -> None:
-    from peftkit.data import encode_messages
     from tests.unit.test_data_masks import MESSAGES, SINGLE, expected_labels
+
+    from peftkit.data import encode_messages
 
     _, tokenizer = smollm
     for messages in (SINGLE, MESSAGES):
@@ -104,9 +105,10 @@ def test_labels_conform_to_apply_chat_template_on_the_embedded_tokenizer(smollm)
 
 
 def test_packed_loss_and_gradients_equal_one_by_one_on_the_embedded_model(smollm) -> None:
+    from tests.unit.test_data_packing import assert_packed_equals_one_by_one
+
     from peftkit.config.schema import DataArgs
     from peftkit.data import prepare_data
-    from tests.unit.test_data_packing import assert_packed_equals_one_by_one
 
     model, tokenizer = smollm
     data = prepare_data(DataArgs(train=str(REPO / "data/resume_ner/dev.json"), max_samples=6, cutoff_len=256), tokenizer)

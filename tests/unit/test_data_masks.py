@@ -10,13 +10,7 @@ import pytest
 
 from peftkit.config.schema import DataArgs
 from peftkit.constants import IGNORE_INDEX
-from peftkit.data import (
-    SHIPPED_TEMPLATES,
-    apply_template,
-    build_dataset,
-    describe_example,
-    encode_messages,
-)
+from peftkit.data import SHIPPED_TEMPLATES, apply_template, build_dataset, describe_example, encode_messages
 from peftkit.data.encode import DOES_NOT_FIT, FULLY_MASKED
 from peftkit.errors import ConfigError, DataError
 

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from peftkit.eval.metrics import (
-    accuracy,
-    bleu,
-    exact_match,
-    f1,
-    ner_json,
-    parse_entities,
-    rouge,
-)
+from peftkit.eval.metrics import accuracy, bleu, exact_match, f1, ner_json, parse_entities, rouge
 
 GOLD = '{"姓名": ["高勇"], "国籍": ["中国国籍"], "职位": ["工程师", "会员"]}'
 

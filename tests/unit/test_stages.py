@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,16 @@ def test_rm_resume_restores_the_value_head_of_the_checkpoint(tiny_model_dir: Pat
     train(load_config(None, _overrides(tiny_model_dir, out, "rm", *flags, "train.resume_from_checkpoint=true",
                                        "train.seed=7")))
     torch.testing.assert_close(load_file(str(out / VALUE_HEAD_FILE)), saved)
+
+
+def test_cls_eval_records_keep_their_location_and_refuse_unknown_classes(tokenizer, tmp_path: Path) -> None:
+    from peftkit.data.dataset import encode_records
+    from peftkit.errors import DataError
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"text": "a", "text_pair": "b", "label": 1}\n{"text": "c", "label": 7}\n')
+    args = DataArgs(format="pairs", cutoff_len=32)
+    (sample, where, ex), = encode_records([str(path)], replace(args, max_samples=1), tokenizer, "cls", ["0", "1"])
+    assert where.endswith("pairs.jsonl: line 1") and ex.labels == 1 and sample["text_pair"] == "b"
+    with pytest.raises(DataError, match="7 is not one of the classes"):
+        encode_records([str(path)], args, tokenizer, "cls", ["0", "1"])

@@ -295,6 +295,8 @@ def _check_stage(cfg: RunConfig, specs: list[DatasetSpec]) -> list[str]:
         if spec.format not in formats:
             issues.append(f"stage {cfg.stage} trains on {' or '.join(formats)} records, but {spec.path!r} has format "
                           f"{spec.format!r}: set data.format: {formats[0]} (and data.columns if the names differ)")
+    if cfg.stage == "cls" and cfg.data.streaming:
+        issues.append("data.streaming: stage cls takes its classes from the whole training data; turn streaming off")
     if cfg.stage in ("rm", "dpo", "cls") and cfg.data.packing:
         issues.append(f"data.packing: stage {cfg.stage} scores whole sequences; packing applies to sft and pt only")
     if cfg.finetuning.pref_beta <= 0:

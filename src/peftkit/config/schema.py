@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
-def _f(default: Any, help: str) -> Any:
+def _f(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call site
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})

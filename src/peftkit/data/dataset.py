@@ -184,7 +184,6 @@ def _join_documents(kept: dict[str, list[Any]], cutoff_len: int, counts: Dataset
         counts.drops.add(TOO_SHORT, f"{counts.path}: the last token of the joined documents")
         blocks.pop()
     counts.last_block_tokens = len(blocks[-1]) if blocks else 0
-    counts.truncated = 0  # joined documents are cut into blocks, not truncated
     return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
 
 
@@ -268,11 +267,12 @@ def _classes(specs: list[DatasetSpec], args: DataArgs) -> list[str]:
 
 def _token_stats(ds: Any) -> tuple[list[int], int]:
     """Example lengths and the number of supervised tokens, computed in Arrow (no Python lists of ids)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     table = ds.with_format("arrow")[:]
     lengths = pc.list_value_length(table.column("input_ids")).to_pylist()
-    if not str(table.column("labels").type).startswith("list"):  # cls: one class per example
+    if not pa.types.is_list(table.column("labels").type):  # cls: one class per example
         return lengths, len(lengths)
     labels = pc.list_flatten(table.column("labels"))
     return lengths, int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
@@ -338,6 +338,18 @@ def _check_end_of_turn_supervised(tokenizer: Any, labels: list[list[int]], specs
             "WARNING: the chat template leaves the end-of-turn token outside the labels: the model will not "
             "learn to stop. Use a template whose assistant turn ends with %s (data.template).", tokenizer.eos_token,
         )
+
+
+def encode_records(paths: list[str], args: DataArgs, tokenizer: Any, stage: str,
+                   classes: list[str] | None = None) -> list[tuple[Sample, str, Encoded]]:
+    """Every record of `paths` with its location and its one example (rm / dpo / cls; a dropped one says why).
+
+    Evaluation writes one line per record, so it needs each example beside the record it came from.
+    """
+    items = [item for spec in file_specs(paths, args) for item in iter_samples(spec, args)]
+    encoding = Encoding(args.cutoff_len, args.mask, stage, classes)
+    encoded = _encode([s for s, _ in items], [w for _, w in items], tokenizer, encoding)
+    return [(sample, where, ex) for (sample, _), (ex, where) in zip(items, encoded, strict=True)]
 
 
 def build_dataset(paths: list[str], args: DataArgs, tokenizer: Any, stage: str = "sft",

@@ -35,10 +35,10 @@ class Encoded:
     """One example, or the reason its record was dropped (then ids and labels are empty)."""
 
     input_ids: list[int]
-    labels: list[int]
+    labels: list[int] | int  # token labels; for cls the class index
     truncated: bool = False
     drop: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)  # stage columns: rejected_input_ids, token_type_ids, ...
+    extra: dict[str, Any] = field(default_factory=dict)  # stage columns: rejected_input_ids, token_type_ids
 
 
 def _renderer(tokenizer: Any) -> Any:
@@ -244,7 +244,7 @@ def encode_classification(
     tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]], cutoff_len: int, classes: list[str],
     strict: bool = True,
 ) -> list[Encoded]:
-    """text (+ text_pair) → input_ids and the class index (`extra["labels"]`, an integer).
+    """text (+ text_pair) → input_ids and the class index as `labels`.
 
     Encoders join a pair with their own template ([CLS] a [SEP] b [SEP], with token_type_ids);
     decoders, which have none, read the two texts on separate lines.
@@ -262,10 +262,10 @@ def encode_classification(
         text, pair = sample["text"], sample["text_pair"]
         if pair is not None and not pair_template:
             text, pair = f"{text}\n{pair}", None
-        enc = tokenizer(text, pair, truncation=True, max_length=cutoff_len)
-        full = len(tokenizer(text, pair)["input_ids"]) if len(enc["input_ids"]) == cutoff_len else 0
-        extra: dict[str, Any] = {"labels": label}
-        if "token_type_ids" in enc:
-            extra["token_type_ids"] = enc["token_type_ids"]
-        out.append(Encoded(enc["input_ids"], [], truncated=full > cutoff_len, extra=extra))
+        enc = tokenizer(text, pair)
+        truncated = len(enc["input_ids"]) > cutoff_len
+        if truncated:  # the tokenizer's own pair truncation (longest first) keeps both texts' special tokens
+            enc = tokenizer(text, pair, truncation=True, max_length=cutoff_len)
+        extra = {"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}
+        out.append(Encoded(enc["input_ids"], label, truncated=truncated, extra=extra))
     return out

@@ -1,13 +1,14 @@
 """Evaluation without generation for the stages that score: rm / dpo pairs and cls records.
 
-Each writes one line per record (scores or the predicted class) next to the metrics, so a user
-can look at the pairs the model gets wrong.
+Each writes one line per record, with its location in the file, next to the metrics, so a user
+can look at the pairs or records the model gets wrong.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from typing import Any
 from peftkit.atomic import write_text_atomic
 from peftkit.config.schema import RunConfig
 from peftkit.data.collate import build_collator
-from peftkit.data.dataset import build_dataset, file_specs, iter_samples
+from peftkit.data.dataset import encode_records
+from peftkit.data.formats import Sample
 from peftkit.eval.metrics import classification_scores
 
 logger = logging.getLogger("peftkit")
@@ -23,16 +25,25 @@ PAIR_SCORES_FILE = "pair_scores{tag}.jsonl"
 CLASS_PREDICTIONS_FILE = "class_predictions{tag}.jsonl"
 
 
-def _batches(model: Any, tokenizer: Any, cfg: RunConfig, classes: list[str] | None = None) -> Any:
+def _batches(model: Any, tokenizer: Any, cfg: RunConfig,
+             classes: list[str] | None = None) -> Iterator[tuple[list[tuple[Sample, str]], dict[str, Any]]]:
+    """(records, batch) over eval.dataset; a record whose example was dropped is skipped and counted in the log."""
     import torch
 
     data_args = replace(cfg.data, max_samples=cfg.eval.max_samples)
-    dataset, _ = build_dataset([cfg.eval.dataset], data_args, tokenizer, cfg.stage, classes)
+    records = encode_records([cfg.eval.dataset], data_args, tokenizer, cfg.stage, classes)
+    kept = [(sample, where, ex) for sample, where, ex in records if not ex.drop]
+    if len(kept) < len(records):
+        first = next(r for r in records if r[2].drop)
+        logger.warning("%s: %d of %d records not scored (first: %s, %s)", cfg.eval.dataset, len(records) - len(kept),
+                       len(records), first[1], first[2].drop)
     collate = build_collator(tokenizer, packing=False, stage=cfg.stage)
     device = next(model.parameters()).device
-    for start in range(0, len(dataset), cfg.eval.batch_size):
-        rows = [dataset[i] for i in range(start, min(start + cfg.eval.batch_size, len(dataset)))]
-        yield {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(rows).items()}
+    for start in range(0, len(kept), cfg.eval.batch_size):
+        part = kept[start : start + cfg.eval.batch_size]
+        rows = [{"input_ids": ex.input_ids, "labels": ex.labels, **ex.extra} for _, _, ex in part]
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate(rows).items()}
+        yield [(sample, where) for sample, where, _ in part], batch
 
 
 def score_pairs(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str = "") -> dict[str, Any]:
@@ -48,17 +59,18 @@ def score_pairs(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, ta
         reference = None if hasattr(model, "disable_adapter") else load_model(cfg.model).to(next(model.parameters()).device)
         objective = DirectPreference(cfg.finetuning.pref_beta, 0.0, reference)
     model.eval()
-    pairs, losses = [], []
+    pairs, losses, wheres = [], [], []
     with torch.inference_mode():
-        for batch in _batches(model, tokenizer, cfg):
+        for records, batch in _batches(model, tokenizer, cfg):
             loss, _, scores = objective(model, batch)
             pairs.append(scores.float().cpu())
             losses += [float(loss)] * len(scores)
+            wheres += [where for _, where in records]
     both = torch.cat(pairs)
     metrics: dict[str, Any] = {k: round(v, 6) for k, v in pair_metrics(both[:, 0], both[:, 1], objective.names).items()}
     metrics.update(eval_loss=round(sum(losses) / len(losses), 6), records=len(both))
-    lines = [json.dumps({"record": i, "chosen": round(float(c), 6), "rejected": round(float(r), 6),
-                         "correct": bool(c > r)}) for i, (c, r) in enumerate(both.tolist())]
+    lines = [json.dumps({"record": where, "chosen": round(c, 6), "rejected": round(r, 6), "correct": c > r},
+                        ensure_ascii=False) for where, (c, r) in zip(wheres, both.tolist())]
     write_text_atomic(output_dir / PAIR_SCORES_FILE.format(tag=tag), "\n".join(lines) + "\n")
     return metrics
 
@@ -67,21 +79,18 @@ def classify(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: 
     """cls: the predicted class and its probabilities per record; accuracy and F1."""
     import torch
 
-    config = model.config
-    classes = [config.id2label[i] for i in range(config.num_labels)]
+    classes = [model.config.id2label[i] for i in range(model.config.num_labels)]
     model.eval()
-    preds, labels, probs = [], [], []
+    preds, labels, lines = [], [], []
     with torch.inference_mode():
-        for batch in _batches(model, tokenizer, cfg, classes):
+        for records, batch in _batches(model, tokenizer, cfg, classes):
             out = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float().softmax(-1)
-            preds += out.argmax(-1).tolist()
-            probs += out.tolist()
-            labels += batch["labels"].tolist()
-    metrics: dict[str, Any] = {**classification_scores(preds, labels), "records": len(preds)}
-    data_args = replace(cfg.data, max_samples=cfg.eval.max_samples)
-    samples = [s for spec in file_specs([cfg.eval.dataset], data_args) for s, _ in iter_samples(spec, data_args)]
-    lines = [json.dumps({"text": s["text"], "text_pair": s["text_pair"], "label": classes[y], "predict": classes[p],
-                         "probabilities": [round(x, 4) for x in pr]}, ensure_ascii=False)
-             for s, y, p, pr in zip(samples, labels, preds, probs)]
+            for (sample, where), y, p in zip(records, batch["labels"].tolist(), out.tolist()):
+                predicted = max(range(len(p)), key=p.__getitem__)
+                preds.append(predicted)
+                labels.append(y)
+                lines.append(json.dumps({"record": where, "text": sample["text"], "text_pair": sample["text_pair"],
+                                         "label": classes[y], "predict": classes[predicted],
+                                         "probabilities": [round(x, 4) for x in p]}, ensure_ascii=False))
     write_text_atomic(output_dir / CLASS_PREDICTIONS_FILE.format(tag=tag), "\n".join(lines) + "\n")
-    return metrics
+    return {**classification_scores(preds, labels), "records": len(preds)}

@@ -11,7 +11,12 @@ from peftkit.config.load import adapter_paths
 from peftkit.config.schema import FinetuningArgs
 from peftkit.constants import VALUE_HEAD_FILE
 from peftkit.errors import ConfigError
-from peftkit.model.value_head import attach_value_head, load_value_head, value_head
+from peftkit.model.value_head import (
+    HEAD,
+    attach_value_head,
+    load_value_head,
+    value_head,
+)
 
 logger = logging.getLogger("peftkit")
 
@@ -25,8 +30,9 @@ POOLERS = ("pooler",)
 def prepare_for_training(model: Any, args: FinetuningArgs, stage: str = "sft") -> Any:
     """The model ready to train under `args.finetuning_type`; a PeftModel for lora.
 
-    rm adds a trainable value head (restored from adapter_name_or_path when it has one); cls
-    trains the classification head in full under every finetuning_type.
+    rm trains the value head in full (attached here if the model has none; restored from
+    adapter_name_or_path when it has one); cls trains the classification head in full under
+    every finetuning_type.
     """
     if args.finetuning_type == "lora":
         model = _apply_lora(model, args, stage)
@@ -42,7 +48,7 @@ def prepare_for_training(model: Any, args: FinetuningArgs, stage: str = "sft") -
         previous = (adapter_paths(args) or [None])[-1]
         if previous and (Path(previous) / VALUE_HEAD_FILE).is_file():
             load_value_head(model, previous)
-        else:
+        elif value_head(model) is None:
             attach_value_head(model)
         value_head(model).requires_grad_(True)
     trainable, total = count_parameters(model)
@@ -107,6 +113,7 @@ def _apply_lora(model: Any, args: FinetuningArgs, stage: str = "sft") -> Any:
         use_rslora=args.use_rslora,
         init_lora_weights=True if args.init_lora_weights == "default" else args.init_lora_weights,
         modules_to_save=_modules_to_save(model, args, stage),
+        exclude_modules=[HEAD] if stage == "rm" else None,  # the value head trains in full, not through LoRA
     )
     try:
         return get_peft_model(model, config)

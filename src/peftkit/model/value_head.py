@@ -17,7 +17,8 @@ HEAD = "v_head"
 
 
 def causal_lm(model: Any) -> Any:
-    """The transformers model inside a PeftModel (or the model itself)."""
+    """The transformers model inside a DDP wrapper and / or a PeftModel (or the model itself)."""
+    model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

@@ -50,7 +50,7 @@ class PairwiseReward:
     def __call__(self, model: Any, inputs: dict[str, Any]) -> tuple[Any, dict[str, float], Any]:
         import torch
 
-        lm = causal_lm(model.module if hasattr(model, "module") else model)
+        lm = causal_lm(model)
         with hidden_states_as_logits(lm):  # the LM head's vocabulary logits are never computed
             hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
         r = scores(hidden, inputs["attention_mask"], value_head(lm))
@@ -79,7 +79,7 @@ class DirectPreference:
 
         with torch.no_grad():
             if self.reference is None:
-                peft_model = model.module if hasattr(model, "module") else model
+                peft_model = getattr(model, "module", model)  # not the DDP wrapper
                 with peft_model.disable_adapter():
                     logits = peft_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                         use_cache=False).logits

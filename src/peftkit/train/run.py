@@ -21,7 +21,11 @@ from peftkit.data import PreparedData, apply_template, build_collator, prepare_d
 from peftkit.errors import PeftkitError
 from peftkit.eval.predict import predict
 from peftkit.model import load_model, load_tokenizer, prepare_for_training
-from peftkit.model.finetuning import CONVERTED_INITS, LORA_INIT_DIR, save_initial_adapter
+from peftkit.model.finetuning import (
+    CONVERTED_INITS,
+    LORA_INIT_DIR,
+    save_initial_adapter,
+)
 from peftkit.model.value_head import attach_value_head
 from peftkit.train.callbacks import LogCallback, StopCallback
 from peftkit.train.checkpoints import latest_complete, resolve_resume
@@ -77,17 +81,15 @@ def train(cfg: RunConfig, config_path: str = "CONFIG.yaml") -> TrainResult:
         logger.info("data:\n%s\nexample (supervised spans in [[...]]):\n%s", data.report.summary(), data.report.example)
 
     model = load_model(cfg.model, data.report.classes, tokenizer.pad_token_id)
+    if cfg.stage == "rm":
+        attach_value_head(model)  # the head training starts from, so it is also the one scored before training
     summary: dict[str, Any] = {"output_dir": str(output_dir), "stage": cfg.stage}
     if cfg.eval.dataset and cfg.eval.before_training and main and resume is None:
-        if cfg.stage == "rm":  # an untrained value head: the score a reward model starts from
-            set_seed(args.seed)
-            attach_value_head(model)
         summary["metrics_before"] = predict(model, tokenizer, cfg, output_dir, tag="_before")
-        set_seed(args.seed)
     model = prepare_for_training(model, cfg.finetuning, cfg.stage)
-    if cfg.finetuning.init_lora_weights in CONVERTED_INITS and not cfg.finetuning.adapter_name_or_path and main:
-        if not (output_dir / LORA_INIT_DIR).is_dir():  # a resumed run keeps the first run's
-            save_initial_adapter(model, output_dir / LORA_INIT_DIR)
+    converted_init = cfg.finetuning.init_lora_weights in CONVERTED_INITS and not cfg.finetuning.adapter_name_or_path
+    if converted_init and main and not (output_dir / LORA_INIT_DIR).is_dir():  # a resumed run keeps the first run's
+        save_initial_adapter(model, output_dir / LORA_INIT_DIR)
 
     trainer, log = build_trainer(cfg, args, extras, model, tokenizer, data)
     if resume is not None:

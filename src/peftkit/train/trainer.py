@@ -27,6 +27,7 @@ from peftkit.constants import (
 from peftkit.errors import PeftkitError
 from peftkit.model.finetuning import LORA_INIT_DIR
 from peftkit.model.value_head import (
+    causal_lm,
     load_value_head,
     save_value_head,
     value_head,
@@ -98,7 +99,7 @@ class PeftTrainer(Seq2SeqTrainer):
             # means over pairs or records, not sums over tokens: Trainer then scales them for
             # gradient accumulation itself
             self.model_accepts_loss_kwargs = False
-        self.chunked_loss = objective is None and self._use_chunked_loss(chunked_loss)
+        self.chunked_loss = self._use_chunked_loss(chunked_loss)
         self.stage_metrics: dict[str, list[float]] = {}  # the objective's metrics since the last log
         self.token_counts = TokenCounts()  # this process, since it started
         self.token_base = TokenCounts()  # every process, up to the checkpoint resumed from
@@ -180,16 +181,17 @@ class PeftTrainer(Seq2SeqTrainer):
     def _use_chunked_loss(self, requested: bool | None) -> bool:
         """On by default where it is exact; never with a label smoother or a custom loss."""
         causal_lm = self._causal_lm()
-        possible = (supports_chunked_loss(causal_lm) and self.label_smoother is None and self.compute_loss_func is None
+        possible = (self.objective is None and supports_chunked_loss(causal_lm) and self.label_smoother is None
+                    and self.compute_loss_func is None
                     and (self.args.world_size == 1 or not causal_lm.get_output_embeddings().weight.requires_grad))
         if requested and not possible:
             raise PeftkitError("train.chunked_loss=true: not exact for this model or setup (a scaled or soft-capped "
-                               "output layer, a label smoother, or a trained output layer across processes)")
+                               "output layer, a label smoother, a trained output layer across processes, or a stage "
+                               "whose loss is not next-token cross-entropy: rm, dpo, cls)")
         return possible if requested is None else bool(requested)
 
     def _causal_lm(self) -> Any:
-        model = self.accelerator.unwrap_model(self.model)
-        return model.get_base_model() if hasattr(model, "get_base_model") else model
+        return causal_lm(self.accelerator.unwrap_model(self.model))
 
     @override
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
@@ -249,10 +251,11 @@ class PeftTrainer(Seq2SeqTrainer):
         if self.stage_metrics and "loss" in logs:  # averaged over the steps since the last log
             logs.update({k: round(sum(v) / len(v), 6) for k, v in self.stage_metrics.items()})
             self.stage_metrics.clear()
-        margin = self.objective.names["margin"] if self.objective is not None else None
-        for key in (margin, f"eval_{margin}"):
-            if key in logs:  # trainer_log.jsonl's `reward`: the mean reward margin
-                logs["reward"] = logs[key]
+        if self.objective is not None:  # trainer_log.jsonl's `reward`: the mean reward margin
+            margin = self.objective.names["margin"]
+            for key in (margin, f"eval_{margin}"):
+                if key in logs:
+                    logs["reward"] = logs[key]
         super().log(logs, start_time)
 
 
