@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
+from typing import Callable
 
 
 def _merge_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
