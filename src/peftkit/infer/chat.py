@@ -24,12 +24,12 @@ def load_for_chat(model_name: str, adapter: str | None, stage: str = "sft") -> t
     else:
         tokenizer = load_tokenizer(args)
     model = load_model(args, _saved_classes(trained) if stage == "cls" else None, tokenizer.pad_token_id)
+    if stage == "rm":  # before the adapter, whose config excludes the head from LoRA's targets
+        load_value_head(model, trained)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-    if stage == "rm":
-        load_value_head(model, trained)
     model.eval()
     return model, tokenizer
 
