@@ -74,6 +74,10 @@ def test_preference_pairs_supervise_only_each_answer(tokenizer) -> None:
         assert tokenizer.decode(supervised).startswith(record[key]["value"][:20])
         assert labels[0] == IGNORE_INDEX and len(ids) <= 128
     assert data.report.stage == "rm" and "rejected:" in data.report.example
+    assert data.report.truncated == 8 and "8 of 8 pairs lose the end of an answer" in data.report.summary()
+    whole = prepare_data(DataArgs(train=str(DPO), format="preference", cutoff_len=4096, max_samples=8), tokenizer,
+                         stage="rm")
+    assert whole.report.truncated == 0 and "lose the end" not in whole.report.summary()
 
 
 def test_rm_trains_saves_value_head_and_reloads_equal_scores(tiny_model_dir: Path, tmp_path: Path) -> None:
