@@ -124,20 +124,36 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _is_loopback(host: str) -> bool:
     import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from peftkit.serve import serve
 
     api_key = args.api_key or os.environ.get("PEFTKIT_API_KEY")
-    try:
-        loopback = args.host == "localhost" or ipaddress.ip_address(args.host).is_loopback
-    except ValueError:  # a host name
-        loopback = False
+    loopback = _is_loopback(args.host)
     if not loopback and not api_key:
         logger.warning("serving on %s without --api-key: anyone who reaches this address can use the model", args.host)
     serve(args.model, args.adapter, args.host, args.port, api_key, args.max_tokens_limit, args.served_model_name)
+    return 0
+
+
+def _cmd_board(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from peftkit.board import board
+
+    token = args.token or os.environ.get("PEFTKIT_BOARD_TOKEN")
+    board(Path(args.runs_dir), args.host, args.port, token, _is_loopback(args.host))
     return 0
 
 
@@ -208,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
     p.set_defaults(func=_cmd_serve)
+    p = sub.add_parser("board", help="watch, compare, start, stop and resume runs in the browser")
+    p.add_argument("runs_dir", nargs="?", default="outputs", help="the folder holding runs' output_dirs (default outputs)")
+    p.add_argument("--host", default="127.0.0.1", help="another address than loopback needs --token")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--token", help="require this token on every request (or set PEFTKIT_BOARD_TOKEN)")
+    p.set_defaults(func=_cmd_board)
     p = sub.add_parser("plot", help="redraw training_loss.png from trainer_log.jsonl (during or after a run)")
     p.add_argument("output_dir")
     p.set_defaults(func=_cmd_plot)

@@ -9,7 +9,9 @@ real tokens per second and peak memory. Only the main process writes; each line 
 from __future__ import annotations
 
 import json
+import os
 import resource
+import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -64,7 +66,9 @@ class LogCallback(TrainerCallback):
         elif self.path.exists():
             self._drop_lines_after(state.global_step)
         self.start_time, self.start_step = time.time(), state.global_step
-        self.write(state, "train_begin", resumed_from=self.resumed_from, world_size=args.world_size)
+        # pid and host let the board tell a live run from one that was killed without a last line
+        self.write(state, "train_begin", resumed_from=self.resumed_from, world_size=args.world_size,
+                   pid=os.getpid(), host=socket.gethostname())
 
     def _drop_lines_after(self, step: int) -> None:
         kept = []
