@@ -33,7 +33,7 @@ def project(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatc
     (root / "configs" / "slow.yaml").write_text(
         f"model: {{name_or_path: {tiny_model_dir}}}\n"
         "data: {train: train.json, cutoff_len: 64}\n"
-        "train: {output_dir: outputs/slow, max_steps: 400, per_device_train_batch_size: 2, logging_steps: 4, "
+        "train: {output_dir: outputs/slow, max_steps: 3000, per_device_train_batch_size: 2, logging_steps: 20, "
         "save_strategy: 'no', disable_tqdm: true}\n")
     return root
 

@@ -187,3 +187,22 @@ def _wait(client: TestClient, rid: str, done, timeout: float = 180) -> dict:
             return info
         time.sleep(0.3)
     raise AssertionError(f"run {rid} never reached the expected state: {info}")
+
+
+@pytest.mark.parametrize(("events", "alive", "status"), [
+    ([], True, "starting"),
+    ([], False, "failed"),
+    ([("train_begin", None)], True, "running"),
+    ([("train_begin", None)], None, "running"),  # written on another host: cannot tell
+    ([("train_begin", None)], False, "failed"),  # killed without a last line
+    ([("train_begin", None), ("train_end", "finished")], False, "finished"),
+    ([("train_begin", None), ("train_end", "stopped_early")], False, "finished"),
+    ([("train_begin", None), ("train_end", "finished")], True, "running"),  # evaluating after training
+    ([("train_begin", None), ("train_end", "interrupted")], False, "stopped"),
+    ([("train_begin", None), ("error", "error")], False, "failed"),
+    ([("train_begin", None), ("train_end", "interrupted"), ("train_begin", None)], False, "failed"),
+])
+def test_run_status(events: list, alive: bool | None, status: str) -> None:
+    from peftkit.board.runs import run_status
+
+    assert run_status([{"event": e, "status": s} for e, s in events], alive) == status

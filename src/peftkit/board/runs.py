@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,16 +109,14 @@ class RunInfo:
     message: str | None = None
     pid: int | None = None
     resumable: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def run_status(lines: list[dict[str, Any]], alive: bool | None) -> str:
     """The status a log shows; `alive` is whether its process runs (None: not knowable from here)."""
     if not lines:
         return "starting" if alive else "failed"
-    ends = [ln for ln in lines if ln.get("event") in ("train_end", "error")]
     last_begin = max((i for i, ln in enumerate(lines) if ln.get("event") == "train_begin"), default=-1)
-    end = next((ln for ln in reversed(ends) if lines.index(ln) > last_begin), None) if ends else None
+    end = next((ln for ln in reversed(lines[last_begin + 1:]) if ln.get("event") in ("train_end", "error")), None)
     if alive:
         return "running"
     if end is None:

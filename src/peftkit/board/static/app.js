@@ -122,8 +122,10 @@ function filesCard(id, files, summary) {
   const link = (n) => `<a href="api/runs/${enc(id)}/files/${encodeURIComponent(n)}">${esc(n)}</a>`;
   const plot = files.plot ? `<p>${link(files.plot)}</p><img src="api/runs/${enc(id)}/files/${files.plot}" style="max-width:100%" alt="training loss">` : "";
   const model = files.model.map((f) => `<tr><td>${link(f.name)}</td><td class="num">${(f.bytes / 1024).toFixed(1)} KiB</td></tr>`).join("");
-  const metrics = summary && (summary.metrics_after || summary.metrics_before)
-    ? `<h3>Evaluation</h3><pre>${esc(JSON.stringify({before: summary.metrics_before, after: summary.metrics_after}, null, 1))}</pre>` : "";
+  const before = (summary && summary.metrics_before) || {}, after = (summary && summary.metrics_after) || {};
+  const keys = [...new Set([...Object.keys(before), ...Object.keys(after)])].filter((k) => typeof (after[k] ?? before[k]) === "number");
+  const metrics = keys.length ? `<h3>Evaluation</h3><table id="metrics"><thead><tr><th>metric</th><th>before training</th><th>after</th></tr></thead><tbody>
+    ${keys.map((k) => `<tr><td>${esc(k)}</td><td class="num">${fmt(before[k])}</td><td class="num"><b>${fmt(after[k])}</b></td></tr>`).join("")}</tbody></table>` : "";
   return `${plot}${metrics}<h3>Results</h3><p>${files.results.map(link).join(" · ") || '<span class="muted">none yet</span>'}</p>
     <h3>Saved model</h3><table><tbody>${model || '<tr><td class="muted">nothing saved yet</td></tr>'}</tbody></table>
     <p class="muted">checkpoints: ${esc(files.checkpoints.join(", ") || "none")}</p>`;
@@ -140,7 +142,11 @@ async function showRun(id, gen) {
     <div class="card"><h3>Data</h3><div id="data"></div></div><div class="card" id="console-card" hidden><h3>Console</h3><pre id="console"></pre></div>`;
   const $ = (s) => document.getElementById(s);
   const control = (verb) => async () => {
-    try { await api(`api/runs/${enc(id)}/${verb}`, {method: "POST"}); $("control-msg").textContent = verb === "stop" ? "stopping: saving a checkpoint…" : "resuming…"; }
+    try {
+      await api(`api/runs/${enc(id)}/${verb}`, {method: "POST"});
+      $("control-msg").textContent = verb === "stop" ? "stopping: saving a checkpoint…" : "resuming…";
+      $("control-msg").dataset.until = verb === "stop" ? "stopped" : "running";  // cleared when the run gets there
+    }
     catch (e) { $("control-msg").innerHTML = `<span class="error">${esc(e.message)}</span>`; }
   };
   $("stop").onclick = control("stop");
@@ -170,6 +176,9 @@ async function showRun(id, gen) {
     const r = await api(`api/runs/${enc(id)}`);
     if (gen !== generation) return;
     $("status").innerHTML = badge(r.status);
+    if ($("control-msg").dataset.until === r.status || (r.status === "finished" && $("control-msg").dataset.until)) {
+      $("control-msg").textContent = ""; delete $("control-msg").dataset.until;
+    }
     $("stop").disabled = !["running", "starting"].includes(r.status);
     $("resume").disabled = !r.resumable;
     $("steps").textContent = `step ${r.current_steps} / ${r.total_steps} (${fmt(r.percentage, 3)}%)`;
