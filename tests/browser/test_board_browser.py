@@ -126,3 +126,27 @@ def test_start_watch_stop_resume_finish(board_url: str, browser, tmp_path: Path)
 
     browser.get(board_url + "#/")
     wait(lambda: browser.find_elements(By.CSS_SELECTOR, 'tr[data-run="slow"] [data-status="finished"]'))
+
+
+def test_compare_two_runs(project: Path, board_url: str, browser) -> None:
+    """Tick two runs in the list, compare: both loss curves overlaid and the differing config keys."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    for name, lr in (("first", 0.01), ("second", 0.001)):
+        run = project / "outputs" / name
+        run.mkdir()
+        (run / "config.yaml").write_text(f"stage: sft\ntrain: {{learning_rate: {lr}, max_steps: 3}}\n")
+        (run / "trainer_log.jsonl").write_text("".join(json.dumps(
+            {"event": "log", "current_steps": s, "total_steps": 3, "loss": lr * 100 / s}) + "\n" for s in (1, 2, 3)))
+    browser.get(board_url)
+    wait = WebDriverWait(browser, 30, poll_frequency=0.2)
+    for name in ("first", "second"):
+        wait.until(lambda d, n=name: d.find_elements(By.CSS_SELECTOR, f'tr[data-run="{n}"] input')).pop().click()
+    browser.find_element(By.ID, "compare").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#diff tbody tr"))
+    series = browser.execute_script(
+        "return [...document.querySelectorAll('#compare-chart path')].map(p => p.dataset.series)")
+    assert "first (smoothed)" in series and "second (smoothed)" in series
+    rows = browser.execute_script("return [...document.querySelectorAll('#diff tbody tr')].map(r => r.innerText)")
+    assert rows == ["train.learning_rate\t0.01\t0.001"]
