@@ -17,6 +17,8 @@ from peftkit.config import load_config
 from peftkit.train.run import train
 from tests.conftest import ALPACA_RECORDS
 
+LOCAL = "http://127.0.0.1"  # without a token the board answers loopback Host names only
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
@@ -35,7 +37,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path
 
 @pytest.fixture()
 def client(runs: Path) -> TestClient:
-    return TestClient(create_app(runs / "outputs"))
+    return TestClient(create_app(runs / "outputs"), base_url=LOCAL)
 
 
 def test_lists_runs_with_status_progress_and_losses(client: TestClient, runs: Path) -> None:
@@ -110,6 +112,16 @@ def test_token_required_on_every_request(runs: Path) -> None:
     assert client.get("/api/runs").status_code == 200  # the cookie now carries it
 
 
+def test_cross_site_posts_and_foreign_host_names_are_refused(client: TestClient, runs: Path) -> None:
+    evil = client.post("/api/runs/a/stop", headers={"Origin": "http://evil.example"})
+    assert evil.status_code == 403 and "cross-site" in evil.json()["error"]
+    assert client.post("/api/runs/a/stop", headers={"Origin": LOCAL}).status_code == 409  # same origin: answered
+    assert client.get("/api/runs", headers={"Host": "rebound.example:7860"}).status_code == 403
+    assert client.get("/api/runs", headers={"Host": "localhost:7860"}).status_code == 200
+    with_token = TestClient(create_app(runs / "outputs", token="t"), base_url="http://board.lan:7860")
+    assert with_token.get("/api/runs", headers={"Authorization": "Bearer t"}).status_code == 200
+
+
 def test_non_loopback_host_without_token_is_refused(runs: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
     monkeypatch.delenv("PEFTKIT_BOARD_TOKEN", raising=False)
     assert main(["board", str(runs / "outputs"), "--host", "0.0.0.0"]) == 2
@@ -123,7 +135,7 @@ def test_half_written_and_malformed_lines_are_skipped(tmp_path: Path) -> None:
     good = {"event": "log", "current_steps": 1, "total_steps": 10, "loss": 2.0, "percentage": 10.0}
     log.write_text(json.dumps({"event": "train_begin", "current_steps": 0, "total_steps": 10}) + "\n"
                    + "{not json\n" + json.dumps(good) + "\n" + '{"event": "log", "current_st')
-    client = TestClient(create_app(tmp_path / "outputs"))
+    client = TestClient(create_app(tmp_path / "outputs"), base_url=LOCAL)
     r = client.get("/api/runs/live/log").json()
     assert [x["event"] for x in r["lines"]] == ["train_begin", "log"]
     run_info = client.get("/api/runs/live").json()
@@ -155,7 +167,7 @@ def test_start_stop_resume_through_the_api(tiny_model_dir: Path, tmp_path: Path,
         "train: {output_dir: outputs/slow, max_steps: 3000, per_device_train_batch_size: 2, logging_steps: 10, "
         "save_strategy: 'no', disable_tqdm: true}\n")
     app = create_app(root / "outputs")
-    client = TestClient(app)
+    client = TestClient(app, base_url=LOCAL)
     try:
         _start_stop_resume(client)
     finally:

@@ -9,7 +9,8 @@ GET  /api/compare?ids=a&ids=b        the differing config keys of several runs
 GET  /api/configs                    config files the board may launch
 POST /api/runs {config, overrides}   start `peftkit train`; POST /api/runs/{id}/stop | /resume
 
-With a token, every request carries it (Authorization: Bearer, the cookie set by opening /?token=...,
+Without a token only loopback Host names are answered (no DNS rebinding), and a POST from another
+origin is refused (no cross-site start / stop). With a token, every request carries it (Authorization: Bearer, the cookie set by opening /?token=...,
 or ?token=). A run id is its folder relative to RUNS_DIR; anything that resolves outside is a 404.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -39,6 +41,7 @@ from peftkit.constants import TRAINER_LOG
 
 STATIC = Path(__file__).parent / "static"
 _COOKIE = "peftkit_board_token"
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _MEDIA = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 
@@ -52,7 +55,14 @@ def create_app(runs_dir: Path, token: str | None = None, root: Path | None = Non
 
     @app.middleware("http")
     async def require_token(request: Request, call_next: Any) -> Any:
+        host = request.headers.get("host", "")
+        origin = request.headers.get("origin")
+        if request.method != "GET" and origin and urlsplit(origin).netloc != host:
+            return JSONResponse({"error": "cross-site request refused"}, status_code=403)
         if token is None:
+            if urlsplit(f"//{host}").hostname not in _LOOPBACK_NAMES:  # a DNS-rebinding page, or an unexpected proxy
+                return JSONResponse({"error": f"host {host!r} refused: without a token the board answers "
+                                              "loopback names only"}, status_code=403)
             return await call_next(request)
         given = (request.headers.get("authorization", "").removeprefix("Bearer ").strip()
                  or request.cookies.get(_COOKIE) or request.query_params.get("token") or "")
