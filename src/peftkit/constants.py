@@ -14,6 +14,7 @@ TRAINING_ARGS_FILE = "training_args.json"
 FINETUNING_ARGS_FILE = "finetuning_args.json"
 PREDICTIONS_FILE = "generated_predictions.jsonl"
 PREDICT_RESULTS_FILE = "predict_results.json"
+RUN_SUMMARY_FILE = "run_summary.json"
 LOG_SCHEMA_VERSION = 2  # 2: train_begin / save / error events, token counts, throughput, memory
 CHECKPOINT_MARKER = ".peftkit_complete"
 CHECKPOINT_STATE_FILE = "peftkit_state.json"

@@ -218,3 +218,26 @@ def test_run_status(events: list, alive: bool | None, status: str) -> None:
     from peftkit.board.runs import run_status
 
     assert run_status([{"event": e, "status": s} for e, s in events], alive) == status
+
+
+def test_only_complete_checkpoints_make_a_run_resumable_and_foreign_pids_are_never_signalled(tmp_path: Path) -> None:
+    from peftkit.constants import CHECKPOINT_MARKER
+
+    run = tmp_path / "outputs" / "r"
+    (run / "checkpoint-4").mkdir(parents=True)  # a write that was killed: no marker
+    lines = [{"event": "train_begin", "current_steps": 0, "total_steps": 8, "pid": os.getpid(), "host": "elsewhere"},
+             {"event": "train_end", "current_steps": 4, "total_steps": 8, "status": "interrupted"}]
+    (run / "trainer_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    client = TestClient(create_app(tmp_path / "outputs"), base_url=LOCAL)
+    info = client.get("/api/runs/r").json()
+    assert info["status"] == "stopped" and not info["resumable"] and info["files"]["checkpoints"] == []
+    assert client.post("/api/runs/r/resume").status_code == 409
+    (run / "checkpoint-4" / CHECKPOINT_MARKER).write_text("")
+    info = client.get("/api/runs/r").json()
+    assert info["resumable"] and info["files"]["checkpoints"] == ["checkpoint-4"]
+
+    # still running on another host: its pid (here: this test's own) must not be signalled on this one
+    (run / "trainer_log.jsonl").write_text(json.dumps(lines[0]) + "\n")
+    assert client.get("/api/runs/r").json()["status"] == "running"
+    refused = client.post("/api/runs/r/stop")
+    assert refused.status_code == 409 and "this machine" in refused.json()["error"]

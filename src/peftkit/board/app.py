@@ -29,7 +29,6 @@ from peftkit.board.runs import (
     RunLog,
     config_diff,
     confined,
-    data_report,
     discover,
     process_alive,
     read_config,
@@ -37,7 +36,7 @@ from peftkit.board.runs import (
     run_files,
     summarise,
 )
-from peftkit.constants import TRAINER_LOG
+from peftkit.constants import DATA_REPORT_FILE, RUN_SUMMARY_FILE, TRAINER_LOG
 
 STATIC = Path(__file__).parent / "static"
 _COOKIE = "peftkit_board_token"
@@ -151,8 +150,7 @@ def create_app(runs_dir: Path, token: str | None = None, root: Path | None = Non
         run_dir = resolve(rid)
         lines = log_of(run_dir)
         since = since if 0 <= since <= len(lines) else 0  # a rewritten (resumed) log: start over
-        return {"since": since, "next": len(lines), "lines": lines[since:], "file": logs[run_dir].file_id,
-                "status": info(run_dir)["status"]}
+        return {"since": since, "next": len(lines), "lines": lines[since:], "file": logs[run_dir].file_id}
 
     @app.get("/api/runs/{rid:path}/files/{name}")
     def file(rid: str, name: str) -> Response:
@@ -168,7 +166,8 @@ def create_app(runs_dir: Path, token: str | None = None, root: Path | None = Non
         state = info(run_dir)
         if state["status"] not in ("running", "starting"):
             raise ControlError(409, f"run {rid!r} is {state['status']}, not running")
-        launcher.stop(run_dir, state["pid"])
+        # a pid from the log is signalled only if it is a live peftkit process here (not one of another host)
+        launcher.stop(run_dir, state["pid"] if process_alive(log_of(run_dir)) else None)
         return {"id": rid, "signal": "SIGTERM"}
 
     @app.post("/api/runs/{rid:path}/resume")
@@ -185,8 +184,8 @@ def create_app(runs_dir: Path, token: str | None = None, root: Path | None = Non
     def run(rid: str) -> dict[str, Any]:
         run_dir = resolve(rid)
         text, _ = read_config(run_dir)
-        return {**info(run_dir), "config": text, "data_report": data_report(run_dir), "files": run_files(run_dir),
-                "summary": read_json(run_dir / "run_summary.json"), "console": launcher.console_tail(run_dir)}
+        return {**info(run_dir), "config": text, "data_report": read_json(run_dir / DATA_REPORT_FILE),
+                "files": run_files(run_dir), "summary": read_json(run_dir / RUN_SUMMARY_FILE), "console": launcher.console_tail(run_dir)}
 
     return app
 

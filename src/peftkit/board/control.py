@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.board.runs import confined
+from peftkit.constants import CONFIG_FILE
 from peftkit.errors import PeftkitError
 
 _CONFIG_SUFFIXES = (".yaml", ".yml")
@@ -74,7 +75,7 @@ class Launcher:
         return self._launch(path, overrides)
 
     def resume(self, run_dir: Path) -> Path:
-        config = run_dir / "config.yaml"
+        config = run_dir / CONFIG_FILE
         if not config.is_file():
             raise ControlError(409, f"{run_dir.name} has no config.yaml to resume from")
         # the saved config's output_dir may be relative to wherever it was first started: name this folder
@@ -84,7 +85,7 @@ class Launcher:
         launched = self.child(run_dir)
         target = launched.process.pid if launched and launched.process.returncode is None else pid
         if target is None:
-            raise ControlError(409, f"{run_dir.name} is not running")
+            raise ControlError(409, f"{run_dir.name} is not a process of this machine the board can signal")
         try:
             os.kill(target, signal.SIGTERM)
         except ProcessLookupError as e:

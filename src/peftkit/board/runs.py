@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from peftkit.constants import CONFIG_FILE, DATA_REPORT_FILE, LOSS_PLOT, TRAINER_LOG
+from peftkit.train.checkpoints import checkpoints
 
 _SKIP_DIRS = ("checkpoint-", "lora_init", ".")
 _MAX_DEPTH = 4
@@ -154,8 +155,8 @@ def summarise(run_id: str, lines: list[dict[str, Any]], alive: bool | None, run_
         info.tokens_per_second = speeds[-1] if speeds else None
         info.peak_memory_mb = max((ln["peak_memory_mb"] for ln in lines
                                    if isinstance(ln.get("peak_memory_mb"), (int, float))), default=None)
-    info.resumable = info.status in ("stopped", "failed") and any(
-        p.name.startswith("checkpoint-") for p in run_dir.iterdir() if p.is_dir()) if run_dir.is_dir() else False
+    # what `train.resume_from_checkpoint=true` would find: a checkpoint whose write completed
+    info.resumable = info.status in ("stopped", "failed") and any(ok for _, _, ok in checkpoints(run_dir))
     return info
 
 
@@ -193,8 +194,7 @@ def run_files(run_dir: Path) -> dict[str, Any]:
         "model": [{"name": p.name, "bytes": p.stat().st_size} for p in files
                   if p.suffix in (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja")
                   and not p.name.startswith(_RESULT_PREFIXES) and p.name != DATA_REPORT_FILE],
-        "checkpoints": sorted((p.name for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")),
-                              key=lambda n: int(n.split("-")[-1]) if n.split("-")[-1].isdigit() else 0),
+        "checkpoints": [p.name for _, p, ok in checkpoints(run_dir) if ok],
     }
 
 
@@ -236,7 +236,4 @@ def config_diff(configs: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {k: [f.get(k) for f in flat] for k in keys if len({json.dumps(f.get(k), sort_keys=True, default=str)
                                                                 for f in flat}) > 1}
 
-
-def data_report(run_dir: Path) -> Any:
-    return read_json(run_dir / DATA_REPORT_FILE)
 

@@ -16,7 +16,7 @@ from peftkit.atomic import write_json_atomic
 from peftkit.config import RunConfig, build_training_arguments, dump_config
 from peftkit.config.load import train_extras
 from peftkit.config.schema import TrainExtras
-from peftkit.constants import CONFIG_FILE, DATA_REPORT_FILE
+from peftkit.constants import CONFIG_FILE, DATA_REPORT_FILE, RUN_SUMMARY_FILE
 from peftkit.data import PreparedData, apply_template, build_collator, prepare_data
 from peftkit.errors import PeftkitError
 from peftkit.eval.predict import predict
@@ -124,7 +124,7 @@ def train(cfg: RunConfig, config_path: str = "CONFIG.yaml") -> TrainResult:
         summary["metrics_after"] = predict(model, tokenizer, cfg, output_dir)
     summary["wall_seconds"] = round(time.time() - start, 1)
     if main:
-        write_json_atomic(output_dir / "run_summary.json", summary)
+        write_json_atomic(output_dir / RUN_SUMMARY_FILE, summary)
     return TrainResult(summary, model)
 
 
