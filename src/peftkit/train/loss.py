@@ -17,7 +17,7 @@ from peftkit.constants import IGNORE_INDEX
 
 # Architectures whose logits are exactly output_layer(hidden): no scaling or soft-capping after it.
 PLAIN_OUTPUT_MODELS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3", "gemma")
-CHUNK_TOKENS = 1024
+CHUNK_TOKENS = 256
 
 
 def supports_chunked_loss(model: Any) -> bool:
@@ -51,24 +51,37 @@ def _fused_linear_cross_entropy():
 
         The gradient is computed in the forward pass, a chunk at a time (softmax minus one-hot, times
         the weight), and kept: the backward pass only scales it. So no logits outlive their chunk,
-        and no logits are recomputed.
+        and no logits are recomputed. Every chunk reuses the same two buffers, updated in place: fresh
+        vocabulary-sized tensors would cost a page fault per page on every chunk (most of this loss's
+        time on CPU), and autocast would cast the frozen weight again for each matmul.
         """
 
         @staticmethod
         def forward(ctx, states, weight, targets, chunk):
-            total = states.new_zeros((), dtype=torch.float32)
-            grad_states = torch.empty_like(states)
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
-            for start in range(0, targets.numel(), chunk):
-                h, t = states[start : start + chunk], targets[start : start + chunk]
-                logits = (h @ weight.T).float()  # under autocast the matmul runs in bf16, as lm_head would
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-                probs = torch.exp(logits - lse[:, None])
-                probs[torch.arange(t.numel(), device=t.device), t] -= 1.0
-                grad_states[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(states.dtype)
-                if grad_weight is not None:
-                    grad_weight += probs.T @ h.float()
+            device = states.device.type
+            # Under autocast the matmuls run in its dtype, as lm_head's would; the softmax always in float32.
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+            with torch.autocast(device, enabled=False):
+                w = weight.to(dtype)
+                n, vocab = targets.numel(), weight.shape[0]
+                total = states.new_zeros((), dtype=torch.float32)
+                grad_states = torch.empty_like(states)
+                grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+                logits = states.new_empty((min(chunk, n), vocab), dtype=dtype)
+                logp = logits if dtype == torch.float32 else torch.empty_like(logits, dtype=torch.float32)
+                for start in range(0, n, chunk):
+                    t = targets[start : start + chunk]
+                    m, rows = t.numel(), torch.arange(t.numel(), device=t.device)
+                    h = states[start : start + chunk].to(dtype)
+                    torch.mm(h, w.T, out=logits[:m])
+                    lp = torch.log_softmax(logits[:m], dim=-1, dtype=torch.float32, out=logp[:m])
+                    total -= lp[rows, t].sum()
+                    probs = lp.exp_()  # d(loss)/d(logits) = softmax - one-hot
+                    probs[rows, t] -= 1.0
+                    grad_logits = probs if dtype == torch.float32 else logits[:m].copy_(probs)
+                    grad_states[start : start + chunk] = torch.mm(grad_logits, w)
+                    if grad_weight is not None:
+                        grad_weight.addmm_(probs.T, h.float())
             ctx.save_for_backward(grad_states, grad_weight if grad_weight is not None else torch.empty(0))
             ctx.weight_grad = grad_weight is not None
             return total

@@ -38,6 +38,7 @@ from peftkit.train.loss import (
     hidden_states_as_logits,
     supports_chunked_loss,
 )
+from peftkit.train.precision import one_cast_per_activation
 
 
 class TrainingDiverged(PeftkitError):
@@ -103,6 +104,13 @@ class PeftTrainer(Seq2SeqTrainer):
         self.stage_metrics: dict[str, list[float]] = {}  # the objective's metrics since the last log
         self.token_counts = TokenCounts()  # this process, since it started
         self.token_base = TokenCounts()  # every process, up to the checkpoint resumed from
+
+    @override
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        if not (self.args.bf16 or self.args.fp16):
+            return super().train(*args, **kwargs)
+        with one_cast_per_activation(self.model, getattr(self.model.config, "model_type", None)):
+            return super().train(*args, **kwargs)
 
     @override
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -1,0 +1,100 @@
+"""Under bf16 autocast, one cast per activation: the same loss as plain autocast, less saved for backward."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkit.config.schema import DataArgs, FinetuningArgs
+from peftkit.data import build_collator, prepare_data
+from peftkit.data.packing import pack_examples
+from peftkit.model import prepare_for_training
+from peftkit.train.loss import chunked_causal_lm_loss, hidden_states_as_logits
+from peftkit.train.precision import one_cast_per_activation
+
+
+def _step(model, batch, shared: bool) -> tuple[float, list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Loss, the distinct tensors autograd saved for backward, and gradients of one bf16-autocast step."""
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    model.zero_grad()
+    context = one_cast_per_activation(model, model.config.model_type) if shared else nullcontext()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with (context, torch.autocast("cpu", dtype=torch.bfloat16),
+          torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+          hidden_states_as_logits(model.get_base_model()) as head):  # no vocabulary-sized logits: layers only
+        hidden = model(**inputs).logits
+    total, count = chunked_causal_lm_loss(hidden, batch["labels"], head)
+    loss = total / count
+    loss.backward()
+    storages = {t.untyped_storage().data_ptr(): t for t in saved}.values()  # a storage saved twice counts once
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), list(storages), grads
+
+
+def test_one_cast_per_activation_keeps_the_loss_and_saves_fewer_bytes(tiny_model_dir: Path, tokenizer,
+                                                                       alpaca_file: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = prepare_for_training(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                 FinetuningArgs(finetuning_type="lora", lora_rank=4))
+    model.train()
+    examples = prepare_data(DataArgs(train=str(alpaca_file)), tokenizer).train.to_list()
+    batch = build_collator(tokenizer, packing=True)(pack_examples(examples, 128))
+
+    loss, saved, grads = _step(model, batch, shared=False)
+    shared_loss, shared_saved, shared_grads = _step(model, batch, shared=True)
+
+    assert shared_loss == loss  # bit-identical forward: each consumer would have cast to the same bf16 values
+    tokens, width = batch["input_ids"].numel(), model.config.hidden_size
+
+    def copies(tensors: list[torch.Tensor]) -> int:  # bf16 copies of hidden-sized activations kept for backward
+        return sum(t.dtype == torch.bfloat16 and t.shape == (tokens, width) for t in tensors)
+
+    layers = model.config.num_hidden_layers  # per layer: q/k/v + gate/up + o_proj inputs, once each
+    assert (copies(saved), copies(shared_saved)) == (6 * layers, 3 * layers)
+    assert sum(t.nbytes for t in shared_saved) < sum(t.nbytes for t in saved)
+    assert grads.keys() == shared_grads.keys() and grads
+    for name, grad in grads.items():  # gradients sum in bf16 over the consumers instead of fp32
+        torch.testing.assert_close(shared_grads[name], grad, atol=2e-3, rtol=2e-2, msg=name)
+    # the context leaves nothing behind: no hook, peft's input casting back on
+    assert not any(m._forward_hooks for m in model.modules())
+    assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "lora_A"))
+    assert _step(model, batch, shared=False)[0] == loss
+
+
+def test_other_architectures_keep_autocast_casts(tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with one_cast_per_activation(model, "olmo2"):  # its post-attention norm feeds the residual, not a projection
+        assert not any(m._forward_hooks for m in model.modules())
+    with one_cast_per_activation(model, "llama"):
+        assert sum(bool(m._forward_hooks) for m in model.modules()) == 2 * model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_trainer_uses_it_only_with_autocast(bf16: bool, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path,
+                                            alpaca_file: Path, tmp_path: Path) -> None:
+    import peftkit.train.trainer as trainer_module
+    from peftkit.config import load_config
+    from peftkit.train.run import train
+
+    used = []
+    real = trainer_module.one_cast_per_activation
+    monkeypatch.setattr(trainer_module, "one_cast_per_activation", lambda *a: used.append(a[1]) or real(*a))
+    result = train(load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train={alpaca_file}",
+                                      f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2",
+                                      "train.disable_tqdm=true", f"train.bf16={str(bf16).lower()}",
+                                      "data.packing=true"]))
+    assert used == (["llama"] if bf16 else [])
+    assert result.summary["train_loss"] > 0
+    assert not any(m._forward_hooks for m in result.model.modules())
