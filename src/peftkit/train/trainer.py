@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from peftkit.model.value_head import (
     value_head,
     without_value_head,
 )
+from peftkit.train.fused_lora import fused_lora_forward
 from peftkit.train.loss import (
     chunked_causal_lm_loss,
     hidden_states_as_logits,
@@ -107,9 +109,12 @@ class PeftTrainer(Seq2SeqTrainer):
 
     @override
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        if not (self.args.bf16 or self.args.fp16):
-            return super().train(*args, **kwargs)
-        with one_cast_per_activation(self.model, getattr(self.model.config, "model_type", None)):
+        """With LoRA's update fused into each layer's output and, under autocast, one cast per activation."""
+        with ExitStack() as speedups:
+            if not self.args.torch_compile:
+                speedups.enter_context(fused_lora_forward(self.model))
+            if self.args.bf16 or self.args.fp16:
+                speedups.enter_context(one_cast_per_activation(self.model, getattr(self.model.config, "model_type", None)))
             return super().train(*args, **kwargs)
 
     @override
