@@ -5,8 +5,9 @@ is three more passes over a 25 MB output (B's product, the scaling, the sum), ea
 Here B's product is accumulated straight into the base output (`addmm_`, scaled on the way; under
 autocast a product and an in-place add, as bf16 `addmm_` is slow on CPU). The base output is not
 kept for the backward pass of a plain Linear, so updating it in place is safe, and the result is
-the same sum. Measured on the 2-core CPU, SmolLM2-135M, fp32, 8 x 512 packed tokens: 20.5 -> 17.7 s
-a step, peak RSS 12.4 -> 9.1 GB. Anything else (merged or disabled adapters, several adapters,
+the same sum. Measured on the 2-core CPU, SmolLM2-135M, fp32, 8 x 512 packed tokens: peak RSS
+12.4 -> 9.1 GB over 5 steps (10.4 -> 8.3 GB in benchmarks/train_speed.py), speed within the noise
+(steady steps 20.5 -> 17.7 s in one run, whole runs 189 vs 187-195 tokens/s). Anything else (merged or disabled adapters, several adapters,
 DoRA and other variants, biases, quantised base layers) runs peft's own forward.
 """
 
