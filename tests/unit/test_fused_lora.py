@@ -56,7 +56,7 @@ def test_fused_forward_equals_peft(tiny_model_dir: Path, batch, bf16: bool) -> N
     with fused_lora_forward(model) as n:
         assert n == 7 * model.config.num_hidden_layers  # every projection of every layer
     fused_loss, fused_grads = _run(model, batch, fused=True, bf16=bf16)
-    tol = dict(atol=1e-2, rtol=2e-2) if bf16 else dict(atol=1e-6, rtol=1e-5)
+    tol = {"atol": 1e-2, "rtol": 2e-2} if bf16 else {"atol": 1e-6, "rtol": 1e-5}
     assert fused_loss == pytest.approx(loss, abs=tol["atol"])
     assert grads.keys() == fused_grads.keys() and any("lora_B" in n for n in grads)
     for name, grad in grads.items():

@@ -98,3 +98,20 @@ def test_trainer_uses_it_only_with_autocast(bf16: bool, monkeypatch: pytest.Monk
     assert used == (["llama"] if bf16 else [])
     assert result.summary["train_loss"] > 0
     assert not any(m._forward_hooks for m in result.model.modules())
+
+
+def test_cpu_training_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, alpaca_file: Path,
+                                         tmp_path: Path) -> None:
+    import peftkit.train.run as run_module
+    from peftkit.config import load_config
+    from peftkit.train.allocator import keep_freed_memory
+
+    assert keep_freed_memory()  # this machine's libc is glibc: both mallopt calls succeed
+    monkeypatch.setenv("PEFTKIT_DEFAULT_MALLOC", "1")
+    assert not keep_freed_memory()
+    calls = []
+    monkeypatch.setattr(run_module, "keep_freed_memory", lambda: calls.append(1))
+    run_module.train(load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train={alpaca_file}",
+                                        f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1",
+                                        "train.disable_tqdm=true"]))
+    assert calls == [1]

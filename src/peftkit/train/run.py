@@ -27,6 +27,7 @@ from peftkit.model.finetuning import (
     save_initial_adapter,
 )
 from peftkit.model.value_head import attach_value_head
+from peftkit.train.allocator import keep_freed_memory
 from peftkit.train.callbacks import LogCallback, StopCallback
 from peftkit.train.checkpoints import latest_complete, resolve_resume
 from peftkit.train.objectives import build_objective, pair_eval_metrics
@@ -66,6 +67,8 @@ def train(cfg: RunConfig, config_path: str = "CONFIG.yaml") -> TrainResult:
     args = build_training_arguments(cfg.train)
     set_seed(args.seed)  # before the adapter is created: its initialisation must not depend on what ran before
     output_dir, main = Path(args.output_dir), args.should_save
+    if args.device.type == "cpu":
+        keep_freed_memory()  # each step's activations reuse the heap instead of fresh pages (train/allocator.py)
     extras = train_extras(cfg.train)
     with args.main_process_first(desc="checking checkpoints"):
         resume = resolve_resume(output_dir, extras, config_path)
