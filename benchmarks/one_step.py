@@ -9,7 +9,6 @@ peak RSS. The loss of step 1 is what "bf16 matches fp32" means here (no optimize
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import resource
 import subprocess
@@ -28,9 +27,8 @@ def run(bf16: bool, steps: int, profile: bool) -> dict:
     from peftkit.data import apply_template, build_collator, prepare_data
     from peftkit.model import load_model, load_tokenizer, prepare_for_training
     from peftkit.model.value_head import causal_lm
-    from peftkit.train.fused_lora import fused_lora_forward
     from peftkit.train.loss import chunked_causal_lm_loss, hidden_states_as_logits
-    from peftkit.train.precision import one_cast_per_activation
+    from peftkit.train.trainer import training_speedups
 
     out = tempfile.mkdtemp(prefix="one-step-")
     cfg = load_config(None, [f"data.train={REPO / 'data/demo/alpaca_en_demo.json'}", "data.max_samples=64",
@@ -57,11 +55,7 @@ def run(bf16: bool, steps: int, profile: bool) -> dict:
         return loss.item()
 
     result: dict = {"bf16": bf16, "real_tokens": real, "steps": []}
-    speedups = contextlib.ExitStack()
-    speedups.enter_context(fused_lora_forward(model))
-    if bf16:
-        speedups.enter_context(one_cast_per_activation(model, model.config.model_type))
-    with speedups:
+    with training_speedups(model, autocast=bf16, compiled=False):  # as PeftTrainer.train
         for _ in range(steps):
             t = time.perf_counter()
             loss = step()

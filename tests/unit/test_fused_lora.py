@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -29,18 +30,10 @@ def _lora_model(tiny_model_dir: Path, **lora: object):
 
 def _run(model, batch, fused: bool, bf16: bool = False):
     model.zero_grad()
-    with fused_lora_forward(model) if fused else _Nothing(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+    with fused_lora_forward(model) if fused else nullcontext(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
         loss = model(**batch).loss
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-class _Nothing:
-    def __enter__(self) -> int:
-        return 0
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 @pytest.fixture()

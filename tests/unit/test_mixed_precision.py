@@ -25,7 +25,7 @@ def _step(model, batch, shared: bool) -> tuple[float, list[torch.Tensor], dict[s
         return t
 
     model.zero_grad()
-    context = one_cast_per_activation(model, model.config.model_type) if shared else nullcontext()
+    context = one_cast_per_activation(model) if shared else nullcontext()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with (context, torch.autocast("cpu", dtype=torch.bfloat16),
           torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
@@ -68,6 +68,12 @@ def test_one_cast_per_activation_keeps_the_loss_and_saves_fewer_bytes(tiny_model
     # the context leaves nothing behind: no hook, peft's input casting back on
     assert not any(m._forward_hooks for m in model.modules())
     assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "lora_A"))
+    first = next(m for m in model.modules() if hasattr(m, "lora_A"))
+    first.cast_input_dtype_enabled = False  # a user's own setting (peft.helpers.disable_input_dtype_casting)
+    with one_cast_per_activation(model):
+        pass
+    assert first.cast_input_dtype_enabled is False  # restored as it was, not to peft's default
+    first.cast_input_dtype_enabled = True
     assert _step(model, batch, shared=False)[0] == loss
 
 
@@ -75,10 +81,11 @@ def test_other_architectures_keep_autocast_casts(tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    with one_cast_per_activation(model, "olmo2"):  # its post-attention norm feeds the residual, not a projection
-        assert not any(m._forward_hooks for m in model.modules())
-    with one_cast_per_activation(model, "llama"):
+    with one_cast_per_activation(model):
         assert sum(bool(m._forward_hooks) for m in model.modules()) == 2 * model.config.num_hidden_layers
+    model.config.model_type = "olmo2"  # its post-attention norm feeds the residual, not a projection
+    with one_cast_per_activation(model):
+        assert not any(m._forward_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("bf16", [True, False])
@@ -90,7 +97,8 @@ def test_trainer_uses_it_only_with_autocast(bf16: bool, monkeypatch: pytest.Monk
 
     used = []
     real = trainer_module.one_cast_per_activation
-    monkeypatch.setattr(trainer_module, "one_cast_per_activation", lambda *a: used.append(a[1]) or real(*a))
+    monkeypatch.setattr(trainer_module, "one_cast_per_activation",
+                        lambda model: used.append(model.config.model_type) or real(model))
     result = train(load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train={alpaca_file}",
                                       f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2",
                                       "train.disable_tqdm=true", f"train.bf16={str(bf16).lower()}",

@@ -7,8 +7,9 @@ autocast a product and an in-place add, as bf16 `addmm_` is slow on CPU). The ba
 kept for the backward pass of a plain Linear, so updating it in place is safe, and the result is
 the same sum. Measured on the 2-core CPU, SmolLM2-135M, fp32, 8 x 512 packed tokens: peak RSS
 12.4 -> 9.1 GB over 5 steps (10.4 -> 8.3 GB in benchmarks/train_speed.py), speed within the noise
-(steady steps 20.5 -> 17.7 s in one run, whole runs 189 vs 187-195 tokens/s). Anything else (merged or disabled adapters, several adapters,
-DoRA and other variants, biases, quantised base layers) runs peft's own forward.
+(steady steps 20.5 -> 17.7 s in one run, whole runs 189 vs 187-195 tokens/s). Anything else
+(merged or disabled adapters, several adapters, DoRA and other variants, biases, quantised base
+layers) runs peft's own forward.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _fused_forward(self: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
     autocast = torch.is_autocast_enabled(x.device.type)
     if args or kwargs or not _plain(self) or not (autocast or _all_float32(self, x)):
         return type(self).forward(self, x, *args, **kwargs)
-    name = self.active_adapters[0]
+    name = self.active_adapters[0]  # the only one (_plain)
     result = self.base_layer(x)
     down = self.lora_A[name](self.lora_dropout[name](self._cast_input_dtype(x, self.lora_A[name].weight.dtype)))
     out, down = result.view(-1, result.shape[-1]), down.view(-1, down.shape[-1])

@@ -31,13 +31,13 @@ def _cast_to_autocast_dtype(module: Any, inputs: Any, output: Any) -> Any:
 
 
 @contextmanager
-def one_cast_per_activation(model: Any, model_type: str | None) -> Iterator[None]:
+def one_cast_per_activation(model: Any) -> Iterator[None]:
     """Inside, autocast forwards of `model` keep one low-precision copy of each normalised activation."""
     handles = []
-    adapters = [m for m in model.modules() if hasattr(m, "lora_A")]
+    adapters = {m: getattr(m, "cast_input_dtype_enabled", True) for m in model.modules() if hasattr(m, "lora_A")}
     for m in adapters:
         m.cast_input_dtype_enabled = False
-    if model_type in PRE_NORM_MODELS:
+    if getattr(getattr(model, "config", None), "model_type", None) in PRE_NORM_MODELS:
         for name, module in model.named_modules():
             if name.rsplit(".", 1)[-1] in NORMS:
                 handles.append(module.register_forward_hook(_cast_to_autocast_dtype))
@@ -46,5 +46,5 @@ def one_cast_per_activation(model: Any, model_type: str | None) -> Iterator[None
     finally:
         for h in handles:
             h.remove()
-        for m in adapters:
-            m.cast_input_dtype_enabled = True
+        for m, enabled in adapters.items():
+            m.cast_input_dtype_enabled = enabled

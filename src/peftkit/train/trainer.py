@@ -43,6 +43,17 @@ from peftkit.train.loss import (
 from peftkit.train.precision import one_cast_per_activation
 
 
+def training_speedups(model: Any, autocast: bool, compiled: bool) -> ExitStack:
+    """What PeftTrainer.train runs inside: LoRA's update fused into each layer's output (not under
+    torch.compile) and, under autocast, one cast per activation. Both exact; the model is back as it was after."""
+    stack = ExitStack()
+    if not compiled:
+        stack.enter_context(fused_lora_forward(model))
+    if autocast:
+        stack.enter_context(one_cast_per_activation(model))
+    return stack
+
+
 class TrainingDiverged(PeftkitError):
     """The loss became NaN or infinite."""
 
@@ -109,12 +120,7 @@ class PeftTrainer(Seq2SeqTrainer):
 
     @override
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        """With LoRA's update fused into each layer's output and, under autocast, one cast per activation."""
-        with ExitStack() as speedups:
-            if not self.args.torch_compile:
-                speedups.enter_context(fused_lora_forward(self.model))
-            if self.args.bf16 or self.args.fp16:
-                speedups.enter_context(one_cast_per_activation(self.model, getattr(self.model.config, "model_type", None)))
+        with training_speedups(self.model, self.args.bf16 or self.args.fp16, self.args.torch_compile):
             return super().train(*args, **kwargs)
 
     @override
