@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from peftkit.errors import PeftkitError
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -25,16 +28,40 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _remove_orphans(target: Path) -> None:
+    """Remove temporary siblings of `target` left by a killed process of this host (its pid is in the name)."""
+    prefix = f".{target.name}.tmp-"
+    for p in target.parent.glob(f"{prefix}*"):
+        pid = p.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def write_dir_atomic(target: Path, fill: Callable[[Path], None], marker: str | None = None) -> Path:
     """Fill a temporary sibling folder, write `marker` in it last (if given), then swap it in for `target`.
 
     If `fill` raises, nothing changes at `target`. A folder without its marker is an interrupted
     write: readers must ignore it. An old `target` is moved aside before the swap and removed after,
-    so no file of the old folder survives into the new one.
+    so no file of the old folder survives into the new one. Callers decide whether `target` may be
+    replaced. The temporary folder is named after this process, so one left by a killed process
+    (SIGKILL skips every cleanup) is removed by the next write; it is created with the umask's mode
+    (mkdtemp's 0700 would make an export unreadable to others).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    _remove_orphans(target)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp.mkdir()
     try:
         fill(tmp)
         if marker:
@@ -50,3 +77,31 @@ def write_dir_atomic(target: Path, fill: Callable[[Path], None], marker: str | N
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+class StorageError(PeftkitError):
+    """A write failed for lack of space or an I/O error: the message names the path, free space and what was kept."""
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+# torch.save reports a short write as a RuntimeError ("... unexpected pos 123 vs 456", "file write failed").
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "No space left on device")
+
+
+def storage_error(e: BaseException, path: Path, kept: str) -> StorageError | None:
+    """The user-facing StorageError for `e` if it is a failed write (disk full, quota, I/O), else None."""
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+        why = e.strerror or str(e)
+    elif isinstance(e, RuntimeError) and any(s in str(e) for s in _TORCH_WRITE_FAILURES):
+        why = f"a write was cut short ({str(e).strip().splitlines()[-1][:120]}), most likely the disk is full"
+    else:
+        return None
+    probe = Path(path)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = f"{shutil.disk_usage(probe).free / 2**30:.2f} GiB free"
+    except OSError:
+        free = "free space unknown"
+    return StorageError(f"writing under {path} failed: {why} ({free} on that file system). {kept}. "
+                        "Free some space (or choose another folder) and run again")

@@ -24,10 +24,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _torchrun(args)
     cfg = load_config(args.config, args.overrides)  # every process checks it: errors show before any launch
-    summary = train(cfg, config_path=args.config).summary
+    summary = train(cfg, resume_command=resume_command(args)).summary
     if os.environ.get("RANK", "0") == "0":
         _print_summary(summary)
     return 0
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The shell command that resumes this run: the same config and overrides (quoted), resume set."""
+    import shlex
+
+    keep = [o for o in args.overrides if o.partition("=")[0] not in ("train.resume_from_checkpoint",
+                                                                       "train.overwrite_output_dir")]
+    nproc = [f"--nproc={args.nproc}"] if args.nproc > 1 else []
+    words = ["peftkit", "train", *nproc, args.config, *keep, "train.resume_from_checkpoint=true"]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _torchrun(args: argparse.Namespace) -> int:
@@ -93,8 +104,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not cfg.eval.dataset:
         raise PeftkitError("eval.dataset: missing — name the records to predict on, e.g. eval.dataset=data/dev.json")
     model, tokenizer = load_for_chat(cfg.model.name_or_path, args.adapter, cfg.stage)
-    out = Path(args.adapter or cfg.train["output_dir"])
-    print(json.dumps(predict(model, tokenizer, cfg, out), indent=2, ensure_ascii=False))
+    # Its own folder per dataset: never over the figures the run itself reported.
+    out = Path(args.out) if args.out else Path(args.adapter or cfg.train["output_dir"]) / "eval" / Path(cfg.eval.dataset).stem
+    results = predict(model, tokenizer, cfg, out)
+    print(json.dumps(results, indent=2, ensure_ascii=False))
+    logger.info("eval results written to %s", out)
     return 0
 
 
@@ -118,7 +132,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from peftkit.export import export
 
-    report = export(args.adapter, args.out, max_shard_size=args.max_shard_size)
+    report = export(args.adapter, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(f"exported to {report.out}: max logit difference {report.max_logit_diff:.2e}, "
           f"{report.records_checked} training records re-rendered identically")
     return 0
@@ -201,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--adapter", help="a trained output_dir (LoRA adapter) to load on the base model")
+    p.add_argument("--out", help="folder for the predictions and results (default: ADAPTER_OR_OUTPUT_DIR/eval/DATASET)")
     p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("chat", help="talk to a model")
     p.add_argument("--model", default=EMBEDDED_MODEL, help=f"model name or folder (default {EMBEDDED_MODEL})")
@@ -212,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_chat)
     p = sub.add_parser("export", help="merge a LoRA run (or copy a freeze/full run) into a standalone folder")
     p.add_argument("--adapter", required=True, help="the run's output_dir")
-    p.add_argument("--out", required=True, help="the folder to write (replaced whole if it exists)")
+    p.add_argument("--out", required=True, help="the folder to write: new, empty, or a previous export (replaced whole)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out even if it holds other files")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB")
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("serve", help="serve an OpenAI-compatible API (/v1/chat/completions)")
@@ -243,7 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `peftkit` console script and `python -m peftkit`."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    # Overrides may come anywhere on the line (`peftkit eval CONF --adapter RUN key=value`): argparse leaves
+    # those after an option unparsed, so they are taken here; anything else unknown is still an error.
+    overrides = [u for u in unknown if "=" in u and not u.startswith("-")]
+    if len(overrides) != len(unknown) or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(u for u in unknown if u not in overrides or not hasattr(args, 'overrides'))}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     logging.basicConfig(level=logging.INFO, format="[peftkit] %(message)s", stream=sys.stderr)
     try:
         return args.func(args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class PeftkitError(Exception):
     """A user error: bad config, bad data, a model that cannot be found. Never a bug."""
@@ -34,3 +36,10 @@ class DataError(PeftkitError):
 
 class ModelError(PeftkitError):
     """A model or tokenizer that cannot be resolved or loaded."""
+
+
+def kind_of(value: Any) -> str:
+    """'a number', 'a list', ... for messages about a user's value (not Python's type names: "got a int")."""
+    names = {bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object", str: "a string",
+             type(None): "nothing"}
+    return names.get(type(value), f"a {type(value).__name__}")

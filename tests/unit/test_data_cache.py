@@ -79,7 +79,7 @@ def test_peftkit_data_bad_record_exits_2(tmp_path: Path, tokenizer_dir: Path, ca
     config = write_config(tmp_path, f"model: {tokenizer_dir}\ndata: {{train: {bad}}}\ntrain: {{output_dir: {tmp_path}/o}}\n")
     assert main(["data", str(config)]) == 2
     err = capsys.readouterr().err
-    assert f"{bad}: line 2, field 'output': must be a string, got a int" in err
+    assert f"{bad}: line 2, field 'output': must be a string, got a number" in err
 
 
 def test_worker_processes_tokenize_identically(tokenizer, alpaca_file: Path) -> None:

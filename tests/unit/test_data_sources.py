@@ -115,7 +115,7 @@ def test_hub_name_fails_clearly_offline(monkeypatch: pytest.MonkeyPatch) -> None
     ("format", "content", "message"),
     [
         ("alpaca", '[{"instruction": "hi"}]', "record 0, field 'output': must be a string, it is missing"),
-        ("alpaca", '[{"instruction": "hi", "output": 3}]', "record 0, field 'output': must be a string, got a int"),
+        ("alpaca", '[{"instruction": "hi", "output": 3}]', "record 0, field 'output': must be a string, got a number"),
         ("alpaca", '[{"instruction": "hi", "output": "a", "history": [["q"]]}]',
          "field 'history[0]': must be a [query, answer] pair"),
         ("alpaca", '{"instruction": "hi"}', "a .json data file must hold a list of records"),

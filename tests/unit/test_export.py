@@ -29,6 +29,7 @@ def test_export_round_trip(ft: str, tiny_model_dir: Path, alpaca_file: Path, tmp
     result = _run(tiny_model_dir, alpaca_file, tmp_path / "run", ft)
     out = tmp_path / "export"
     out.mkdir()
+    (out / "export_report.json").write_text("{}")  # a previous export: export may replace it
     (out / "model-00009-of-00009.safetensors").write_text("stale")  # must not survive
     report = export(tmp_path / "run", out, max_shard_size="100KB")
     assert report.max_logit_diff < 1e-4 and report.records_checked == 8

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -88,10 +89,11 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, alpac
     args = _overrides(tiny_model_dir, alpaca_file, out, "train.save_strategy=no")
     stopped = _run("term_in_step:3", config, args, tmp_path / "home")
     assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
-    assert f"Resume with: peftkit train {config} train.resume_from_checkpoint=true" in stopped.stderr
+    hint = stopped.stderr.split("Resume with: ")[1].splitlines()[0]
+    assert shlex.split(hint) == ["peftkit", "train", str(config), *args, "train.resume_from_checkpoint=true"]
     assert (out / "checkpoint-3/.peftkit_complete").is_file()
     assert _rows(out)[-1]["event"] == "train_end" and _rows(out)[-1]["status"] == "interrupted"
-    resumed = _run("none", config, [*args, "train.resume_from_checkpoint=true"], tmp_path / "home")
+    resumed = _run("none", shlex.split(hint)[2], shlex.split(hint)[3:], tmp_path / "home")  # the hint, run literally
     assert resumed.returncode == 0, resumed.stderr
     assert [r["current_steps"] for r in _rows(out) if r["event"] == "log"] == [1, 2, 3, 4, 5, 6]
 

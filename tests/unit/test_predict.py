@@ -40,6 +40,7 @@ def test_peftkit_eval_writes_predictions_and_results(tiny_model_dir: Path, alpac
                  f"eval.dataset={alpaca_file}", f"train.output_dir={out}", "eval.max_samples=5",
                  "eval.metrics=[exact_match, rouge, bleu, loss]", "generate.max_new_tokens=4", "eval.batch_size=2"])
     assert code == 0
+    out = out / "eval" / alpaca_file.stem  # its own folder per dataset, never over a run's files
     results = json.loads((out / "predict_results.json").read_text())
     assert {"exact_match", "rouge-1", "rouge-l", "bleu", "eval_loss", "perplexity", "records_per_second",
             "generated_tokens_per_second"} <= set(results)

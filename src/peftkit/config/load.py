@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 import re
 import types
@@ -62,12 +63,18 @@ def _read_yaml(path: str | Path | None) -> tuple[dict[str, Any], list[str]]:
     if path is None:
         return {}, []
     p = Path(path)
+    if p.is_dir():
+        return {}, [f"config file {str(p)!r} is a folder — give the path of a .yaml file (see examples/)"]
     if not p.is_file():
         return {}, [f"config file {str(p)!r} does not exist — give the path of a .yaml file (see examples/)"]
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         return {}, [f"{p} is not valid YAML: {e}"]
+    except (UnicodeDecodeError, OSError) as e:
+        return {}, [f"{p} cannot be read as UTF-8 text ({e}) — save it as UTF-8 YAML"]
+    if data is None:
+        return {}, [f"{p} is empty — a config names at least train.output_dir and data.train (see examples/)"]
     if not isinstance(data, dict):
         return {}, [f"{p}: the top level must be a mapping of sections (model, data, finetuning, train, ...)"]
     return data, []
@@ -160,12 +167,32 @@ def _check_train(train: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         if key == "fsdp" and isinstance(value, bool):  # transformers 5 style: fsdp: true + fsdp_config
             checked[key] = value
             continue
+        if key == "bf16" and value == "auto":  # resolved here, so config.yaml records what ran
+            checked[key] = bf16_is_fast()
+            continue
         value, problem = coerce(value, fields[key])
         if problem:
             issues.append(f"train.{key}={train[key]!r}: {problem}")
             continue
         checked[key] = value
     return checked, issues
+
+
+def bf16_is_fast() -> bool:
+    """`train.bf16: auto`: bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with
+    AVX512-BF16 or AMX). Elsewhere bf16 is emulated: on a 2-core AVX-512 CPU without them, bf16 autocast
+    trained at 75 real tokens/s against fp32's 200 (SmolLM2-135M LoRA, packed rows of 1024)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    if _has_accelerator():
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 def _has_accelerator() -> bool:
@@ -379,6 +406,13 @@ def _check_training_arguments(train: dict[str, Any]) -> list[str]:
         args = build_training_arguments(train)
     except (ValueError, TypeError, ImportError) as e:
         return [f"train: transformers rejected these TrainingArguments: {e}"]
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(args, key) < 1:
+            issues.append(f"train.{key}={getattr(args, key)}: must be at least 1")
+    if not math.isfinite(args.learning_rate) or args.learning_rate < 0:
+        issues.append(f"train.learning_rate={args.learning_rate}: must be a finite number >= 0 (1e-4 is common for LoRA)")
+    if args.max_steps <= 0 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
+        issues.append(f"train.num_train_epochs={args.num_train_epochs}: must be above 0, or set train.max_steps > 0")
     if train.get("early_stopping_patience") is not None:
         if train["early_stopping_patience"] < 1:
             issues.append("train.early_stopping_patience: at least 1 evaluation")

@@ -68,6 +68,10 @@ class DataArgs:
         "Chat template: None uses the tokenizer's own; a shipped name (alpaca, chatml, llama3, yuan2) "
         "or a path to a .jinja file.",
     )
+    system: str | None = _f(
+        None, "System message for every conversation that has none; None leaves the chat template's own default "
+        "(SmolLM2's adds a 20-token line to every record), \"\" gives an empty one. Eval and export checks use it too.",
+    )
     cutoff_len: int = _f(1024, "Maximum tokens per example (and per packed row); truncation keeps part of every response.")
     max_samples: int | None = _f(None, "Use only the first N records of each dataset.")
     mask: Literal["assistant", "last", "all"] = _f(

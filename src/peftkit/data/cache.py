@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import __version__
-from peftkit.atomic import write_dir_atomic
+from peftkit.atomic import storage_error, write_dir_atomic
 from peftkit.config.schema import DataArgs, DatasetSpec
 from peftkit.data.sources import data_files
 from peftkit.model.resolve import peftkit_home
@@ -78,24 +78,53 @@ def cache_dir(key: str) -> Path:
     return peftkit_home() / "data_cache" / key
 
 
+_CHECKSUMS = "checksums.json"
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (but the checksum list and the marker), by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (_CHECKSUMS, _COMPLETE)}
+
+
 def load_cache(key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """The cached splits and report, or None if there is no complete cache for this key."""
+    """The cached splits and report, or None if there is no complete, intact cache for this key.
+
+    Every file is checked against the checksums written with it: a truncated, overwritten or
+    half-deleted cache is rebuilt (one warning), never loaded as silently different data.
+    """
     from datasets import load_from_disk
 
     folder = cache_dir(key)
     if not (folder / _COMPLETE).is_file():
         return None
-    report = json.loads((folder / "data_report.json").read_text(encoding="utf-8"))
-    splits = {p.name: load_from_disk(str(p)) for p in sorted(folder.iterdir()) if p.is_dir()}
+    try:
+        expected = json.loads((folder / _CHECKSUMS).read_text(encoding="utf-8"))
+        actual = _digests(folder)  # files added later (datasets' own cache-*.arrow) change no listed one
+        damaged = [name for name, digest in expected.items() if actual.get(name) != digest]
+        if damaged:
+            raise ValueError(f"{len(damaged)} file(s) missing or changed since written, e.g. {damaged[0]}")
+        report = json.loads((folder / "data_report.json").read_text(encoding="utf-8"))
+        splits = {p.name: load_from_disk(str(p)) for p in sorted(folder.iterdir()) if p.is_dir()}
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with a cache, the answer is to rebuild it
+        logger.warning("data cache %s is damaged (%s: %s); rebuilding it", folder, type(e).__name__, str(e)[:200])
+        return None
     return splits, report
 
 
 def save_cache(key: str, splits: dict[str, Any], report: dict[str, Any]) -> Path:
-    """Write the splits to a temporary folder and rename it into place: never half a cache."""
+    """Write the splits and their checksums to a temporary folder and rename it into place: never half a cache."""
     def fill(tmp: Path) -> None:
         for name, ds in splits.items():
             if ds is not None:
                 ds.save_to_disk(str(tmp / name))
         (tmp / "data_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+        (tmp / _CHECKSUMS).write_text(json.dumps(_digests(tmp), indent=1), encoding="utf-8")
 
-    return write_dir_atomic(cache_dir(key), fill, _COMPLETE)
+    try:
+        return write_dir_atomic(cache_dir(key), fill, _COMPLETE)
+    except (OSError, RuntimeError) as e:
+        storage = storage_error(e, cache_dir(key), "Kept: no cache entry (a partial one is never written)")
+        if storage is not None:
+            raise storage from e
+        raise

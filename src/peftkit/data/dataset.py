@@ -31,6 +31,7 @@ from peftkit.data.formats import (
     Where,
     rename_columns,
     sft_messages,
+    with_system,
 )
 from peftkit.data.packing import pack_examples, pack_stream
 from peftkit.data.report import (
@@ -62,18 +63,27 @@ def iter_samples(spec: DatasetSpec, args: DataArgs, drops: Drops | None = None) 
     A bad record raises its DataError, or with `drops` given (on_bad_record: skip) is counted there.
     """
     convert = FORMATS[spec.format]
+    empty: list[str] = []  # records whose answer is empty: kept (they teach stopping at once), but said
     for n, (file, location, record) in enumerate(iter_records(spec.path, args.txt_document, spec.split)):
         if spec.max_samples and n >= spec.max_samples:
-            return
+            break
         loc = location if isinstance(location, str) else f"record {location}"
         try:
             if isinstance(record, DataError):
                 raise record
-            yield convert(rename_columns(record, spec.columns), Where(file, loc), spec.tags), (file, loc)
+            sample = convert(rename_columns(record, spec.columns), Where(file, loc), spec.tags)
+            messages = sample.get("messages")
+            if "chosen" not in sample and messages and messages[-1]["role"] == "assistant" \
+                    and not messages[-1]["content"].strip():
+                empty.append(f"{file}: {loc}")
+            yield with_system(sample, args.system), (file, loc)
         except DataError as e:
             if drops is None:
                 raise
             drops.add(bad_record_reason(e.field, e.reason), f"{file}: {loc}")
+    if empty:
+        logger.warning("%s: %d record(s) with an empty answer (first: %s) are trained to answer nothing at once; "
+                       "remove them if that is not intended", spec.path, len(empty), empty[0])
 
 
 def file_specs(paths: list[str], args: DataArgs) -> list[DatasetSpec]:

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from peftkit.errors import DataError
+from peftkit.errors import DataError, kind_of
 
 Message = dict[str, Any]
 Sample = dict[str, Any]
@@ -41,7 +41,7 @@ def _text(record: dict[str, Any], key: str, at: Where, required: bool) -> str:
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        shown = "it is missing" if value is None else f"got a {type(value).__name__}"
+        shown = "it is missing" if value is None else f"got {kind_of(value)}"
         raise at.error(key, f"must be a string, {shown}; map your field name with `columns: {{{key}: YOUR_FIELD}}`")
     return value
 
@@ -63,7 +63,7 @@ def _check_turns(messages: list[Message], field: str, at: Where, final_assistant
 def _message(raw: Any, tags: dict[str, str], field: str, at: Where) -> Message:
     """One {from, value} or {role, content} message as {role, content[, train]}."""
     if not isinstance(raw, dict):
-        raise at.error(field, f"must be a message object, got {type(raw).__name__}")
+        raise at.error(field, f"must be a message object, got {kind_of(raw)}")
     if "role" in raw:  # OpenAI style
         role, content, allowed = raw.get("role"), raw.get("content"), _ROLES
     else:
@@ -77,7 +77,7 @@ def _message(raw: Any, tags: dict[str, str], field: str, at: Where) -> Message:
     if role not in allowed:
         raise at.error(f"{field}.role", f"unknown role {role!r}; allowed: {', '.join(allowed)}")
     if not isinstance(content, str):
-        raise at.error(field, f"content must be a string, got {type(content).__name__}")
+        raise at.error(field, f"content must be a string, got {kind_of(content)}")
     message: Message = {"role": role, "content": content}
     if raw.get("train") is False:
         message["train"] = False
@@ -202,6 +202,14 @@ def rename_columns(record: dict[str, Any], columns: dict[str, str] | None) -> di
         if theirs in record:
             out[ours] = record[theirs]
     return out
+
+
+def with_system(sample: Sample, system: str | None) -> Sample:
+    """The sample with `data.system` as its first message when it has a conversation but no system message."""
+    messages = sample.get("messages")
+    if system is None or not messages or messages[0]["role"] == "system":
+        return sample
+    return {**sample, "messages": [{"role": "system", "content": system}, *messages]}
 
 
 def sft_messages(sample: Sample) -> list[Message] | None:

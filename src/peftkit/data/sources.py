@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from peftkit.errors import DataError
+from peftkit.errors import DataError, kind_of
 
 SUPPORTED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
 
@@ -42,12 +42,45 @@ def iter_records(path: str, txt_document: str = "line", split: str = "train") ->
         reader = {".json": _json, ".jsonl": _jsonl, ".txt": _txt}.get(file.suffix, _tabular)
         for location, record in reader(file, txt_document):
             if not isinstance(record, (dict, DataError)):
-                record = DataError(str(file), location, None, f"expected an object, got {type(record).__name__}")
+                record = DataError(str(file), location, None, f"expected an object, got {kind_of(record)}")
             yield str(file), location, record
 
 
+def _not_utf8(file: Path, e: UnicodeDecodeError, where: str = "") -> DataError:
+    return DataError(str(file), where or None, None, f"is not UTF-8 text (byte {e.start}{' of the line' if where else ''}"
+                     f": {e.object[e.start:e.start + 4]!r}); data files must be UTF-8 — convert it, e.g. "
+                     f"`iconv -f latin1 -t utf-8 {file.name}`, or check that it is the file you meant")
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(file, e) from None
+    except OSError as e:
+        raise DataError(str(file), None, None, f"cannot be read: {e.strerror or e}") from None
+
+
+def _lines(file: Path) -> Iterator[tuple[str, str | DataError]]:
+    """(location, text or the decode error) for each non-empty line; a bad line does not stop the others."""
+    try:
+        f = file.open("rb")
+    except OSError as e:
+        raise DataError(str(file), None, None, f"cannot be read: {e.strerror or e}") from None
+    with f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"line {lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield where, _not_utf8(file, e, where)
+                continue
+            if line.strip():
+                yield where, line
+
+
 def _json(file: Path, _: str) -> Iterator[tuple[int | str, Any]]:
-    text = file.read_text(encoding="utf-8")
+    text = _read_text(file)
     try:
         records = json.loads(text)
     except json.JSONDecodeError as e:
@@ -59,25 +92,22 @@ def _json(file: Path, _: str) -> Iterator[tuple[int | str, Any]]:
 
 
 def _jsonl(file: Path, _: str) -> Iterator[tuple[int | str, Any]]:
-    with file.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"line {lineno}", DataError(str(file), f"line {lineno}", None,
-                                                   f"not valid JSON (column {e.colno}): {e.msg}")
+    for where, line in _lines(file):
+        if isinstance(line, DataError):
+            yield where, line
+            continue
+        try:
+            yield where, json.loads(line)
+        except json.JSONDecodeError as e:
+            yield where, DataError(str(file), where, None, f"not valid JSON (column {e.colno}): {e.msg}")
 
 
 def _txt(file: Path, txt_document: str) -> Iterator[tuple[int | str, Any]]:
     if txt_document == "file":
-        yield "the whole file", {"text": file.read_text(encoding="utf-8")}
+        yield "the whole file", {"text": _read_text(file)}
         return
-    with file.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield f"line {lineno}", {"text": line.rstrip("\n")}
+    for where, line in _lines(file):
+        yield where, line if isinstance(line, DataError) else {"text": line.rstrip("\r\n")}
 
 
 def _tabular(file: Path, _: str) -> Iterator[tuple[int | str, Any]]:
@@ -86,8 +116,13 @@ def _tabular(file: Path, _: str) -> Iterator[tuple[int | str, Any]]:
     from datasets import load_dataset
 
     if file.suffix == ".parquet":
-        ds = load_dataset("parquet", data_files=str(file), split="train", streaming=True)
-        yield from enumerate(ds)
+        try:  # pyarrow raises its own errors (ArrowInvalid) on a file that is not Parquet
+            ds = load_dataset("parquet", data_files=str(file), split="train", streaming=True)
+            yield from enumerate(ds)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any reader failure is a bad file, named as such
+            raise DataError(str(file), None, None, f"cannot be read as Parquet ({type(e).__name__}: {str(e)[:200]})") from e
         return
     sep = "\t" if file.suffix == ".tsv" else ","
     # TSV corpora (GLUE) hold bare quotes inside fields: read them literally.

@@ -13,7 +13,7 @@ from peftkit.atomic import write_json_atomic, write_text_atomic
 from peftkit.config.schema import RunConfig
 from peftkit.constants import PREDICT_RESULTS_FILE, PREDICTIONS_FILE
 from peftkit.data.dataset import load_messages
-from peftkit.eval.generate import generate_batch, render_prompt
+from peftkit.eval.generate import adapters_merged, generate_batch, render_prompt
 from peftkit.eval.loss import eval_loss
 from peftkit.eval.metrics import METRICS
 
@@ -26,11 +26,11 @@ def predict(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: s
     `loss` needs no generation; every other metric scores generated answers, which are also
     written to generated_predictions{tag}.jsonl. rm / dpo / cls score records instead (eval/scoring.py).
     """
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {"dataset": cfg.eval.dataset}  # which records produced these figures
     if cfg.stage in ("rm", "dpo", "cls"):  # scored, not generated: eval.metrics does not apply
         from peftkit.eval.scoring import classify, score_pairs
 
-        metrics = (classify if cfg.stage == "cls" else score_pairs)(model, tokenizer, cfg, output_dir, tag)
+        metrics.update((classify if cfg.stage == "cls" else score_pairs)(model, tokenizer, cfg, output_dir, tag))
         write_json_atomic(output_dir / PREDICT_RESULTS_FILE.replace(".json", f"{tag}.json"), metrics)
         return metrics
     if "loss" in cfg.eval.metrics:
@@ -51,12 +51,13 @@ def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: 
     answers: list[list[int]] = [[] for _ in prompts]
     start = time.time()
     bs = cfg.eval.batch_size
-    for b in range(0, len(order), bs):
-        batch = order[b : b + bs]
-        for i, ids in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch], cfg.generate,
-                                                  bf16=bool(cfg.train.get("bf16")))):
-            answers[i] = ids
-        logger.info("predict%s: %d/%d records", tag, min(b + bs, len(order)), len(order))
+    with adapters_merged(model):
+        for b in range(0, len(order), bs):
+            batch = order[b : b + bs]
+            for i, ids in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch], cfg.generate,
+                                                      bf16=bool(cfg.train.get("bf16")))):
+                answers[i] = ids
+            logger.info("predict%s: %d/%d records", tag, min(b + bs, len(order)), len(order))
     seconds = time.time() - start
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
     metrics: dict[str, Any] = {}

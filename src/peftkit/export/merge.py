@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from peftkit.atomic import write_dir_atomic
+from peftkit.atomic import storage_error, write_dir_atomic
 from peftkit.config.load import dataset_specs
 from peftkit.config.schema import DataArgs
 from peftkit.constants import CONFIG_FILE, FINETUNING_ARGS_FILE
@@ -30,6 +30,7 @@ logger = logging.getLogger("peftkit")
 # ~1e-4 on SmolLM2 from summation order alone (9.7e-5 measured, even merged in memory), which
 # would make a 1e-4 limit a coin toss; in float64 what remains is the export's own rounding.
 MAX_LOGIT_DIFF = 1e-4
+EXPORT_MARKER = "export_report.json"  # written last into every export: a folder that has it may be replaced
 _CHECK_PROMPTS = ["Hello! Who are you?", "抽取简历实体，以JSON回答。\n高勇：男，中国国籍，无境外居留权，"]
 
 
@@ -109,17 +110,46 @@ def _check_template(run_tokenizer: Any, exported_dir: Path, records: list, cutof
             )
 
 
-def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB") -> ExportReport:
+def check_destination(run_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an `out` whose replacement would lose what the user did not ask to replace.
+
+    Allowed: a new path, an empty folder, or a previous peftkit export (it holds EXPORT_MARKER);
+    anything else only with `overwrite`. Never the run itself, a folder inside it or above it, the
+    working directory or the home folder (or any folder above them), whatever the flag says.
+    """
+    run, target = run_dir.resolve(), out.resolve()
+    protected = {"the run being exported": run, "the working directory": Path.cwd().resolve(),
+                 "the home folder": Path.home().resolve()}
+    if target == run or run in target.parents:
+        raise PeftkitError(f"--out {out}: inside the run being exported ({run_dir}); choose a folder outside it")
+    for what, path in protected.items():
+        if target == path or target in path.parents:
+            raise PeftkitError(f"--out {out}: replacing it would delete {what} ({path}); choose a new folder")
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir():
+        raise PeftkitError(f"--out {out}: exists and is not a folder; choose a new path")
+    if overwrite or not any(target.iterdir()) or (target / EXPORT_MARKER).is_file():
+        return
+    raise PeftkitError(f"--out {out}: the folder holds files that are not a peftkit export; choose a new folder, "
+                       "or pass --overwrite to replace it whole")
+
+
+def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB", overwrite: bool = False) -> ExportReport:
     """Merge (lora) or copy (freeze / full) a run into `out`, verify it, then move it into place.
 
+    `out` is replaced only when check_destination allows it (a previous export, or `overwrite`).
+
     Raises:
-        PeftkitError: the run folder is not a peftkit run, or a check failed (nothing is written then).
+        PeftkitError: the run folder is not a peftkit run, `out` may not be replaced, or a check failed
+            (nothing is written then).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run_dir, out = Path(run_dir), Path(out)
     finetuning_type = _finetuning_type(run_dir)
+    check_destination(run_dir, out, overwrite)
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     model, stored_dtype = _load_run(run_dir, finetuning_type)
     prompts = _check_prompts(tokenizer)
@@ -145,9 +175,15 @@ def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB") ->
             )
         _check_template(tokenizer, tmp, records, cutoff_len=4096)
         result["report"] = ExportReport(finetuning_type, diff, len(records), str(out))
-        (tmp / "export_report.json").write_text(json.dumps(result["report"].__dict__, indent=2) + "\n")
+        (tmp / EXPORT_MARKER).write_text(json.dumps(result["report"].__dict__, indent=2) + "\n")
 
-    write_dir_atomic(out, fill)
+    try:
+        write_dir_atomic(out, fill)
+    except (OSError, RuntimeError) as e:
+        storage = storage_error(e, out, f"Kept: {out} as it was (nothing of this export was moved into place)")
+        if storage is not None:
+            raise storage from e
+        raise
     report = result["report"]
     logger.info("exported %s run to %s (max logit difference %.2e, %d training records re-rendered identically)",
                 finetuning_type, out, report.max_logit_diff, len(records))

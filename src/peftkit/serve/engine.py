@@ -72,9 +72,14 @@ class Engine:
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         return render_prompt(self.tokenizer, messages)
 
-    def stream(self, request: Request, ids: list[int], outcome: Outcome) -> Iterator[str]:
+    def stream(self, request: Request, ids: list[int], outcome: Outcome,
+               cancel: threading.Event | None = None) -> Iterator[str]:
         """Text pieces of the answer to the prompt `ids` (from `prompt_ids`); `outcome` holds the finish
-        reason and token counts at the end."""
+        reason and token counts at the end.
+
+        Generation stops at the next token once `cancel` is set (the client went away) or this generator
+        is closed early: an abandoned request never keeps computing after it lets go of the lock.
+        """
         import torch
         from transformers import (
             StoppingCriteria,
@@ -91,7 +96,7 @@ class Engine:
 
         class _Halt(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-                return halt.is_set()
+                return halt.is_set() or (cancel is not None and cancel.is_set())
 
         result: dict[str, Any] = {}
 
@@ -110,13 +115,16 @@ class Engine:
         with self.lock:
             worker = threading.Thread(target=work, daemon=True)
             worker.start()
-            for piece in streamer:
-                text = scanner.feed(piece)
-                if text:
-                    yield text
-                if scanner.stopped:
-                    halt.set()
-            worker.join()
+            try:
+                for piece in streamer:
+                    text = scanner.feed(piece)
+                    if text:
+                        yield text
+                    if scanner.stopped:
+                        halt.set()
+            finally:  # also on GeneratorExit: the consumer left, so the worker must stop before the lock is free
+                halt.set()
+                worker.join()
         if "error" in result:
             raise result["error"]
         tail = scanner.flush()

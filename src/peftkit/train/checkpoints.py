@@ -14,7 +14,13 @@ import shutil
 from pathlib import Path
 
 from peftkit.config.schema import TrainExtras
-from peftkit.constants import CHECKPOINT_MARKER, TRAINER_LOG
+from peftkit.constants import (
+    CHECKPOINT_MARKER,
+    PREDICT_RESULTS_FILE,
+    PREDICTIONS_FILE,
+    RUN_SUMMARY_FILE,
+    TRAINER_LOG,
+)
 from peftkit.errors import PeftkitError
 
 logger = logging.getLogger("peftkit")
@@ -36,12 +42,28 @@ def latest_complete(output_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def resolve_resume(output_dir: Path, extras: TrainExtras, config_hint: str) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run; refuses to overwrite checkpoints by accident."""
+# What a finished run leaves (besides checkpoints): a fresh run must not silently replace them.
+FINISHED_RUN_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json", RUN_SUMMARY_FILE)
+# Written by a run; removed with train.overwrite_output_dir so no stale file mixes with the new run's.
+_RUN_FILES = (*FINISHED_RUN_FILES, TRAINER_LOG, "adapter_config.json", PREDICTIONS_FILE, PREDICT_RESULTS_FILE,
+              PREDICTIONS_FILE.replace(".jsonl", "_before.jsonl"), PREDICT_RESULTS_FILE.replace(".json", "_before.json"))
+
+
+def resolve_resume(output_dir: Path, extras: TrainExtras, resume_command: str) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh run.
+
+    Refuses (naming `resume_command` and train.overwrite_output_dir) to start over in a folder that
+    holds checkpoints or a finished run; with overwrite_output_dir, removes exactly those.
+    """
     existing = checkpoints(output_dir)
+    finished = [n for n in FINISHED_RUN_FILES if (Path(output_dir) / n).exists()]
     resume = extras.resume_from_checkpoint
     if resume is True:
         target = latest_complete(output_dir)
+        if target is None and finished and not extras.overwrite_output_dir:
+            raise PeftkitError(f"{output_dir} holds a finished run ({', '.join(finished)}) and no checkpoint to "
+                               "resume from; choose another train.output_dir, or start over with "
+                               "train.overwrite_output_dir=true (deletes it)")
         if target is None:
             logger.info("resume_from_checkpoint: no complete checkpoint in %s, starting fresh", output_dir)
     elif isinstance(resume, str) and resume:
@@ -55,16 +77,39 @@ def resolve_resume(output_dir: Path, extras: TrainExtras, config_hint: str) -> P
         if existing and not extras.overwrite_output_dir:
             raise PeftkitError(
                 f"{output_dir} already holds checkpoints ({', '.join(p.name for _, p, _ in existing)}). Resume with "
-                f"`peftkit train {config_hint} train.resume_from_checkpoint=true`, or start over with "
-                "train.overwrite_output_dir=true (deletes them)"
+                f"`{resume_command}`, or start over with train.overwrite_output_dir=true (deletes them)"
             )
-        if existing:
+        if finished and not extras.overwrite_output_dir:
+            raise PeftkitError(
+                f"{output_dir} already holds a finished run ({', '.join(finished)}); choose another "
+                "train.output_dir, or start over with train.overwrite_output_dir=true (deletes it)"
+            )
+        if extras.overwrite_output_dir and (existing or finished):
             for _, p, _ in existing:
                 shutil.rmtree(p)
-            (Path(output_dir) / TRAINER_LOG).unlink(missing_ok=True)
-            logger.info("overwrite_output_dir: deleted %d old checkpoint(s) in %s", len(existing), output_dir)
+            for name in _RUN_FILES:
+                (Path(output_dir) / name).unlink(missing_ok=True)
+            logger.info("overwrite_output_dir: deleted the previous run in %s (%d checkpoint(s))", output_dir,
+                        len(existing))
     for _, p, ok in existing:
         if not ok and p.exists():
             logger.warning("removing %s: its write was interrupted (no completion marker)", p)
             shutil.rmtree(p)
     return target
+
+
+# Keys that may differ between a run and its resumption: how to resume, and where (the board passes an absolute path).
+_RESUME_KEYS = {"train.resume_from_checkpoint", "train.overwrite_output_dir", "train.output_dir"}
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """`key: old -> new` for every leaf that differs between two resolved configs, resume keys aside."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        name = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{name}.")
+        elif a != b and name not in _RESUME_KEYS:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out

@@ -6,15 +6,18 @@ the data first (the others read its cache) and is the only one that writes files
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftkit.atomic import write_json_atomic
+import yaml
+
+from peftkit.atomic import storage_error, write_json_atomic
 from peftkit.config import RunConfig, build_training_arguments, dump_config
-from peftkit.config.load import train_extras
+from peftkit.config.load import to_dict, train_extras
 from peftkit.config.schema import TrainExtras
 from peftkit.constants import CONFIG_FILE, DATA_REPORT_FILE, RUN_SUMMARY_FILE
 from peftkit.data import PreparedData, apply_template, build_collator, prepare_data
@@ -29,9 +32,10 @@ from peftkit.model.finetuning import (
 from peftkit.model.value_head import attach_value_head
 from peftkit.train.allocator import keep_freed_memory
 from peftkit.train.callbacks import LogCallback, StopCallback
-from peftkit.train.checkpoints import latest_complete, resolve_resume
+from peftkit.train.checkpoints import config_differences, latest_complete, resolve_resume
 from peftkit.train.objectives import build_objective, pair_eval_metrics
 from peftkit.train.plot import plot_loss
+from peftkit.train.runlock import RunLock
 from peftkit.train.signals import GracefulStop
 from peftkit.train.trainer import (
     PeftTrainer,
@@ -59,19 +63,30 @@ class TrainResult:
     model: Any
 
 
-def train(cfg: RunConfig, config_path: str = "CONFIG.yaml") -> TrainResult:
-    """Fine-tune as configured; the summary holds output_dir, losses, metrics before/after, wall time."""
+def train(cfg: RunConfig, resume_command: str = "peftkit train CONFIG.yaml train.resume_from_checkpoint=true") -> TrainResult:
+    """Fine-tune as configured; the summary holds output_dir, losses, metrics before/after, wall time.
+
+    `resume_command` is the shell command that resumes this very run, printed when it is interrupted.
+    Only the main process writes, and it holds the output_dir's RunLock for the whole run.
+    """
+    args = build_training_arguments(cfg.train)
+    with RunLock(Path(args.output_dir)) if args.should_save else contextlib.nullcontext():
+        return _train(cfg, args, resume_command)
+
+
+def _train(cfg: RunConfig, args: Any, resume_command: str) -> TrainResult:
     from transformers import set_seed
 
     start = time.time()
-    args = build_training_arguments(cfg.train)
     set_seed(args.seed)  # before the adapter is created: its initialisation must not depend on what ran before
     output_dir, main = Path(args.output_dir), args.should_save
     if args.device.type == "cpu":
         keep_freed_memory()  # each step's activations reuse the heap instead of fresh pages (train/allocator.py)
     extras = train_extras(cfg.train)
     with args.main_process_first(desc="checking checkpoints"):
-        resume = resolve_resume(output_dir, extras, config_path)
+        resume = resolve_resume(output_dir, extras, resume_command)
+    if main and resume is not None:
+        _check_same_config(cfg, output_dir / CONFIG_FILE)
     if main:
         dump_config(cfg, output_dir / CONFIG_FILE)
 
@@ -105,16 +120,28 @@ def train(cfg: RunConfig, config_path: str = "CONFIG.yaml") -> TrainResult:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except BaseException as e:
             status = "aborted" if isinstance(e, KeyboardInterrupt) else "error"
-            log.write(trainer.state, "error", status=status, message=f"{type(e).__name__}: {e}"[:1000])
+            with contextlib.suppress(OSError):  # the disk may be what failed: keep the original error
+                log.write(trainer.state, "error", status=status, message=f"{type(e).__name__}: {e}"[:1000])
+            kept = latest_complete(output_dir)
+            storage = storage_error(e, output_dir, f"Kept: {kept or 'no complete checkpoint'} (incomplete ones are "
+                                    "never resumed from)")
+            if storage is not None:
+                raise storage from e
             raise
     if stop.signal is not None:
         raise Interrupted(
             f"training stopped at step {trainer.state.global_step} of {trainer.state.max_steps}; the checkpoint is "
-            f"{latest_complete(output_dir)}. Resume with: peftkit train {config_path} train.resume_from_checkpoint=true",
+            f"{latest_complete(output_dir)}. Resume with: {resume_command}",
             stop.exit_code,
         )
-    trainer.save_model()
-    trainer.save_state()
+    try:
+        trainer.save_model()
+        trainer.save_state()
+    except (OSError, RuntimeError) as e:
+        storage = storage_error(e, output_dir, f"Kept: {latest_complete(output_dir) or 'no complete checkpoint'}")
+        if storage is not None:
+            raise storage from e
+        raise
     if main and plot_loss(output_dir) is None:
         logger.info("no training_loss.png: no loss was logged (train.logging_steps is larger than the steps run)")
     # accelerate wrapped forward() in autocast for bf16/fp16; hand back the plain model, so what
@@ -129,6 +156,22 @@ def train(cfg: RunConfig, config_path: str = "CONFIG.yaml") -> TrainResult:
     if main:
         write_json_atomic(output_dir / RUN_SUMMARY_FILE, summary)
     return TrainResult(summary, model)
+
+
+def _check_same_config(cfg: RunConfig, saved: Path) -> None:
+    """A resumed run must be the run it continues: refuse any difference but the resume keys."""
+    if not saved.is_file():
+        return
+    try:
+        old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise PeftkitError(f"{saved}: cannot be read ({e}); it records the run being resumed") from e
+    new = yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+    diff = config_differences(old, new)
+    if diff:
+        raise PeftkitError(f"resuming {saved.parent} with a config that differs from the one it was trained with "
+                           f"({saved}):\n  " + "\n  ".join(diff) + "\nresume with the same config and overrides, "
+                           "or start a new run in another train.output_dir")
 
 
 def build_trainer(cfg: RunConfig, args: Any, extras: TrainExtras, model: Any, tokenizer: Any,
