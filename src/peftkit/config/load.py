@@ -305,6 +305,8 @@ def validate(cfg: RunConfig) -> list[str]:
             issues.append(f"eval.metrics: unknown metric {metric!r}; choose from {', '.join(allowed)}")
     if ev.batch_size < 1:
         issues.append(f"eval.batch_size={ev.batch_size}: must be at least 1")
+    if not isinstance(ev.before_training, bool) and ev.before_training < 1:
+        issues.append(f"eval.before_training={ev.before_training}: true, false, or a number of records >= 1")
     if ev.max_samples is not None and ev.max_samples < 1:
         issues.append(f"eval.max_samples={ev.max_samples}: must be at least 1, or remove the key")
     if cfg.generate.max_new_tokens < 1:

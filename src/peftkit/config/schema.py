@@ -139,7 +139,9 @@ class EvalArgs:
         "(eval loss and perplexity, no generation).",
     )
     batch_size: int = _f(16, "Prompts generated together (left padded, sorted by length).")
-    before_training: bool = _f(False, "Also predict with the untrained model, to show the gain.")
+    before_training: bool | int = _f(
+        False, "Also predict with the untrained model, to show the gain: true (the same records), or a number N "
+        "(only the first N: a cheap before figure when the after-training eval is long).")
 
 
 @dataclass

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 from peftkit.config.schema import GenerateArgs
@@ -55,6 +56,13 @@ def generate_batch(
     model: Any, tokenizer: Any, prompts: list[list[int]], args: GenerateArgs, bf16: bool = False
 ) -> list[list[int]]:
     """New token ids for each prompt (stop tokens stripped), same order as `prompts`."""
+    return [ids for ids, _ in _generate(model, tokenizer, prompts, args, bf16)]
+
+
+def _generate(
+    model: Any, tokenizer: Any, prompts: list[list[int]], args: GenerateArgs, bf16: bool = False
+) -> list[tuple[list[int], bool]]:
+    """(new token ids without the stop token, whether a stop token ended them) for each prompt."""
     import torch
 
     pad = tokenizer.pad_token_id
@@ -73,6 +81,36 @@ def generate_batch(
     stops = set(stop_token_ids(tokenizer)) | {pad}
     results = []
     for row in out[:, width:].tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), len(row))
-        results.append(row[:end])
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        results.append((row, False) if end is None else (row[:end], True))
     return results
+
+
+def generate_many(model: Any, tokenizer: Any, prompts: list[list[int]], args: GenerateArgs, batch_size: int,
+                  bf16: bool = False, progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    """Answers to many prompts (same order), in batches of similar prompt length, in two rounds.
+
+    A batch decodes until its longest answer ends, so one answer that runs on (a long list, a loop) keeps
+    every row of its batch computing. Round one stops at half of max_new_tokens; the few answers still
+    going are regrouped into batches of their own and continued from where they stopped. Greedy answers
+    are the same as in one round.
+    """
+    answers: list[list[int]] = [[] for _ in prompts]
+    first = max(1, args.max_new_tokens // 2)
+    budgets = [replace(args, max_new_tokens=n) for n in (first, args.max_new_tokens - first) if n > 0]
+    pending = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for budget in budgets:
+        going = []
+        for b in range(0, len(pending), batch_size):
+            batch = pending[b : b + batch_size]
+            rows = _generate(model, tokenizer, [prompts[i] + answers[i] for i in batch], budget, bf16)
+            for i, (ids, stopped) in zip(batch, rows):
+                answers[i] = answers[i] + ids
+                if not stopped:
+                    going.append(i)
+            if progress is not None:
+                progress(len(prompts) - len(pending) + b + len(batch), len(prompts))
+        pending = sorted(going, key=lambda i: -len(prompts[i]) - len(answers[i]))
+        if not pending:
+            break
+    return answers

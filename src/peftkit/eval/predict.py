@@ -13,7 +13,7 @@ from peftkit.atomic import write_json_atomic, write_text_atomic
 from peftkit.config.schema import RunConfig
 from peftkit.constants import PREDICT_RESULTS_FILE, PREDICTIONS_FILE
 from peftkit.data.dataset import load_messages
-from peftkit.eval.generate import adapters_merged, generate_batch, render_prompt
+from peftkit.eval.generate import adapters_merged, generate_many, render_prompt
 from peftkit.eval.loss import eval_loss
 from peftkit.eval.metrics import METRICS
 
@@ -42,22 +42,16 @@ def predict(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: s
 
 
 def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str) -> dict[str, Any]:
-    """Records sorted by prompt length so each batch pads little; results keep file order."""
+    """Generated answers scored against the references; results keep file order."""
     data_args = replace(cfg.data, max_samples=cfg.eval.max_samples)
     records = load_messages([cfg.eval.dataset], data_args)
     prompts = [render_prompt(tokenizer, messages[:-1]) for messages, _ in records]
     references = [messages[-1]["content"] for messages, _ in records]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    answers: list[list[int]] = [[] for _ in prompts]
     start = time.time()
-    bs = cfg.eval.batch_size
     with adapters_merged(model):
-        for b in range(0, len(order), bs):
-            batch = order[b : b + bs]
-            for i, ids in zip(batch, generate_batch(model, tokenizer, [prompts[i] for i in batch], cfg.generate,
-                                                      bf16=bool(cfg.train.get("bf16")))):
-                answers[i] = ids
-            logger.info("predict%s: %d/%d records", tag, min(b + bs, len(order)), len(order))
+        answers = generate_many(model, tokenizer, prompts, cfg.generate, cfg.eval.batch_size,
+                                bf16=bool(cfg.train.get("bf16")),
+                                progress=lambda done, total: logger.info("predict%s: %d/%d", tag, done, total))
     seconds = time.time() - start
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
     metrics: dict[str, Any] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,10 @@ def _train(cfg: RunConfig, args: Any, resume_command: str) -> TrainResult:
         attach_value_head(model)  # the head training starts from, so it is also the one scored before training
     summary: dict[str, Any] = {"output_dir": str(output_dir), "stage": cfg.stage}
     if cfg.eval.dataset and cfg.eval.before_training and main and resume is None:
-        summary["metrics_before"] = predict(model, tokenizer, cfg, output_dir, tag="_before")
+        before = cfg.eval.before_training
+        slice_ = before if before is not True else cfg.eval.max_samples
+        before_cfg = replace(cfg, eval=replace(cfg.eval, max_samples=slice_))
+        summary["metrics_before"] = predict(model, tokenizer, before_cfg, output_dir, tag="_before")
     model = prepare_for_training(model, cfg.finetuning, cfg.stage)
     converted_init = cfg.finetuning.init_lora_weights in CONVERTED_INITS and not cfg.finetuning.adapter_name_or_path
     if converted_init and main and not (output_dir / LORA_INIT_DIR).is_dir():  # a resumed run keeps the first run's
