@@ -67,7 +67,10 @@ def _print_summary(summary: dict) -> None:
         if m:
             shown = {k: v for k, v in m.items() if k in _SHOWN_METRICS}
             lines.append(f"{when:>6} training: " + ", ".join(f"{k} {v}" for k, v in shown.items())
-                         + (f" on {m['records']} records" if "records" in m else ""))
+                         + (f" on {m['records']} records" if "records" in m else "")
+                         + (f" ({m['predict_seconds']} s)" if "predict_seconds" in m else ""))
+            if when == "after" and m.get("per_type"):
+                lines.append("        F1 per type: " + ", ".join(f"{k} {v['f1']}" for k, v in m["per_type"].items()))
     lines.append(f"wall time: {summary['wall_seconds']} s")
     lines.append(f"outputs: {summary['output_dir']}")
     print("\n".join(lines))
