@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,18 @@ class StorageError(PeftkitError):
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
 # torch.save reports a short write as a RuntimeError ("... unexpected pos 123 vs 456", "file write failed").
 _TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "No space left on device")
+
+
+@contextlib.contextmanager
+def storage_errors(path: Path, kept: Callable[[], str]) -> Iterator[None]:
+    """Turn a failed write inside the block into a StorageError; `kept` says, when it happens, what survived."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        storage = storage_error(e, path, kept())
+        if storage is not None:
+            raise storage from e
+        raise
 
 
 def storage_error(e: BaseException, path: Path, kept: str) -> StorageError | None:

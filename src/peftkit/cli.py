@@ -266,11 +266,12 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     # Overrides may come anywhere on the line (`peftkit eval CONF --adapter RUN key=value`): argparse leaves
     # those after an option unparsed, so they are taken here; anything else unknown is still an error.
-    overrides = [u for u in unknown if "=" in u and not u.startswith("-")]
-    if len(overrides) != len(unknown) or (overrides and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(u for u in unknown if u not in overrides or not hasattr(args, 'overrides'))}")
-    if overrides:
-        args.overrides = [*args.overrides, *overrides]
+    takes_overrides = hasattr(args, "overrides")
+    stray = [u for u in unknown if not (takes_overrides and "=" in u and not u.startswith("-"))]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if unknown:
+        args.overrides = [*args.overrides, *unknown]
     logging.basicConfig(level=logging.INFO, format="[peftkit] %(message)s", stream=sys.stderr)
     try:
         return args.func(args)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit import __version__
-from peftkit.atomic import storage_error, write_dir_atomic
+from peftkit.atomic import storage_errors, write_dir_atomic
 from peftkit.config.schema import DataArgs, DatasetSpec
 from peftkit.data.sources import data_files
 from peftkit.model.resolve import peftkit_home
@@ -121,10 +121,5 @@ def save_cache(key: str, splits: dict[str, Any], report: dict[str, Any]) -> Path
         (tmp / "data_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
         (tmp / _CHECKSUMS).write_text(json.dumps(_digests(tmp), indent=1), encoding="utf-8")
 
-    try:
+    with storage_errors(cache_dir(key), lambda: "Kept: no cache entry (a partial one is never written)"):
         return write_dir_atomic(cache_dir(key), fill, _COMPLETE)
-    except (OSError, RuntimeError) as e:
-        storage = storage_error(e, cache_dir(key), "Kept: no cache entry (a partial one is never written)")
-        if storage is not None:
-            raise storage from e
-        raise

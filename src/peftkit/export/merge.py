@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from peftkit.atomic import storage_error, write_dir_atomic
+from peftkit.atomic import storage_errors, write_dir_atomic
 from peftkit.config.load import dataset_specs
 from peftkit.config.schema import DataArgs
 from peftkit.constants import CONFIG_FILE, FINETUNING_ARGS_FILE
@@ -177,13 +177,8 @@ def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB", ov
         result["report"] = ExportReport(finetuning_type, diff, len(records), str(out))
         (tmp / EXPORT_MARKER).write_text(json.dumps(result["report"].__dict__, indent=2) + "\n")
 
-    try:
+    with storage_errors(out, lambda: f"Kept: {out} as it was (nothing of this export was moved into place)"):
         write_dir_atomic(out, fill)
-    except (OSError, RuntimeError) as e:
-        storage = storage_error(e, out, f"Kept: {out} as it was (nothing of this export was moved into place)")
-        if storage is not None:
-            raise storage from e
-        raise
     report = result["report"]
     logger.info("exported %s run to %s (max logit difference %.2e, %d training records re-rendered identically)",
                 finetuning_type, out, report.max_logit_diff, len(records))

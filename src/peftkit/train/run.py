@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from peftkit.atomic import storage_error, write_json_atomic
+from peftkit.atomic import storage_errors, write_json_atomic
 from peftkit.config import RunConfig, build_training_arguments, dump_config
 from peftkit.config.load import to_dict, train_extras
 from peftkit.config.schema import TrainExtras
@@ -117,7 +117,11 @@ def _train(cfg: RunConfig, args: Any, resume_command: str) -> TrainResult:
         trainer.restore_token_counts(resume)
         log.resumed_from, log.tokens_at_start = str(resume), trainer.token_base.real_tokens
         logger.info("resuming from %s", resume)
-    with GracefulStop() as stop:
+
+    def kept() -> str:  # for a failed write: what survives it
+        return f"Kept: {latest_complete(output_dir) or 'no complete checkpoint'} (incomplete ones are never resumed from)"
+
+    with GracefulStop() as stop, storage_errors(output_dir, kept):
         trainer.add_callback(StopCallback(stop, log))
         try:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -125,11 +129,6 @@ def _train(cfg: RunConfig, args: Any, resume_command: str) -> TrainResult:
             status = "aborted" if isinstance(e, KeyboardInterrupt) else "error"
             with contextlib.suppress(OSError):  # the disk may be what failed: keep the original error
                 log.write(trainer.state, "error", status=status, message=f"{type(e).__name__}: {e}"[:1000])
-            kept = latest_complete(output_dir)
-            storage = storage_error(e, output_dir, f"Kept: {kept or 'no complete checkpoint'} (incomplete ones are "
-                                    "never resumed from)")
-            if storage is not None:
-                raise storage from e
             raise
     if stop.signal is not None:
         raise Interrupted(
@@ -137,14 +136,9 @@ def _train(cfg: RunConfig, args: Any, resume_command: str) -> TrainResult:
             f"{latest_complete(output_dir)}. Resume with: {resume_command}",
             stop.exit_code,
         )
-    try:
+    with storage_errors(output_dir, kept):
         trainer.save_model()
         trainer.save_state()
-    except (OSError, RuntimeError) as e:
-        storage = storage_error(e, output_dir, f"Kept: {latest_complete(output_dir) or 'no complete checkpoint'}")
-        if storage is not None:
-            raise storage from e
-        raise
     if main and plot_loss(output_dir) is None:
         logger.info("no training_loss.png: no loss was logged (train.logging_steps is larger than the steps run)")
     # accelerate wrapped forward() in autocast for bf16/fp16; hand back the plain model, so what
