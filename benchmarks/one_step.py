@@ -28,7 +28,7 @@ def run(bf16: bool, steps: int, profile: bool) -> dict:
     from peftkit.model import load_model, load_tokenizer, prepare_for_training
     from peftkit.model.value_head import causal_lm
     from peftkit.train.loss import chunked_causal_lm_loss, hidden_states_as_logits
-    from peftkit.train.trainer import training_speedups
+    from peftkit.train.speedups import training_speedups
 
     out = tempfile.mkdtemp(prefix="one-step-")
     cfg = load_config(None, [f"data.train={REPO / 'data/demo/alpaca_en_demo.json'}", "data.max_samples=64",
@@ -55,7 +55,7 @@ def run(bf16: bool, steps: int, profile: bool) -> dict:
         return loss.item()
 
     result: dict = {"bf16": bf16, "real_tokens": real, "steps": []}
-    with training_speedups(model, autocast=bf16, compiled=False):  # as PeftTrainer.train
+    with training_speedups(model, "auto", autocast=bf16, compiled=False):  # as PeftTrainer.train
         for _ in range(steps):
             t = time.perf_counter()
             loss = step()

@@ -70,3 +70,21 @@ def write_config(tmp_path: Path, text: str) -> Path:
 def _private_data_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test caches tokenized data in its own folder, never in the user's $PEFTKIT_HOME."""
     monkeypatch.setattr("peftkit.data.cache.peftkit_home", lambda: tmp_path / "peftkit_home")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random BERT with the MiniLM encoder's tokenizer (pair template, token_type_ids)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from peftkit.model.resolve import embedded_encoder_path
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(embedded_encoder_path())
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, max_position_embeddings=128)
+    out = tmp_path_factory.mktemp("tiny_bert")
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from typing import Any
 from pathlib import Path
 
 from peftkit import __version__
@@ -106,7 +107,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if not cfg.eval.dataset:
         raise PeftkitError("eval.dataset: missing — name the records to predict on, e.g. eval.dataset=data/dev.json")
-    model, tokenizer = load_for_chat(cfg.model.name_or_path, args.adapter, cfg.stage)
+    model, tokenizer = load_for_chat(cfg.model, args.adapter, cfg.stage, cfg.data.template)
     # Its own folder per dataset: never over the figures the run itself reported.
     out = Path(args.out) if args.out else Path(args.adapter or cfg.train["output_dir"]) / "eval" / Path(cfg.eval.dataset).stem
     results = predict(model, tokenizer, cfg, out)
@@ -121,7 +122,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
     gen = GenerateArgs(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                        temperature=args.temperature or 1.0)
-    model, tokenizer = load_for_chat(args.model, args.adapter)
+    model, tokenizer = load_for_chat(*_model_spec(args))
     if args.prompt is None:
         chat_loop(model, tokenizer, gen, args.system)
         return 0
@@ -130,6 +131,21 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     ]
     print(reply(model, tokenizer, messages, gen, stream=None))
     return 0
+
+
+def _model_spec(args: argparse.Namespace) -> tuple[Any, str | None, str, str | None]:
+    """(ModelArgs, adapter, stage, data.template) for chat / serve: from --config when given (its model.dtype,
+    attn_implementation, trust_remote_code, template and stage), --model naming another model or folder."""
+    from dataclasses import replace
+
+    from peftkit.config import load_config
+    from peftkit.config.schema import ModelArgs
+
+    if args.config is None:
+        return ModelArgs(name_or_path=args.model or EMBEDDED_MODEL), args.adapter, "sft", None
+    cfg = load_config(args.config, args.overrides)
+    model = replace(cfg.model, name_or_path=args.model) if args.model else cfg.model
+    return model, args.adapter, cfg.stage, cfg.data.template
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -159,7 +175,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     loopback = _is_loopback(args.host)
     if not loopback and not api_key:
         logger.warning("serving on %s without --api-key: anyone who reaches this address can use the model", args.host)
-    serve(args.model, args.adapter, args.host, args.port, api_key, args.max_tokens_limit, args.served_model_name)
+    serve(_model_spec(args), args.host, args.port, api_key, args.max_tokens_limit, args.served_model_name)
     return 0
 
 
@@ -200,6 +216,14 @@ def _cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"model name or folder, a merged export too (default: the config's, else {EMBEDDED_MODEL})")
+    p.add_argument("--adapter", help="a trained output_dir (LoRA adapter)")
+    p.add_argument("--config", help="a training YAML: its model.dtype, attn_implementation, trust_remote_code, "
+                   "data.template and stage are used")
+    p.add_argument("overrides", nargs="*", help="section.key=value applied to --config")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description="Fine-tune language models with LoRA, freeze or full tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -221,8 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the predictions and results (default: ADAPTER_OR_OUTPUT_DIR/eval/DATASET)")
     p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("chat", help="talk to a model")
-    p.add_argument("--model", default=EMBEDDED_MODEL, help=f"model name or folder (default {EMBEDDED_MODEL})")
-    p.add_argument("--adapter", help="a trained output_dir (LoRA adapter)")
+    _add_model_options(p)
     p.add_argument("--prompt", help="answer this one prompt and exit; without it, an interactive loop")
     p.add_argument("--system", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -235,8 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB")
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("serve", help="serve an OpenAI-compatible API (/v1/chat/completions)")
-    p.add_argument("--model", default=EMBEDDED_MODEL, help="model name or folder (a merged export works)")
-    p.add_argument("--adapter", help="a trained output_dir (LoRA adapter)")
+    _add_model_options(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (or set PEFTKIT_API_KEY)")

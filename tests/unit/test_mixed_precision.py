@@ -91,13 +91,13 @@ def test_other_architectures_keep_autocast_casts(tiny_model_dir: Path) -> None:
 @pytest.mark.parametrize("bf16", [True, False])
 def test_trainer_uses_it_only_with_autocast(bf16: bool, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path,
                                             alpaca_file: Path, tmp_path: Path) -> None:
-    import peftkit.train.trainer as trainer_module
+    import peftkit.train.speedups as speedups_module
     from peftkit.config import load_config
     from peftkit.train.run import train
 
     used = []
-    real = trainer_module.one_cast_per_activation
-    monkeypatch.setattr(trainer_module, "one_cast_per_activation",
+    real = speedups_module.one_cast_per_activation
+    monkeypatch.setattr(speedups_module, "one_cast_per_activation",
                         lambda model: used.append(model.config.model_type) or real(model))
     result = train(load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train={alpaca_file}",
                                       f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2",

@@ -185,23 +185,6 @@ def test_dpo_full_tuning_uses_a_frozen_reference_and_an_sft_term(tiny_model_dir:
     assert first["loss"] > math.log(2) + 1.0
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random BERT with the MiniLM encoder's tokenizer (pair template, token_type_ids)."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from peftkit.model.resolve import embedded_encoder_path
-
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(embedded_encoder_path())
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=128)
-    out = tmp_path_factory.mktemp("tiny_bert")
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 @pytest.mark.parametrize("which", ["encoder", "decoder"])
 def test_cls_trains_head_in_full_with_lora_and_eval_writes_predictions(
         which: str, tiny_bert_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:

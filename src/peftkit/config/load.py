@@ -23,8 +23,6 @@ from peftkit.atomic import write_text_atomic
 from peftkit.config.schema import (
     FORMAT_NAMES,
     SECTIONS,
-    STAGE_FORMATS,
-    STAGES,
     DataArgs,
     DatasetSpec,
     RunConfig,
@@ -32,6 +30,7 @@ from peftkit.config.schema import (
 )
 from peftkit.constants import SHIPPED_TEMPLATES
 from peftkit.errors import ConfigError
+from peftkit.stages import STAGES
 
 # Keys peftkit sets in `train` when the user does not: quiet by default, no hub, safe for CPU.
 TRAIN_DEFAULTS: dict[str, Any] = {"report_to": "none", "logging_steps": 10, "save_strategy": "no",
@@ -128,7 +127,7 @@ def _build(raw: dict[str, Any]) -> tuple[RunConfig, list[str]]:
     built["train"], found = _check_train(train)
     issues += found
     stage = raw.get("stage", "sft")
-    if stage not in STAGES:
+    if STAGES.get(stage) is None:
         issues.append(f"stage={stage!r}: must be one of {', '.join(STAGES)}")
     else:
         built["stage"] = stage
@@ -164,6 +163,8 @@ def _check_train(train: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             continue
         if value is False and key.endswith("_strategy"):  # YAML 1.1 reads a bare `no` as false
             value = "no"
+        if value is False and key == "peftkit_speedups":  # and a bare `off` as false
+            value = "off"
         if key == "fsdp" and isinstance(value, bool):  # transformers 5 style: fsdp: true + fsdp_config
             checked[key] = value
             continue
@@ -312,22 +313,25 @@ def validate(cfg: RunConfig) -> list[str]:
     if cfg.generate.max_new_tokens < 1:
         issues.append(f"generate.max_new_tokens={cfg.generate.max_new_tokens}: must be at least 1")
     issues += _check_stage(cfg, train_specs + dataset_specs(d, "eval")[0])
-    issues += _check_training_arguments(cfg.train)
+    issues += _check_training_arguments(cfg.train, cfg.stage)
     return issues
 
 
 def _check_stage(cfg: RunConfig, specs: list[DatasetSpec]) -> list[str]:
-    """Each stage trains on one record format; only sft and pt pack."""
+    """What the stage table (peftkit/stages.py) allows: record formats, packing, streaming."""
     issues = []
-    formats = STAGE_FORMATS.get(cfg.stage)
+    entry = STAGES[cfg.stage]
+    formats = entry.formats
     for spec in specs if formats else []:
         if spec.format not in formats:
             issues.append(f"stage {cfg.stage} trains on {' or '.join(formats)} records, but {spec.path!r} has format "
                           f"{spec.format!r}: set data.format: {formats[0]} (and data.columns if the names differ)")
-    if cfg.stage == "cls" and cfg.data.streaming:
-        issues.append("data.streaming: stage cls takes its classes from the whole training data; turn streaming off")
-    if cfg.stage in ("rm", "dpo", "cls") and cfg.data.packing:
-        issues.append(f"data.packing: stage {cfg.stage} scores whole sequences; packing applies to sft and pt only")
+    if cfg.data.streaming and not entry.streaming:
+        issues.append(f"data.streaming: stage {cfg.stage} needs the whole training data up front (its classes); "
+                      "turn streaming off")
+    if cfg.data.packing and not entry.packing:
+        packers = " and ".join(n for n, s in STAGES.items() if s.packing)
+        issues.append(f"data.packing: stage {cfg.stage} scores whole sequences; packing applies to {packers} only")
     if cfg.finetuning.pref_beta <= 0:
         issues.append(f"finetuning.pref_beta={cfg.finetuning.pref_beta}: must be positive (0.1 is common)")
     if cfg.finetuning.pref_ftx < 0:
@@ -396,7 +400,7 @@ def _check_data_options(d: DataArgs, n_train: int, train: dict[str, Any]) -> lis
     return issues
 
 
-def _check_training_arguments(train: dict[str, Any]) -> list[str]:
+def _check_training_arguments(train: dict[str, Any], stage: str) -> list[str]:
     """Let transformers check what only it knows (strategies, schedulers, best-model rules)."""
     if not train.get("output_dir"):
         return ["train.output_dir: missing — where checkpoints and logs go, e.g. train.output_dir=outputs/my_run"]
@@ -405,7 +409,7 @@ def _check_training_arguments(train: dict[str, Any]) -> list[str]:
         if train.get(key) and importlib.util.find_spec(package) is None:
             return [f"train.{key}: the {package} package is not installed ({extra})"]
     try:
-        args = build_training_arguments(train)
+        args = build_training_arguments(train, stage)
     except (ValueError, TypeError, ImportError) as e:
         return [f"train: transformers rejected these TrainingArguments: {e}"]
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -433,13 +437,16 @@ def train_extras(train: dict[str, Any]) -> TrainExtras:
     return TrainExtras(**{k: v for k, v in train.items() if k in TrainExtras.__dataclass_fields__})
 
 
-def build_training_arguments(train: dict[str, Any]) -> Any:
-    """Seq2SeqTrainingArguments from the `train` section as written, less peftkit's own keys."""
+def build_training_arguments(train: dict[str, Any], stage: str = "sft") -> Any:
+    """Seq2SeqTrainingArguments from the `train` section as written, less peftkit's own keys, with what the
+    stage needs (pairs: the collator reads rejected_* columns, which Trainer would otherwise drop)."""
     from transformers import Seq2SeqTrainingArguments
 
     args = {k: v for k, v in train.items() if k not in TrainExtras.__dataclass_fields__}
     if train.get("early_stopping_patience"):
         args.setdefault("metric_for_best_model", "eval_loss")
+    if STAGES[stage].pairs:
+        args["remove_unused_columns"] = False
     return Seq2SeqTrainingArguments(**args)
 
 

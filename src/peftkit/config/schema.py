@@ -170,21 +170,17 @@ class TrainExtras:
     early_stopping_threshold: float = _f(0.0, "The least change that counts as an improvement.")
     chunked_loss: bool | None = _f(
         None, "Cross-entropy over supervised tokens in chunks, never the whole batch's logits at once; "
-        "None: on wherever it is exact."
+        "None: on wherever it is exact (and train.peftkit_speedups allows)."
     )
-
-
-STAGES = ("sft", "pt", "rm", "dpo", "cls")
-# The record format each stage trains on; sft takes any.
-STAGE_FORMATS = {"pt": ("text",), "rm": ("preference",), "dpo": ("preference",), "cls": ("pairs",)}
+    peftkit_speedups: Literal["auto", "off"] = _f(
+        "auto", "auto: peftkit's patches of peft / transformers internals for memory and speed (fused LoRA, one bf16 "
+        "cast per activation, chunked loss), for the library versions they were tested against; off: none of them."
+    )
 
 
 @dataclass
 class RunConfig:
-    stage: Literal["sft", "pt", "rm", "dpo", "cls"] = _f(
-        "sft", "sft: supervised fine-tuning; pt: continued pre-training on documents; rm: reward model (value "
-        "head, pairwise loss); dpo: direct preference optimisation; cls: sequence classification."
-    )
+    stage: str = _f("sft", "The training stage: one of the names in peftkit/stages.py (sft, pt, rm, dpo, cls).")
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     finetuning: FinetuningArgs = field(default_factory=FinetuningArgs)

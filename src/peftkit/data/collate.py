@@ -58,20 +58,40 @@ class PairCollator:
         return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
 
 
-def build_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None, stage: str = "sft") -> Any:
-    """The collator for the stage and `data.packing`: labels are always padded with IGNORE_INDEX.
+def chosen_and_rejected(rows: Any) -> tuple[Any, Any]:
+    """Split what a PairCollator batch produced (any per-row tensor) back into its chosen and rejected halves."""
+    return rows.chunk(2)
 
-    `fixed_shape` (rows, cutoff_len) pads every packed batch to one shape, for torch.compile.
-    """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if stage in ("rm", "dpo"):
-        return PairCollator(pad)
-    if stage == "cls":
-        from transformers import DataCollatorWithPadding
 
-        return DataCollatorWithPadding(tokenizer)
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+# The stage table's collators (peftkit/stages.py).
+def token_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None) -> Any:
+    """sft / pt: packed rows, or single records padded to the longest with labels padded by IGNORE_INDEX."""
     if packing:
-        return PackedCollator(pad, fixed_shape)
+        return PackedCollator(_pad_id(tokenizer), fixed_shape)
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+
+
+def pair_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None) -> Any:
+    return PairCollator(_pad_id(tokenizer))
+
+
+def class_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None) -> Any:
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer)
+
+
+def build_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None, stage: str = "sft") -> Any:
+    """The collator of the stage (and `data.packing`).
+
+    `fixed_shape` (rows, cutoff_len) pads every packed batch to one shape, for torch.compile.
+    """
+    from peftkit.stages import stage as stage_of
+
+    return stage_of(stage).load("collator")(tokenizer, packing, fixed_shape)

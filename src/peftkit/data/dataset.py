@@ -20,9 +20,6 @@ from peftkit.data.encode import (
     TOO_SHORT,
     Encoded,
     class_names,
-    encode_classification,
-    encode_preferences,
-    encode_samples,
 )
 from peftkit.data.formats import (
     FORMATS,
@@ -45,6 +42,8 @@ from peftkit.data.report import (
 from peftkit.data.sources import iter_records
 from peftkit.data.template import stop_token_ids
 from peftkit.errors import ConfigError, DataError
+
+from peftkit.stages import stage as stage_of
 
 logger = logging.getLogger("peftkit")
 _CHUNK = 1000  # samples tokenized per call
@@ -119,12 +118,7 @@ class Encoding:
     strict: bool = True  # a template error raises (on_bad_record: error) or drops the record
 
     def __call__(self, tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, str]]) -> list[list[Encoded]]:
-        if self.stage in ("rm", "dpo"):
-            return [[e] for e in encode_preferences(tokenizer, samples, wheres, self.cutoff_len, self.strict)]
-        if self.stage == "cls":
-            return [[e] for e in encode_classification(tokenizer, samples, wheres, self.cutoff_len,
-                                                       self.classes or [], self.strict)]
-        return encode_samples(tokenizer, samples, wheres, self.cutoff_len, self.mask, self.strict)
+        return stage_of(self.stage).load("encoder")(tokenizer, samples, wheres, self)
 
 
 def _encode(samples: list[Sample], wheres: list[tuple[str, str]], tokenizer: Any,
@@ -231,7 +225,7 @@ def prepare_data(args: DataArgs, tokenizer: Any, stage: str = "sft") -> Prepared
             return PreparedData(splits["train"], splits.get("eval"), DataReport.from_dict(report))
 
     report = DataReport(cutoff_len=args.cutoff_len, mask=args.mask, stage=stage)
-    if stage == "cls":
+    if stage_of(stage).head == "classifier":
         report.classes = _classes(train_specs, args)
     parts = []
     for spec in train_specs:
@@ -256,7 +250,7 @@ def prepare_data(args: DataArgs, tokenizer: Any, stage: str = "sft") -> Prepared
     report.length_percentiles = percentiles(lengths)
     report.eval_examples = len(eval_ds) if eval_ds is not None else 0
     report.example = describe_example(tokenizer, train[0])
-    if stage != "cls":
+    if stage_of(stage).head != "classifier":  # a class label has no end of turn
         _check_end_of_turn_supervised(tokenizer, train[:20]["labels"], train_specs)
 
     if args.packing:

@@ -13,7 +13,7 @@ from typing import Any
 
 from peftkit.constants import IGNORE_INDEX
 from peftkit.data.formats import Message, Sample, sft_messages
-from peftkit.errors import DataError
+from peftkit.errors import DataError, PeftkitError
 
 # Why an encoded record was dropped; the report counts each.
 FULLY_MASKED = "fully masked: no supervised message (data.mask, `train: false`)"
@@ -41,20 +41,35 @@ class Encoded:
     extra: dict[str, Any] = field(default_factory=dict)  # stage columns: rejected_input_ids, token_type_ids
 
 
-def _renderer(tokenizer: Any) -> Any:
+_VERIFIED_TEMPLATES: set[str] = set()  # templates whose fast rendering matched apply_chat_template in this process
+
+
+def _renderer(tokenizer: Any, first: list[Message] | None = None) -> Any:
     """render(messages, add_generation_prompt) as apply_chat_template renders, without its per-call overhead.
 
     The template is the one transformers compiles (same Jinja environment and globals) with the same
-    variables (the special tokens); the conformance tests compare it with apply_chat_template.
+    variables (the special tokens), through a private transformers function. So that a transformers
+    release that renders differently cannot pass unnoticed, the first conversation of each template is
+    rendered both ways once per process, and a difference raises.
     """
+    public = lambda messages, gen: tokenizer.apply_chat_template(messages, tokenize=False,  # noqa: E731
+                                                                  add_generation_prompt=gen)
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
         template = _compile_jinja_template(tokenizer.chat_template)
         special = dict(tokenizer.special_tokens_map)
     except (ImportError, AttributeError, TypeError):  # another transformers: take the public path
-        return lambda messages, gen: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-    return lambda messages, gen: template.render(messages=messages, add_generation_prompt=gen, **special)
+        return public
+    fast = lambda messages, gen: template.render(messages=messages, add_generation_prompt=gen, **special)  # noqa: E731
+    if first is not None and tokenizer.chat_template not in _VERIFIED_TEMPLATES:
+        plain = [{"role": m["role"], "content": m["content"]} for m in first]
+        if fast(plain, False) != public(plain, False):
+            raise PeftkitError("data.template: peftkit's fast chat-template rendering differs from "
+                               "tokenizer.apply_chat_template for this template with this transformers version; "
+                               "please report it (peftkit/data/encode.py: _renderer)")
+        _VERIFIED_TEMPLATES.add(tokenizer.chat_template)
+    return fast
 
 
 def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
@@ -171,7 +186,8 @@ def encode_samples(
     strict=False turns a template error into a dropped record instead of raising it.
     """
     conversations = [sft_messages(s) for s in samples]
-    render = _renderer(tokenizer) if any(m is not None for m in conversations) else None
+    first = next((m for m in conversations if m is not None), None)
+    render = _renderer(tokenizer, first) if first is not None else None
     texts: list[str] = []
     spans: list[tuple[int, int]] = []
     for sample, messages in zip(samples, conversations):
@@ -269,3 +285,21 @@ def encode_classification(
         extra = {"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}
         out.append(Encoded(enc["input_ids"], label, truncated=truncated, extra=extra))
     return out
+
+
+# The stage table's encoders (peftkit/stages.py): the examples of each sample, under `options`
+# (data/dataset.py's Encoding: cutoff_len, mask, classes, strict).
+def conversation_examples(tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]],
+                          options: Any) -> list[list[Encoded]]:
+    return encode_samples(tokenizer, samples, wheres, options.cutoff_len, options.mask, options.strict)
+
+
+def preference_examples(tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]],
+                        options: Any) -> list[list[Encoded]]:
+    return [[e] for e in encode_preferences(tokenizer, samples, wheres, options.cutoff_len, options.strict)]
+
+
+def class_examples(tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]],
+                   options: Any) -> list[list[Encoded]]:
+    return [[e] for e in encode_classification(tokenizer, samples, wheres, options.cutoff_len,
+                                               options.classes or [], options.strict)]

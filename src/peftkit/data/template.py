@@ -8,6 +8,7 @@ from typing import Any
 
 from peftkit.constants import SHIPPED_TEMPLATES
 from peftkit.errors import ConfigError
+from peftkit.stages import stage as stage_of
 
 __all__ = ["SHIPPED_TEMPLATES", "apply_template", "stop_token_ids"]
 # End-of-turn markers of common templates; generation stops at any of them that the vocabulary has.
@@ -19,7 +20,7 @@ def apply_template(tokenizer: Any, template: str | None, stage: str = "sft") -> 
 
     pt (documents) and cls (texts) use no template, so the tokenizer need not have one.
     """
-    if template is None and stage in ("pt", "cls"):
+    if template is None and not stage_of(stage).chat_template:
         return
     if template is None:
         if not tokenizer.chat_template:

@@ -9,6 +9,7 @@ from typing import Any
 
 from peftkit.config.schema import GenerateArgs
 from peftkit.data.template import stop_token_ids
+from peftkit.model.dtypes import autocast
 
 
 def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
@@ -53,14 +54,14 @@ def adapters_merged(model: Any) -> Iterator[None]:
 
 
 def generate_batch(
-    model: Any, tokenizer: Any, prompts: list[list[int]], args: GenerateArgs, bf16: bool = False
+    model: Any, tokenizer: Any, prompts: list[list[int]], args: GenerateArgs, dtype: str | None = None
 ) -> list[list[int]]:
     """New token ids for each prompt (stop tokens stripped), same order as `prompts`."""
-    return [ids for ids, _ in _generate(model, tokenizer, prompts, args, bf16)]
+    return [ids for ids, _ in _generate(model, tokenizer, prompts, args, dtype)]
 
 
 def _generate(
-    model: Any, tokenizer: Any, prompts: list[list[int]], args: GenerateArgs, bf16: bool = False
+    model: Any, tokenizer: Any, prompts: list[list[int]], args: GenerateArgs, dtype: str | None = None
 ) -> list[tuple[list[int], bool]]:
     """(new token ids without the stop token, whether a stop token ended them) for each prompt."""
     import torch
@@ -70,10 +71,9 @@ def _generate(
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     was_training = model.training
     model.eval()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast(device.type, dtype):
         out = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **generation_kwargs(tokenizer, args)
         )
@@ -87,7 +87,7 @@ def _generate(
 
 
 def generate_many(model: Any, tokenizer: Any, prompts: list[list[int]], args: GenerateArgs, batch_size: int,
-                  bf16: bool = False, progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+                  dtype: str | None = None, progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """Answers to many prompts (same order), in batches of similar prompt length, in two rounds.
 
     A batch decodes until its longest answer ends, so one answer that runs on (a long list, a loop) keeps
@@ -104,7 +104,7 @@ def generate_many(model: Any, tokenizer: Any, prompts: list[list[int]], args: Ge
         # Fixed-size batches: cutting them where lengths fall (less padding) measured slower, since each decode
         # step of this CPU costs ~90 ms whatever the batch (106 ms at 4 rows, 225 ms at 50).
         for batch in (pending[b : b + batch_size] for b in range(0, len(pending), batch_size)):
-            rows = _generate(model, tokenizer, [prompts[i] + answers[i] for i in batch], budget, bf16)
+            rows = _generate(model, tokenizer, [prompts[i] + answers[i] for i in batch], budget, dtype)
             for i, (ids, stopped) in zip(batch, rows):
                 answers[i] = answers[i] + ids
                 if not stopped:

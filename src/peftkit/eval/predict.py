@@ -16,6 +16,8 @@ from peftkit.data.dataset import load_messages
 from peftkit.eval.generate import adapters_merged, generate_many, render_prompt
 from peftkit.eval.loss import eval_loss
 from peftkit.eval.metrics import METRICS
+from peftkit.model.dtypes import autocast_dtype
+from peftkit.stages import stage as stage_of
 
 logger = logging.getLogger("peftkit")
 
@@ -24,13 +26,12 @@ def predict(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: s
     """Score `eval.dataset` with `eval.metrics`; writes predict_results{tag}.json and returns it.
 
     `loss` needs no generation; every other metric scores generated answers, which are also
-    written to generated_predictions{tag}.jsonl. rm / dpo / cls score records instead (eval/scoring.py).
+    written to generated_predictions{tag}.jsonl. Stages with a scorer (rm, dpo, cls) score records instead (eval/scoring.py).
     """
     metrics: dict[str, Any] = {"dataset": cfg.eval.dataset}  # which records produced these figures
-    if cfg.stage in ("rm", "dpo", "cls"):  # scored, not generated: eval.metrics does not apply
-        from peftkit.eval.scoring import classify, score_pairs
-
-        metrics.update((classify if cfg.stage == "cls" else score_pairs)(model, tokenizer, cfg, output_dir, tag))
+    entry = stage_of(cfg.stage)
+    if entry.scorer is not None:  # scored, not generated: eval.metrics does not apply
+        metrics.update(entry.load("scorer")(model, tokenizer, cfg, output_dir, tag))
         write_json_atomic(output_dir / PREDICT_RESULTS_FILE.replace(".json", f"{tag}.json"), metrics)
         return metrics
     if "loss" in cfg.eval.metrics:
@@ -50,7 +51,7 @@ def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: 
     start = time.time()
     with adapters_merged(model):
         answers = generate_many(model, tokenizer, prompts, cfg.generate, cfg.eval.batch_size,
-                                bf16=bool(cfg.train.get("bf16")),
+                                dtype=autocast_dtype(cfg.train),
                                 progress=lambda done, total: logger.info("predict%s: %d/%d", tag, done, total))
     seconds = time.time() - start
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]

@@ -51,13 +51,12 @@ def score_pairs(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, ta
     import torch
 
     from peftkit.model import load_model
-    from peftkit.train.objectives import DirectPreference, PairwiseReward, pair_metrics
+    from peftkit.train.objectives import build_objective, pair_metrics
 
-    if cfg.stage == "rm":
-        objective: Any = PairwiseReward()
-    else:  # the reference: the adapter disabled, or the base model as configured
-        reference = None if hasattr(model, "disable_adapter") else load_model(cfg.model).to(next(model.parameters()).device)
-        objective = DirectPreference(cfg.finetuning.pref_beta, 0.0, reference)
+    # the stage's objective without its SFT term; a reference model where one is needed is the base model as configured
+    finetuning = replace(cfg.finetuning, pref_ftx=0.0)
+    objective = build_objective(cfg.stage, model, finetuning,
+                                reference=lambda: load_model(cfg.model).to(next(model.parameters()).device))
     model.eval()
     pairs, losses, wheres = [], [], []
     with torch.inference_mode():

@@ -23,6 +23,9 @@ from peftkit.constants import CONFIG_FILE, FINETUNING_ARGS_FILE
 from peftkit.data.dataset import conversations
 from peftkit.data.encode import encode_messages
 from peftkit.errors import PeftkitError
+from peftkit.model.loading import saved_classes
+from peftkit.stages import Stage
+from peftkit.stages import stage as stage_of
 
 logger = logging.getLogger("peftkit")
 
@@ -51,10 +54,25 @@ def _finetuning_type(run_dir: Path) -> str:
     return json.loads(path.read_text())["finetuning_type"]
 
 
-def _load_run(run_dir: Path, finetuning_type: str) -> tuple[Any, Any]:
+def _run_stage(run_dir: Path) -> Stage:
+    """The stage the run trained (its config.yaml; sft for a run without one)."""
+    config_path = run_dir / CONFIG_FILE
+    raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
+    return stage_of((raw or {}).get("stage", "sft"))
+
+
+def _auto_class(entry: Stage) -> Any:
+    """The transformers class that loads the export: a sequence classifier for cls, else a causal LM
+    (rm's value head is a file beside it, value_head.safetensors)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if entry.head == "classifier" else AutoModelForCausalLM
+
+
+def _load_run(run_dir: Path, finetuning_type: str, entry: Stage, pad_token_id: int | None) -> tuple[Any, Any]:
     """The run in float64 (base + adapter for lora), and the dtype its weights are stored in."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if finetuning_type == "lora":
         from peft import PeftConfig, PeftModel
@@ -64,13 +82,22 @@ def _load_run(run_dir: Path, finetuning_type: str) -> tuple[Any, Any]:
         path = str(run_dir)
     stored = AutoConfig.from_pretrained(path).dtype
     stored = getattr(torch, str(stored).replace("torch.", "")) if stored else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64)
+    kwargs: dict[str, Any] = {}
+    if entry.head == "classifier":  # the run's classes, as training built the head
+        classes = saved_classes(run_dir)
+        kwargs = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
+                  "label2id": {c: i for i, c in enumerate(classes)}}
+    model = _auto_class(entry).from_pretrained(path, dtype=torch.float64, **kwargs)
+    if model.config.pad_token_id is None:  # a decoder classifier reads its score at the last non-pad token
+        model.config.pad_token_id = pad_token_id
     if finetuning_type == "lora":
         model = PeftModel.from_pretrained(model, run_dir)
     return model, stored
 
 
-def _check_prompts(tokenizer: Any) -> list[list[int]]:
+def _check_prompts(tokenizer: Any, entry: Stage) -> list[list[int]]:
+    if not entry.chat_template or not tokenizer.chat_template:  # texts (cls, pt): no chat template to render
+        return [tokenizer(text)["input_ids"] for text in _CHECK_PROMPTS]
     out = []
     for text in _CHECK_PROMPTS:
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
@@ -145,19 +172,20 @@ def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB", ov
             (nothing is written then).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     run_dir, out = Path(run_dir), Path(out)
     finetuning_type = _finetuning_type(run_dir)
     check_destination(run_dir, out, overwrite)
+    entry = _run_stage(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    model, stored_dtype = _load_run(run_dir, finetuning_type)
-    prompts = _check_prompts(tokenizer)
+    model, stored_dtype = _load_run(run_dir, finetuning_type, entry, tokenizer.pad_token_id)
+    prompts = _check_prompts(tokenizer, entry)
     reference = _logits(model, prompts)
     if finetuning_type == "lora":
         model = model.merge_and_unload()  # in float64: the only rounding is the final cast below
     model = model.to(stored_dtype)
-    records = _training_records(run_dir, limit=16)
+    records = _training_records(run_dir, limit=16) if entry.chat_template else []
     result: dict[str, ExportReport] = {}
 
     def fill(tmp: Path) -> None:
@@ -166,7 +194,7 @@ def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB", ov
         for extra in ("value_head.safetensors",):  # carried along where a stage saved one
             if (run_dir / extra).is_file():
                 shutil.copy2(run_dir / extra, tmp / extra)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float64)
+        reloaded = _auto_class(entry).from_pretrained(tmp, dtype=torch.float64)
         diff = max(float((a - b).abs().max()) for a, b in zip(reference, _logits(reloaded, prompts)))
         if diff >= MAX_LOGIT_DIFF:
             raise PeftkitError(

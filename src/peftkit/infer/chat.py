@@ -3,54 +3,45 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from peftkit.config.schema import GenerateArgs, ModelArgs
-from peftkit.constants import DATA_REPORT_FILE
-from peftkit.errors import ModelError
+from peftkit.data.template import apply_template
 from peftkit.eval.generate import generation_kwargs, render_prompt
 from peftkit.model import load_model, load_tokenizer
+from peftkit.model.loading import saved_classes
 from peftkit.model.value_head import load_value_head
+from peftkit.stages import stage as stage_of
 
 
-def load_for_chat(model_name: str, adapter: str | None, stage: str = "sft") -> tuple[Any, Any]:
-    """Model and tokenizer of a trained run; with an adapter, the tokenizer saved beside it (it has the
-    training template). rm restores the value head, cls the classifier with the run's classes."""
-    args = ModelArgs(name_or_path=model_name)
-    trained = Path(adapter or model_name)
+def load_for_chat(model: str | ModelArgs, adapter: str | None, stage: str = "sft",
+                  template: str | None = None) -> tuple[Any, Any]:
+    """Model and tokenizer of a trained run, loaded as `model` (ModelArgs: dtype, attention, remote code) says.
+
+    With an adapter, the tokenizer saved beside it (it has the training template); otherwise the
+    model's, with `template` (data.template) applied. The stage's head comes back too: rm its value
+    head, cls the classifier with the run's classes.
+    """
+    args = model if isinstance(model, ModelArgs) else ModelArgs(name_or_path=model)
+    trained = Path(adapter or args.name_or_path)
     if adapter and (Path(adapter) / "tokenizer_config.json").is_file():
-        tokenizer = load_tokenizer(ModelArgs(name_or_path=adapter))
+        tokenizer = load_tokenizer(replace(args, name_or_path=adapter))
     else:
         tokenizer = load_tokenizer(args)
-    model = load_model(args, _saved_classes(trained) if stage == "cls" else None, tokenizer.pad_token_id)
-    if stage == "rm":  # before the adapter, whose config excludes the head from LoRA's targets
-        load_value_head(model, trained)
+        if template is not None:
+            apply_template(tokenizer, template, stage)
+    head = stage_of(stage).head
+    loaded = load_model(args, saved_classes(trained) if head == "classifier" else None, tokenizer.pad_token_id)
+    if head == "value":  # before the adapter, whose config excludes the head from LoRA's targets
+        load_value_head(loaded, trained)
     if adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
-    return model, tokenizer
-
-
-def _saved_classes(trained: Path) -> list[str]:
-    """The class names of a cls run: its data_report.json (beside a checkpoint, or one folder up), else config.json."""
-    import json
-
-    for folder in (trained, trained.parent):
-        report = folder / DATA_REPORT_FILE
-        if report.is_file():
-            classes = json.loads(report.read_text(encoding="utf-8")).get("classes")
-            if classes:
-                return classes
-    config = trained / "config.json"
-    if config.is_file():
-        id2label = json.loads(config.read_text(encoding="utf-8")).get("id2label") or {}
-        if id2label:
-            return [id2label[str(i)] for i in range(len(id2label))]
-    raise ModelError(f"{trained}: no data_report.json or config.json with the classes — is it the output_dir of a "
-                     "`stage: cls` run?")
+        loaded = PeftModel.from_pretrained(loaded, adapter)
+    loaded.eval()
+    return loaded, tokenizer
 
 
 def _streamer(tokenizer: Any, stream: TextIO) -> Any:

@@ -17,6 +17,8 @@ from peftkit.model.value_head import (
     load_value_head,
     value_head,
 )
+from peftkit.stages import Head
+from peftkit.stages import stage as stage_of
 
 logger = logging.getLogger("peftkit")
 
@@ -34,17 +36,18 @@ def prepare_for_training(model: Any, args: FinetuningArgs, stage: str = "sft") -
     adapter_name_or_path when it has one); cls trains the classification head in full under
     every finetuning_type.
     """
+    head = stage_of(stage).head
     if args.finetuning_type == "lora":
-        model = _apply_lora(model, args, stage)
+        model = _apply_lora(model, args, head)
     elif args.finetuning_type == "freeze":
         names = _freeze_trainable_names(model, args)
-        if stage == "cls":
+        if head == "classifier":
             names += [n for n, _ in model.named_parameters()
                       if n.split(".")[0] in CLASSIFIER_HEADS or any(f"{p}." in n for p in POOLERS)]
         _freeze_all_but(model, names)
     else:
         model.requires_grad_(True)
-    if stage == "rm":
+    if head == "value":
         previous = (adapter_paths(args) or [None])[-1]
         if previous and (Path(previous) / VALUE_HEAD_FILE).is_file():
             load_value_head(model, previous)
@@ -87,7 +90,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def _apply_lora(model: Any, args: FinetuningArgs, stage: str = "sft") -> Any:
+def _apply_lora(model: Any, args: FinetuningArgs, head: Head = "lm") -> Any:
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
     adapters = adapter_paths(args)
@@ -104,7 +107,7 @@ def _apply_lora(model: Any, args: FinetuningArgs, stage: str = "sft") -> Any:
 
     target = "all-linear" if args.lora_target == "all" else args.lora_target  # a string is a regex to peft
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS if stage == "cls" else TaskType.CAUSAL_LM,  # SEQ_CLS: peft trains the head in full
+        task_type=TaskType.SEQ_CLS if head == "classifier" else TaskType.CAUSAL_LM,  # SEQ_CLS: peft trains the head in full
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
@@ -112,8 +115,8 @@ def _apply_lora(model: Any, args: FinetuningArgs, stage: str = "sft") -> Any:
         use_dora=args.use_dora,
         use_rslora=args.use_rslora,
         init_lora_weights=True if args.init_lora_weights == "default" else args.init_lora_weights,
-        modules_to_save=_modules_to_save(model, args, stage),
-        exclude_modules=[HEAD] if stage == "rm" else None,  # the value head trains in full, not through LoRA
+        modules_to_save=_modules_to_save(model, args, head),
+        exclude_modules=[HEAD] if head == "value" else None,  # the value head trains in full, not through LoRA
     )
     try:
         return get_peft_model(model, config)
@@ -121,9 +124,9 @@ def _apply_lora(model: Any, args: FinetuningArgs, stage: str = "sft") -> Any:
         raise ConfigError([f"finetuning.lora_target={args.lora_target!r}: {e}"]) from e
 
 
-def _modules_to_save(model: Any, args: FinetuningArgs, stage: str) -> list[str] | None:
+def _modules_to_save(model: Any, args: FinetuningArgs, head: Head) -> list[str] | None:
     """cls also trains a pooler in full: on MRPC with MiniLM, 82% dev accuracy with it, the majority class without."""
-    extra = [p for p in POOLERS if stage == "cls" and any(n.split(".")[-1] == p for n, _ in model.named_modules())]
+    extra = [p for p in POOLERS if head == "classifier" and any(n.split(".")[-1] == p for n, _ in model.named_modules())]
     names = list(dict.fromkeys([*(args.modules_to_save or []), *extra]))
     return names or None
 

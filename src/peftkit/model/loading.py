@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from peftkit.config.schema import ModelArgs
+from peftkit.constants import DATA_REPORT_FILE
 from peftkit.errors import ModelError
 from peftkit.model.resolve import resolve_model
 
@@ -59,3 +61,33 @@ def load_model(args: ModelArgs, classes: list[str] | None = None, pad_token_id: 
     if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     return model
+
+
+def load_stage_model(args: ModelArgs, stage: str, classes: list[str] | None = None,
+                     pad_token_id: int | None = None) -> Any:
+    """The model with the stage's head (peftkit/stages.py): the causal LM; with a fresh value head
+    (seeded by the caller's seed: it is what training starts from and what is scored before training);
+    or a sequence classifier over the training data's `classes`."""
+    from peftkit.model.value_head import attach_value_head
+    from peftkit.stages import stage as stage_of
+
+    head = stage_of(stage).head
+    model = load_model(args, classes if head == "classifier" else None, pad_token_id)
+    return attach_value_head(model) if head == "value" else model
+
+
+def saved_classes(trained: Path) -> list[str]:
+    """The class names of a cls run: its data_report.json (beside a checkpoint, or one folder up), else config.json."""
+    for folder in (trained, trained.parent):
+        report = folder / DATA_REPORT_FILE
+        if report.is_file():
+            classes = json.loads(report.read_text(encoding="utf-8")).get("classes")
+            if classes:
+                return classes
+    config = trained / "config.json"
+    if config.is_file():
+        id2label = json.loads(config.read_text(encoding="utf-8")).get("id2label") or {}
+        if id2label:
+            return [id2label[str(i)] for i in range(len(id2label))]
+    raise ModelError(f"{trained}: no data_report.json or config.json with the classes — is it the output_dir of a "
+                     "`stage: cls` run?")

@@ -44,15 +44,15 @@ class LogCallback(TrainerCallback):
     A fresh run starts a new log. A resumed run first drops the lines past the checkpoint it resumes
     from (rewriting the file atomically), so every step appears once; its elapsed / remaining time
     and throughput count only this process's steps and tokens, so a resume fakes no speed.
-    Set `resumed_from` and `tokens_at_start` before training when resuming.
+    `resumed_from` / `tokens_at_start`: the checkpoint a resumed run starts from and the real tokens counted up to it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, resumed_from: str | None = None, tokens_at_start: int = 0) -> None:
         self.path: Path | None = None
         self.start_time = 0.0
         self.start_step = 0
-        self.resumed_from: str | None = None
-        self.tokens_at_start = 0
+        self.resumed_from = resumed_from
+        self.tokens_at_start = tokens_at_start
         self.status = "finished"
         self.last_loss: float | None = None
 
@@ -87,7 +87,9 @@ class LogCallback(TrainerCallback):
         if "train_runtime" in logs:
             self.last_loss = logs.get("train_loss")
             status = self.status if self.status != "finished" or state.global_step >= state.max_steps else "stopped_early"
-            self.write(state, "train_end", status=status, loss=logs.get("train_loss"), train_loss=logs.get("train_loss"),
+            # `loss` stays None: it belongs to training-step lines (a plotter reading `loss` per line would
+            # otherwise get the run's average as a spurious last point); the average is `train_loss`.
+            self.write(state, "train_end", status=status, train_loss=logs.get("train_loss"),
                        **{k: logs.get(k) for k in _TRAIN_KEYS if k in logs and k != "loss"})
             return
         event = "eval" if any(k.startswith("eval_") for k in logs) else "log"

@@ -13,9 +13,10 @@ cache, report), PeftTrainer's saving and the LogCallback; the loss itself is a f
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
 from peftkit.constants import IGNORE_INDEX
+from peftkit.data.collate import chosen_and_rejected
 from peftkit.model.value_head import causal_lm, scores, value_head
 from peftkit.train.loss import hidden_states_as_logits
 
@@ -54,7 +55,7 @@ class PairwiseReward:
         with hidden_states_as_logits(lm):  # the LM head's vocabulary logits are never computed
             hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False).logits
         r = scores(hidden, inputs["attention_mask"], value_head(lm))
-        chosen, rejected = r.chunk(2)
+        chosen, rejected = chosen_and_rejected(r)
         loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
         return loss, pair_metrics(chosen.detach(), rejected.detach(), self.names), torch.stack([chosen, rejected], -1)
 
@@ -98,13 +99,13 @@ class DirectPreference:
         logps, counts = sequence_logps(logits, inputs["labels"])
         del logits
         ref = self._reference_logps(model, inputs)
-        chosen, rejected = (self.beta * (logps - ref)).chunk(2)
+        chosen, rejected = chosen_and_rejected(self.beta * (logps - ref))
         loss = -torch.nn.functional.logsigmoid(chosen - rejected).mean()
-        chosen_logps, _ = logps.chunk(2)
+        chosen_logps, _ = chosen_and_rejected(logps)
         if self.ftx:
-            loss = loss + self.ftx * (-chosen_logps / counts.chunk(2)[0].clamp(min=1)).mean()
+            loss = loss + self.ftx * (-chosen_logps / chosen_and_rejected(counts)[0].clamp(min=1)).mean()
         metrics = pair_metrics(chosen.detach(), rejected.detach(), self.names)
-        metrics["logps/chosen"], metrics["logps/rejected"] = (float(x.detach().mean()) for x in logps.chunk(2))
+        metrics["logps/chosen"], metrics["logps/rejected"] = (float(x.detach().mean()) for x in chosen_and_rejected(logps))
         return loss, metrics, torch.stack([chosen, rejected], -1).detach()
 
 
@@ -114,13 +115,31 @@ def _frozen_copy(model: Any) -> Any:
     return ref.eval()
 
 
-def build_objective(stage: str, model: Any, beta: float = 0.1, ftx: float = 0.0) -> Any | None:
-    """The loss of a preference stage; None for stages whose model computes its own (sft, pt, cls)."""
-    if stage == "rm":
-        return PairwiseReward()
-    if stage == "dpo":
-        return DirectPreference(beta, ftx, None if hasattr(model, "disable_adapter") else _frozen_copy(model))
-    return None
+# The stage table's objectives (peftkit/stages.py): (model, FinetuningArgs, reference) -> the loss;
+# `reference` builds the frozen reference model when one is needed.
+def pairwise_reward(model: Any, finetuning: Any, reference: Callable[[], Any]) -> PairwiseReward:
+    return PairwiseReward()
+
+
+def direct_preference(model: Any, finetuning: Any, reference: Callable[[], Any]) -> DirectPreference:
+    """The reference is the adapter switched off where there is one (no second copy of the model)."""
+    ref = None if hasattr(model, "disable_adapter") else reference()
+    return DirectPreference(finetuning.pref_beta, finetuning.pref_ftx, ref)
+
+
+def build_objective(stage: str, model: Any, finetuning: Any = None,
+                    reference: Callable[[], Any] | None = None) -> Any | None:
+    """The loss of the stage's objective; None for stages whose model computes its own (sft, pt, cls).
+
+    `reference` defaults to a frozen copy of `model` as it is now (before training).
+    """
+    from peftkit.config.schema import FinetuningArgs
+    from peftkit.stages import stage as stage_of
+
+    entry = stage_of(stage)
+    if entry.objective is None:
+        return None
+    return entry.load("objective")(model, finetuning or FinetuningArgs(), reference or (lambda: _frozen_copy(model)))
 
 
 def pair_eval_metrics(names: dict[str, str]) -> Any:

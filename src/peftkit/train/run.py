@@ -18,31 +18,26 @@ import yaml
 from peftkit.atomic import storage_errors, write_json_atomic
 from peftkit.config import RunConfig, build_training_arguments, dump_config
 from peftkit.config.load import to_dict, train_extras
-from peftkit.config.schema import TrainExtras
 from peftkit.constants import CONFIG_FILE, DATA_REPORT_FILE, RUN_SUMMARY_FILE
 from peftkit.data import PreparedData, apply_template, build_collator, prepare_data
 from peftkit.errors import PeftkitError
 from peftkit.eval.predict import predict
-from peftkit.model import load_model, load_tokenizer, prepare_for_training
+from peftkit.model import load_stage_model, load_tokenizer, prepare_for_training
 from peftkit.model.finetuning import (
     CONVERTED_INITS,
     LORA_INIT_DIR,
     save_initial_adapter,
 )
-from peftkit.model.value_head import attach_value_head
+from peftkit.stages import stage as stage_of
 from peftkit.train.allocator import keep_freed_memory
 from peftkit.train.callbacks import LogCallback, StopCallback
 from peftkit.train.checkpoints import config_differences, latest_complete, resolve_resume
 from peftkit.train.objectives import build_objective, pair_eval_metrics
 from peftkit.train.plot import plot_loss
 from peftkit.train.runlock import RunLock
+from peftkit.train.progress import Progress
 from peftkit.train.signals import GracefulStop
-from peftkit.train.trainer import (
-    PeftTrainer,
-    class_metrics,
-    preprocess_logits_for_accuracy,
-    token_accuracy,
-)
+from peftkit.train.trainer import PeftTrainer, preprocess_logits_for_accuracy
 
 logger = logging.getLogger("peftkit")
 
@@ -69,7 +64,7 @@ def train(cfg: RunConfig, resume_command: str = "peftkit train CONFIG.yaml train
     `resume_command` is the shell command that resumes this very run, printed when it is interrupted.
     Only the main process writes, and it holds the output_dir's RunLock for the whole run.
     """
-    args = build_training_arguments(cfg.train)
+    args = build_training_arguments(cfg.train, cfg.stage)
     with RunLock(Path(args.output_dir)) if args.should_save else contextlib.nullcontext():
         return _train(cfg, args, resume_command)
 
@@ -79,44 +74,64 @@ def _train(cfg: RunConfig, args: Any, resume_command: str) -> TrainResult:
 
     start = time.time()
     set_seed(args.seed)  # before the adapter is created: its initialisation must not depend on what ran before
-    output_dir, main = Path(args.output_dir), args.should_save
     if args.device.type == "cpu":
         keep_freed_memory()  # each step's activations reuse the heap instead of fresh pages (train/allocator.py)
-    extras = train_extras(cfg.train)
-    with args.main_process_first(desc="checking checkpoints"):
-        resume = resolve_resume(output_dir, extras, resume_command)
-    if main and resume is not None:
-        _check_same_config(cfg, output_dir / CONFIG_FILE)
-    if main:
-        dump_config(cfg, output_dir / CONFIG_FILE)
+    resume = _start_run(cfg, args, resume_command)
+    tokenizer, data = _prepare_data(cfg, args)
+    model, summary = _prepare_model(cfg, args, tokenizer, data, resume)
+    trainer = build_trainer(cfg, args, model, tokenizer, data, resume)
+    result = _fit(trainer, resume, resume_command)
+    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+    summary.update(train_loss=result.training_loss, train_seconds=round(result.metrics["train_runtime"], 1))
+    return _finish(cfg, args, model, tokenizer, summary, start)
 
+
+def _start_run(cfg: RunConfig, args: Any, resume_command: str) -> Path | None:
+    """The checkpoint to resume from (None: a fresh run); the run's config.yaml written."""
+    output_dir = Path(args.output_dir)
+    with args.main_process_first(desc="checking checkpoints"):
+        resume = resolve_resume(output_dir, train_extras(cfg.train), resume_command)
+    if args.should_save and resume is not None:
+        _check_same_config(cfg, output_dir / CONFIG_FILE)
+    if args.should_save:
+        dump_config(cfg, output_dir / CONFIG_FILE)
+    if resume is not None:
+        logger.info("resuming from %s", resume)
+    return resume
+
+
+def _prepare_data(cfg: RunConfig, args: Any) -> tuple[Any, PreparedData]:
     tokenizer = load_tokenizer(cfg.model)
     apply_template(tokenizer, cfg.data.template, cfg.stage)
     with args.main_process_first(desc="preparing data"):  # the others then read the main process's cache
         data = prepare_data(cfg.data, tokenizer, cfg.stage)
-    if main:
-        write_json_atomic(output_dir / DATA_REPORT_FILE, data.report.as_dict())
+    if args.should_save:
+        write_json_atomic(Path(args.output_dir) / DATA_REPORT_FILE, data.report.as_dict())
         logger.info("data:\n%s\nexample (supervised spans in [[...]]):\n%s", data.report.summary(), data.report.example)
+    return tokenizer, data
 
-    model = load_model(cfg.model, data.report.classes, tokenizer.pad_token_id)
-    if cfg.stage == "rm":
-        attach_value_head(model)  # the head training starts from, so it is also the one scored before training
+
+def _prepare_model(cfg: RunConfig, args: Any, tokenizer: Any, data: PreparedData,
+                   resume: Path | None) -> tuple[Any, dict[str, Any]]:
+    """The model with the stage's head, scored before training if asked, then made trainable."""
+    output_dir = Path(args.output_dir)
+    model = load_stage_model(cfg.model, cfg.stage, data.report.classes, tokenizer.pad_token_id)
     summary: dict[str, Any] = {"output_dir": str(output_dir), "stage": cfg.stage}
-    if cfg.eval.dataset and cfg.eval.before_training and main and resume is None:
+    if cfg.eval.dataset and cfg.eval.before_training and args.should_save and resume is None:
         before = cfg.eval.before_training
-        slice_ = before if before is not True else cfg.eval.max_samples
-        before_cfg = replace(cfg, eval=replace(cfg.eval, max_samples=slice_))
+        before_cfg = replace(cfg, eval=replace(cfg.eval, max_samples=before if before is not True else cfg.eval.max_samples))
         summary["metrics_before"] = predict(model, tokenizer, before_cfg, output_dir, tag="_before")
     model = prepare_for_training(model, cfg.finetuning, cfg.stage)
     converted_init = cfg.finetuning.init_lora_weights in CONVERTED_INITS and not cfg.finetuning.adapter_name_or_path
-    if converted_init and main and not (output_dir / LORA_INIT_DIR).is_dir():  # a resumed run keeps the first run's
+    if converted_init and args.should_save and not (output_dir / LORA_INIT_DIR).is_dir():  # a resumed run keeps the first run's
         save_initial_adapter(model, output_dir / LORA_INIT_DIR)
+    return model, summary
 
-    trainer, log = build_trainer(cfg, args, extras, model, tokenizer, data)
-    if resume is not None:
-        trainer.restore_token_counts(resume)
-        log.resumed_from, log.tokens_at_start = str(resume), trainer.token_base.real_tokens
-        logger.info("resuming from %s", resume)
+
+def _fit(trainer: PeftTrainer, resume: Path | None, resume_command: str) -> Any:
+    """trainer.train with a clean stop on SIGINT / SIGTERM, an `error` log line on failure, and the final save."""
+    output_dir = Path(trainer.args.output_dir)
+    log = next(c for c in trainer.callback_handler.callbacks if isinstance(c, LogCallback))
 
     def kept() -> str:  # for a failed write: what survives it
         return f"Kept: {latest_complete(output_dir) or 'no complete checkpoint'} (incomplete ones are never resumed from)"
@@ -139,18 +154,22 @@ def _train(cfg: RunConfig, args: Any, resume_command: str) -> TrainResult:
     with storage_errors(output_dir, kept):
         trainer.save_model()
         trainer.save_state()
-    if main and plot_loss(output_dir) is None:
-        logger.info("no training_loss.png: no loss was logged (train.logging_steps is larger than the steps run)")
-    # accelerate wrapped forward() in autocast for bf16/fp16; hand back the plain model, so what
-    # callers compute matches a reload of the saved folder (generation applies its own autocast).
-    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    summary["train_loss"] = result.training_loss
-    summary["train_seconds"] = round(result.metrics["train_runtime"], 1)
+    return result
 
-    if cfg.eval.dataset and main:
+
+def _finish(cfg: RunConfig, args: Any, model: Any, tokenizer: Any, summary: dict[str, Any], start: float) -> TrainResult:
+    """The loss plot, the evaluation after training and run_summary.json (main process only).
+
+    `model` is the plain model accelerate wrapped for autocast, so what is computed here matches a
+    reload of the saved folder (generation applies its own autocast).
+    """
+    output_dir = Path(args.output_dir)
+    if args.should_save and plot_loss(output_dir) is None:
+        logger.info("no training_loss.png: no loss was logged (train.logging_steps is larger than the steps run)")
+    if cfg.eval.dataset and args.should_save:
         summary["metrics_after"] = predict(model, tokenizer, cfg, output_dir)
     summary["wall_seconds"] = round(time.time() - start, 1)
-    if main:
+    if args.should_save:
         write_json_atomic(output_dir / RUN_SUMMARY_FILE, summary)
     return TrainResult(summary, model)
 
@@ -171,36 +190,35 @@ def _check_same_config(cfg: RunConfig, saved: Path) -> None:
                            "or start a new run in another train.output_dir")
 
 
-def build_trainer(cfg: RunConfig, args: Any, extras: TrainExtras, model: Any, tokenizer: Any,
-                  data: PreparedData) -> tuple[PeftTrainer, LogCallback]:
-    """The PeftTrainer with the collator for data.packing, token accuracy on eval, early stopping, the log."""
+def build_trainer(cfg: RunConfig, args: Any, model: Any, tokenizer: Any, data: PreparedData,
+                  resume: Path | None = None) -> PeftTrainer:
+    """The PeftTrainer for the stage: its collator, objective and eval metrics; token counts (restored from
+    `resume`), the log, early stopping."""
     from transformers import EarlyStoppingCallback
 
-    log = LogCallback()
-    callbacks: list[Any] = [log]
+    extras, entry = train_extras(cfg.train), stage_of(cfg.stage)
+    progress = Progress(tokenizer.pad_token_id, resume)
+    callbacks: list[Any] = [progress, LogCallback(str(resume) if resume else None, progress.base.real_tokens)]
     if extras.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(extras.early_stopping_patience, extras.early_stopping_threshold))
-    objective = build_objective(cfg.stage, model, cfg.finetuning.pref_beta, cfg.finetuning.pref_ftx)
-    if objective is not None:
-        args.remove_unused_columns = False  # the collator needs rejected_input_ids / rejected_labels
-        metrics = pair_eval_metrics(objective.names)
-    else:
-        metrics = class_metrics if cfg.stage == "cls" else token_accuracy
+    objective = build_objective(cfg.stage, model, cfg.finetuning)
+    metrics = pair_eval_metrics(objective.names) if objective is not None else entry.load("metrics")
     has_eval = data.eval is not None
-    trainer = PeftTrainer(
+    fixed_shape = (args.per_device_train_batch_size, cfg.data.cutoff_len) if args.torch_compile else None
+    return PeftTrainer(
         finetuning_args=cfg.finetuning,
+        progress=progress,
         chunked_loss=extras.chunked_loss,
         stage=cfg.stage,
         objective=objective,
+        speedups=extras.peftkit_speedups,
         model=model,
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=build_collator(tokenizer, cfg.data.packing, fixed_shape=(
-            args.per_device_train_batch_size, cfg.data.cutoff_len) if args.torch_compile else None, stage=cfg.stage),
+        data_collator=build_collator(tokenizer, cfg.data.packing, fixed_shape, cfg.stage),
         processing_class=tokenizer,
         callbacks=callbacks,
         compute_metrics=metrics if has_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_accuracy if has_eval and objective is None else None,
     )
-    return trainer, log

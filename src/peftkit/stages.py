@@ -1,0 +1,92 @@
+"""The stage table: every fact that differs between training stages, in one place.
+
+Each consumer (config checks, data encoding, batching, model heads, the trainer, evaluation, chat,
+export) reads the stage's entry here instead of testing its name. Adding a stage is one `Stage`
+entry plus its encoder and objective (see tests/unit/test_stage_table.py for a stage added in a test).
+
+The callables are named as "module:function" (or given directly) and imported on first use: the table is imported by
+config and data code that must not import the trainer, and an Encoding holding a stage name stays
+picklable for worker processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from peftkit.errors import ConfigError
+
+Head = Literal["lm", "value", "classifier"]
+Target = str | Callable[..., Any]  # "module:function", or the callable itself
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    summary: str
+    # Record formats it trains on (data/formats.py); None: any conversational format.
+    formats: tuple[str, ...] | None
+    # (tokenizer, samples, wheres, Encoding) -> the examples of each sample (data/encode.py).
+    encoder: Target
+    # (tokenizer, packing, fixed_shape) -> a collator (data/collate.py).
+    collator: Target
+    # lm: the causal LM's own head; value: a value head beside it (model/value_head.py);
+    # classifier: AutoModelForSequenceClassification with the training data's classes.
+    head: Head = "lm"
+    # (model, FinetuningArgs, reference) -> a loss over pairs (train/objectives.py); None: the model's own loss.
+    objective: Target | None = None
+    # Trainer's compute_metrics when there is no objective (an objective brings pair metrics).
+    metrics: Target = "peftkit.train.trainer:token_accuracy"
+    # (model, tokenizer, cfg, output_dir, tag) -> metrics (eval/scoring.py); None: generate and score eval.metrics.
+    scorer: Target | None = None
+    chat_template: bool = True  # False: documents / texts, the tokenizer need not have a chat template
+    packing: bool = False  # data.packing allowed (only where the loss is a sum over tokens)
+    streaming: bool = True  # False: the stage needs the whole training data up front (cls: its classes)
+    pairs: bool = False  # records are (chosen, rejected) pairs, batched chosen rows first
+
+    @property
+    def token_loss(self) -> bool:
+        """The loss is a sum over supervised tokens that Trainer scales for gradient accumulation itself;
+        otherwise a mean over pairs or records."""
+        return self.objective is None and self.head == "lm"
+
+    def load(self, role: Literal["encoder", "collator", "objective", "metrics", "scorer"]) -> Callable[..., Any]:
+        """The callable this stage names for `role` (imported on first use; a callable is taken as it is)."""
+        target = getattr(self, role)
+        if target is None:
+            raise ValueError(f"stage {self.name} has no {role}")
+        if callable(target):
+            return target
+        module, _, name = target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+_ENCODE = "peftkit.data.encode"
+_COLLATE = "peftkit.data.collate"
+_OBJECTIVES = "peftkit.train.objectives"
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("sft", "supervised fine-tuning on conversations", None,
+          f"{_ENCODE}:conversation_examples", f"{_COLLATE}:token_collator", packing=True),
+    Stage("pt", "continued pre-training on documents", ("text",),
+          f"{_ENCODE}:conversation_examples", f"{_COLLATE}:token_collator", chat_template=False, packing=True),
+    Stage("rm", "reward model (value head, pairwise loss)", ("preference",),
+          f"{_ENCODE}:preference_examples", f"{_COLLATE}:pair_collator", head="value",
+          objective=f"{_OBJECTIVES}:pairwise_reward", scorer="peftkit.eval.scoring:score_pairs", pairs=True),
+    Stage("dpo", "direct preference optimisation", ("preference",),
+          f"{_ENCODE}:preference_examples", f"{_COLLATE}:pair_collator",
+          objective=f"{_OBJECTIVES}:direct_preference", scorer="peftkit.eval.scoring:score_pairs", pairs=True),
+    Stage("cls", "sequence classification", ("pairs",),
+          f"{_ENCODE}:class_examples", f"{_COLLATE}:class_collator", head="classifier",
+          metrics="peftkit.train.trainer:class_metrics", scorer="peftkit.eval.scoring:classify",
+          chat_template=False, streaming=False),
+)}
+
+
+def stage(name: str) -> Stage:
+    """The table entry of `name`; a ConfigError listing the stages otherwise."""
+    try:
+        return STAGES[name]
+    except KeyError:
+        raise ConfigError([f"stage={name!r}: must be one of {', '.join(STAGES)}"]) from None

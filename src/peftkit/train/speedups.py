@@ -1,0 +1,75 @@
+"""`train.peftkit_speedups`: the patches of peft / transformers internals that make training leaner, behind one switch.
+
+auto (default): on for the library versions they were written and tested against, each only where
+it applies; outside those versions one warning, and the plain path. off: transformers' and peft's
+own code only. What each changes:
+
+- fused LoRA (train/fused_lora.py): LoRA's update added into the projection's output in place. Same
+  sum, different order of float additions (equal to 1e-6 in tests/unit/test_fused_lora.py); not under torch.compile.
+- one cast per activation (train/precision.py, bf16 / fp16 only): the normalised activation is cast
+  once for all its consumers, and peft's up-cast of LoRA inputs is off. The forward is bit-identical;
+  the gradient reaching the norm sums its consumers' contributions in bf16 instead of float32.
+- chunked loss (train/loss.py, `train.chunked_loss` unset): the output layer is skipped in the forward
+  and the cross-entropy runs over supervised positions a chunk at a time. Same value and gradients to
+  1e-5 (tests/unit/test_chunked_loss.py). An explicit `train.chunked_loss: true` is honoured either way.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from typing import Any
+
+from peftkit.train.fused_lora import fused_lora_forward
+from peftkit.train.precision import one_cast_per_activation
+
+logger = logging.getLogger("peftkit")
+
+# [lowest, first untested) major.minor of each library the patches read the internals of.
+TESTED_VERSIONS = {"peft": ((0, 17), (0, 22)), "transformers": ((5, 0), (5, 25))}
+_warned: set[str] = set()
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = (version.split("+")[0].split(".") + ["0", "0"])[:2]
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)  # type: ignore[return-value]
+
+
+def untested_versions() -> list[str]:
+    """The libraries installed at a version outside TESTED_VERSIONS, as 'name version'."""
+    from importlib.metadata import version
+
+    out = []
+    for name, (low, high) in TESTED_VERSIONS.items():
+        installed = version(name)
+        if not low <= _major_minor(installed) < high:
+            out.append(f"{name} {installed}")
+    return out
+
+
+def speedups_enabled(mode: str) -> bool:
+    """Whether `train.peftkit_speedups` (auto | off) turns the patches on here; warns once when versions rule them out."""
+    if mode == "off":
+        return False
+    untested = untested_versions()
+    if untested:
+        key = ", ".join(untested)
+        if key not in _warned:
+            _warned.add(key)
+            logger.warning("train.peftkit_speedups: off for %s (written against %s); training runs the libraries' "
+                           "own code", key, ", ".join(f"{n} {a[0]}.{a[1]}-{b[0]}.{b[1] - 1}"
+                                                       for n, (a, b) in TESTED_VERSIONS.items()))
+        return False
+    return True
+
+
+def training_speedups(model: Any, mode: str, autocast: bool, compiled: bool) -> ExitStack:
+    """What PeftTrainer.train runs inside; the model is back as it was after."""
+    stack = ExitStack()
+    if not speedups_enabled(mode):
+        return stack
+    if not compiled:
+        stack.enter_context(fused_lora_forward(model))
+    if autocast:
+        stack.enter_context(one_cast_per_activation(model))
+    return stack
