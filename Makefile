@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.peftkit-installed
 
-.PHONY: setup demo test bench clean-outputs
+.PHONY: setup demo test test-fast lint bench clean-outputs
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -30,8 +30,17 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/peftkit train examples/resume_ner_lora.yaml
 
-test: setup
-	$(PY) -m pytest
+# Lint and types first (seconds), then every test tier this machine can run (gpu tests skip without CUDA).
+test: setup lint
+	$(PY) -m pytest --durations=15
+
+# The unit tier without its slow tests: about two minutes on a 2-core CPU.
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "unit and not slow" --durations=10
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/mypy
 
 # Speed and memory against the classic Trainer and TRL (about 30 minutes on a 2-core CPU; see benchmarks/README.md).
 bench: setup

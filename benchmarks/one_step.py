@@ -93,7 +93,8 @@ def main() -> None:
         print(f"| {'bf16 autocast' if r['bf16'] else 'fp32'} | {', '.join(map(str, secs))} | "
               f"{r['real_tokens'] / secs[-1]:.0f} | {r['steps'][0]['loss']:.5f} | {r['peak_rss_gb']} |")
     if len(results) == 2:
-        print(f"\nloss difference at the same weights: {abs(results[0]['steps'][0]['loss'] - results[1]['steps'][0]['loss']):.1e}")
+        difference = abs(results[0]["steps"][0]["loss"] - results[1]["steps"][0]["loss"])
+        print(f"\nloss difference at the same weights: {difference:.1e}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,11 @@
-"""Shared fixtures: a tiny tokenizer from tests/assets, a tiny Llama built from a config, tiny data files."""
+"""Shared fixtures (a tiny tokenizer from tests/assets, a tiny Llama and BERT built from configs, tiny data
+files) and the test tiers.
+
+Tiers, by folder or marker: unit (tests/unit, the default), integration (tests/integration: the embedded
+SmolLM2), browser (tests/browser: headless Chromium), gpu (tests/gpu: needs CUDA; skipped with that reason
+elsewhere); `slow` marks the unit tests that take more than about ten seconds. `make test-fast` runs
+`-m "unit and not slow"`.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,24 @@ from pathlib import Path
 
 import pytest
 
-ASSETS = Path(__file__).parent / "assets"
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import ASSETS, REPO
+
+_TIERS = ("integration", "browser", "gpu")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cuda = None
+    for item in items:
+        parts = Path(str(item.fspath)).relative_to(REPO / "tests").parts
+        tier = parts[0] if parts[0] in _TIERS else "unit"
+        item.add_marker(tier)
+        if tier == "gpu":
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="gpu tier: needs a CUDA device (none here)"))
 
 ALPACA_RECORDS = [
     {"instruction": "Say hello.", "input": "", "output": "Hello!"},

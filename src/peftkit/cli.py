@@ -6,8 +6,8 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from peftkit import __version__
 from peftkit.constants import EMBEDDED_MODEL

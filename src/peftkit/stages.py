@@ -12,8 +12,9 @@ picklable for worker processes.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from peftkit.errors import ConfigError
 

@@ -13,8 +13,8 @@ import torch
 import peftkit.train.run as run_module
 from peftkit.cli import main
 from peftkit.model import ensure_embedded_model
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
@@ -75,7 +75,8 @@ def test_chat_with_the_adapter_answers_and_stops(trained) -> None:
     out, _ = trained
     proc = subprocess.run(
         [sys.executable, "-m", "peftkit", "chat", "--adapter", str(out), "--max-new-tokens", "40",
-         "--prompt", "抽取简历句子中的实体，类型为：姓名、国籍、种族、职位、教育背景、专业、组织名、地名。以JSON格式回答，没有实体时回答{}。\n张三，中国国籍。"],
+         "--prompt", "抽取简历句子中的实体，类型为：姓名、国籍、种族、职位、教育背景、专业、组织名、地名。"
+         "以JSON格式回答，没有实体时回答{}。\n张三，中国国籍。"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
@@ -92,9 +93,8 @@ def smollm():
 
 
 def test_labels_conform_to_apply_chat_template_on_the_embedded_tokenizer(smollm) -> None:
-    from tests.unit.test_data_masks import MESSAGES, SINGLE, expected_labels
-
     from peftkit.data import encode_messages
+    from tests.helpers import MESSAGES, SINGLE, expected_labels
 
     _, tokenizer = smollm
     for messages in (SINGLE, MESSAGES):
@@ -105,10 +105,9 @@ def test_labels_conform_to_apply_chat_template_on_the_embedded_tokenizer(smollm)
 
 
 def test_packed_loss_and_gradients_equal_one_by_one_on_the_embedded_model(smollm) -> None:
-    from tests.unit.test_data_packing import assert_packed_equals_one_by_one
-
     from peftkit.config.schema import DataArgs
     from peftkit.data import prepare_data
+    from tests.helpers import assert_packed_equals_one_by_one
 
     model, tokenizer = smollm
     data = prepare_data(DataArgs(train=str(REPO / "data/resume_ner/dev.json"), max_samples=6, cutoff_len=256), tokenizer)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from peftkit.cli import main
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 

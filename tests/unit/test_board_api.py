@@ -156,6 +156,7 @@ def test_runlog_rereads_a_rewritten_file(tmp_path: Path) -> None:
     assert [x["current_steps"] for x in log.refresh()] == [0]
 
 
+@pytest.mark.slow
 def test_start_stop_resume_through_the_api(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """A run started by the board survives as its own process, stops on SIGTERM with a checkpoint, resumes."""
     monkeypatch.setenv("PEFTKIT_HOME", str(tmp_path / "home"))  # the child's data cache

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from peftkit.config.schema import GenerateArgs
@@ -67,6 +68,7 @@ def test_chat_loop_keeps_history_and_clears(tiny_model_dir: Path, monkeypatch) -
     assert "(history cleared)" in out.getvalue()
 
 
+@pytest.mark.slow
 def test_python_dash_m_version() -> None:
     proc = subprocess.run([sys.executable, "-m", "peftkit", "version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("peftkit 0.1.0 (torch ")

@@ -11,8 +11,7 @@ import yaml
 from peftkit.cli import main
 from peftkit.config import dump_config, load_config
 from peftkit.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def _cfg(tmp_path: Path, alpaca_file: Path, extra: str = "") -> Path:

@@ -13,30 +13,8 @@ from peftkit.constants import IGNORE_INDEX
 from peftkit.data import SHIPPED_TEMPLATES, apply_template, build_dataset, describe_example, encode_messages
 from peftkit.data.encode import DOES_NOT_FIT, FULLY_MASKED
 from peftkit.errors import ConfigError, DataError
-
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-MESSAGES = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Add 3 and 4."},
-    {"role": "assistant", "content": "7"},
-    {"role": "user", "content": "And 2 more?"},
-    {"role": "assistant", "content": "9, done."},
-]
-SINGLE = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]
-
-
-def _ids(tokenizer, messages, gen=False) -> list[int]:
-    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=False)
-
-
-def expected_labels(tokenizer, messages, turns) -> list[int]:
-    """The oracle: for each supervised assistant turn k, the tokens between prompt(k) and full(k+1)."""
-    full = _ids(tokenizer, messages)
-    labels = [IGNORE_INDEX] * len(full)
-    for k in turns:
-        start, end = len(_ids(tokenizer, messages[:k], gen=True)), len(_ids(tokenizer, messages[: k + 1]))
-        labels[start:end] = full[start:end]
-    return labels
+from tests.helpers import ASSETS, MESSAGES, SINGLE, expected_labels
+from tests.helpers import chat_ids as _ids
 
 
 def llama3_style(tokenizer):
@@ -56,7 +34,8 @@ def test_conformance_with_apply_chat_template(tokenizer, template: str, messages
     turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
     assert example["labels"] == expected_labels(tokenizer, messages, turns)
     eot = "<|eot_id|>" if template == "llama3_style" else "<|im_end|>"
-    assert tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX]).endswith(eot + ("" if template == "llama3_style" else "\n"))
+    supervised = tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
+    assert supervised.endswith(eot + ("" if template == "llama3_style" else "\n"))
 
 
 def test_mask_modes_and_train_false(tokenizer) -> None:

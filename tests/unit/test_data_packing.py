@@ -11,8 +11,7 @@ from peftkit.config.schema import DataArgs
 from peftkit.constants import IGNORE_INDEX
 from peftkit.data import build_collator, prepare_data
 from peftkit.data.packing import pack_bfd, pack_examples, unpack_row
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO, assert_packed_equals_one_by_one, one_by_one
 
 
 def test_best_fit_decreasing_bins() -> None:
@@ -43,39 +42,6 @@ def test_packing_efficiency_on_alpaca_demo(tokenizer) -> None:
     assert data.report.packing["efficiency"] > 0.95
     assert all(len(ids) <= 1024 for ids in data.train["input_ids"])
     assert sum(map(len, data.train["input_ids"])) == data.report.tokens  # every token kept
-
-
-def _loss_and_grads(model, batch: dict) -> tuple[float, dict[str, torch.Tensor]]:
-    model.zero_grad()
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def one_by_one(model, examples: list[dict]) -> tuple[float, dict[str, torch.Tensor]]:
-    """Token-weighted loss and gradients of the records run separately."""
-    model.zero_grad()
-    total = sum(sum(1 for t in ex["labels"][1:] if t != IGNORE_INDEX) for ex in examples)
-    value = 0.0
-    for ex in examples:
-        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
-        logits = model(input_ids=ids, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum")
-        (loss / total).backward()
-        value += loss.item() / total
-    return value, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def assert_packed_equals_one_by_one(model, tokenizer, examples: list[dict], cutoff_len: int) -> None:
-    rows = pack_examples(examples, cutoff_len)
-    assert len(rows) < len(examples)  # records really share rows
-    batch = build_collator(tokenizer, packing=True)(rows)
-    assert "attention_mask" not in batch and batch["use_cache"] is False
-    packed_loss, packed_grads = _loss_and_grads(model, batch)
-    ref_loss, ref_grads = one_by_one(model, examples)
-    assert packed_loss == pytest.approx(ref_loss, abs=1e-5)
-    for name, grad in ref_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -12,8 +12,8 @@ from peftkit.config.schema import DataArgs, DatasetSpec
 from peftkit.data.dataset import build_dataset, iter_samples, prepare_data
 from peftkit.data.formats import Where, alpaca, pairs, preference, sharegpt
 from peftkit.errors import ConfigError, DataError
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 AT = Where("f.json", "record 0")
 
 
@@ -199,4 +199,5 @@ def test_streaming_skip_reports_what_it_left_out(tmp_path: Path, tokenizer, capl
     with caplog.at_level(logging.WARNING, logger="peftkit"):
         data = prepare_data(DataArgs(train=str(path), streaming=True, on_bad_record="skip"), tokenizer)
         assert len(list(data.train)) == 2
-    assert f"dropped 1: bad record: not valid JSON (column 2): Expecting property name enclosed in double quotes (first: {path}: line 2)" in caplog.text
+    assert ("dropped 1: bad record: not valid JSON (column 2): Expecting property name enclosed in double quotes "
+            f"(first: {path}: line 2)") in caplog.text

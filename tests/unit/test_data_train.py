@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from peftkit.cli import main
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 FORMATS = {
     "alpaca": ("data/demo/alpaca_en_demo.json", []),
     "sharegpt": ("data/demo/glaive_toolcall_en_demo.json", []),
@@ -44,7 +44,8 @@ def test_each_format_trains(fmt: str, tiny_model_dir: Path, tmp_path: Path) -> N
 def test_packing_and_val_size_train_and_evaluate(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     code = _train(tiny_model_dir, out, f"data.train={REPO / 'data/demo/alpaca_en_demo.json'}", "data.max_samples=40",
-                  "data.cutoff_len=512", "data.packing=true", "data.val_size=8", "train.eval_strategy=steps", "train.eval_steps=2")
+                  "data.cutoff_len=512", "data.packing=true", "data.val_size=8", "train.eval_strategy=steps",
+                  "train.eval_steps=2")
     assert code == 0
     report = json.loads((out / "data_report.json").read_text())
     assert report["eval_examples"] == 8 and report["examples"] == 32

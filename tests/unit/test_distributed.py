@@ -14,8 +14,7 @@ from safetensors.torch import load_file
 
 from peftkit.config import load_config
 from peftkit.train.run import train
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
 
 
 def _losses(out: Path) -> list[float]:
@@ -23,6 +22,7 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows if r["event"] == "log"]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
     common = [f"model.name_or_path={tiny_model_dir}", f"data.train={REPO / 'data/demo/alpaca_en_demo.json'}",
               "data.max_samples=48", "data.cutoff_len=128", "train.max_steps=5", "train.logging_steps=1",

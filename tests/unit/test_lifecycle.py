@@ -17,16 +17,12 @@ from safetensors.torch import load_file
 from peftkit.config import load_config
 from peftkit.errors import PeftkitError
 from peftkit.train.run import train
-
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import ASSETS, REPO, tiny_run
 
 
 def _overrides(tiny_model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [f"model.name_or_path={tiny_model_dir}", f"data.train={data}", f"train.output_dir={out}",
-            "data.cutoff_len=128", "train.max_steps=6", "train.per_device_train_batch_size=2",
-            "train.learning_rate=1e-2", "train.logging_steps=1", "train.seed=0", "train.disable_tqdm=true",
-            "train.save_strategy=steps", "train.save_steps=2", *extra]
+    return tiny_run(tiny_model_dir, out, "train.save_strategy=steps", "train.save_steps=2", *extra, data=data,
+                    max_steps=6, batch_size=2, seed=0)
 
 
 def _run(fault: str, config: Path, overrides: list[str], home: Path) -> subprocess.CompletedProcess:
@@ -50,6 +46,7 @@ def config(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_killed_twice_then_resumed_equals_an_uninterrupted_run(tiny_model_dir, alpaca_file, tmp_path, config) -> None:
     reference = tmp_path / "reference"
     train(load_config(None, _overrides(tiny_model_dir, alpaca_file, reference)))
@@ -84,6 +81,7 @@ def test_killed_twice_then_resumed_equals_an_uninterrupted_run(tiny_model_dir, a
     assert rows[-1]["event"] == "train_end" and rows[-1]["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, alpaca_file, tmp_path, config) -> None:
     out = tmp_path / "run"
     args = _overrides(tiny_model_dir, alpaca_file, out, "train.save_strategy=no")
@@ -98,6 +96,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tiny_model_dir, alpac
     assert [r["current_steps"] for r in _rows(out) if r["event"] == "log"] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_model_dir, alpaca_file, tmp_path, config) -> None:
     out = tmp_path / "run"
     proc = _run("nan_at:3", config, _overrides(tiny_model_dir, alpaca_file, out), tmp_path / "home")

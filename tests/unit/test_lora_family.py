@@ -11,14 +11,11 @@ import torch
 from peftkit.config import load_config
 from peftkit.errors import ConfigError
 from peftkit.train.run import train
+from tests.helpers import tiny_run
 
 
 def _run(tiny_model_dir: Path, alpaca_file: Path, out: Path, *flags: str):
-    return train(load_config(None, [
-        f"model.name_or_path={tiny_model_dir}", f"data.train={alpaca_file}", f"train.output_dir={out}",
-        "data.cutoff_len=128", "train.max_steps=2", "train.per_device_train_batch_size=4", "train.learning_rate=1e-2",
-        "train.disable_tqdm=true", "train.logging_steps=1", *flags,
-    ]))
+    return train(load_config(None, tiny_run(tiny_model_dir, out, *flags, data=alpaca_file)))
 
 
 @pytest.mark.parametrize("flags", [

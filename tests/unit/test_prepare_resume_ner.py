@@ -6,7 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO
+
 spec = importlib.util.spec_from_file_location("prepare_resume_ner", REPO / "scripts/prepare_resume_ner.py")
 prep = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(prep)

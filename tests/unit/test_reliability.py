@@ -23,14 +23,11 @@ from peftkit.cli import main
 from peftkit.config import load_config
 from peftkit.errors import DataError, PeftkitError
 from peftkit.train.run import train
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import tiny_run
 
 
 def _overrides(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [f"model.name_or_path={model}", f"data.train={data}", f"train.output_dir={out}", "data.cutoff_len=128",
-            "train.max_steps=2", "train.per_device_train_batch_size=4", "train.learning_rate=1e-2",
-            "finetuning.lora_rank=4", "train.disable_tqdm=true", *extra]
+    return tiny_run(model, out, "finetuning.lora_rank=4", *extra, data=data, logging_steps=None)
 
 
 @pytest.fixture()
@@ -339,7 +336,7 @@ def test_empty_answers_are_kept_and_reported(tmp_path: Path, caplog) -> None:
 
 
 def test_type_names_read_as_english(tmp_path: Path) -> None:
-    from peftkit.config.schema import DatasetSpec, DataArgs
+    from peftkit.config.schema import DataArgs, DatasetSpec
     from peftkit.data.dataset import iter_samples
 
     path = tmp_path / "d.json"

@@ -40,6 +40,7 @@ def test_conversion_happens_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     assert (first / "config.json").is_file()
 
 
+@pytest.mark.slow
 def test_unreachable_hub_id_suggests_a_local_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match=r"not a local folder, and loading it as a hub id failed .* Give a local folder"):

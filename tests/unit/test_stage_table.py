@@ -15,17 +15,11 @@ import torch
 from peftkit.config import load_config
 from peftkit.stages import STAGES, Stage
 from peftkit.train.run import train
-
-REPO = Path(__file__).resolve().parents[2]
-DPO = REPO / "data/demo/dpo_en_demo.json"
-MRPC = REPO / "data/mrpc/train.tsv"
-MRPC_COLUMNS = "data.columns={text: '#1 String', text_pair: '#2 String', label: Quality}"
+from tests.helpers import DPO, MRPC, MRPC_COLUMNS, REPO, tiny_run
 
 
 def _overrides(model: Path, out: Path, stage: str, *flags: str) -> list[str]:
-    return [f"stage={stage}", f"model.name_or_path={model}", f"train.output_dir={out}", "data.cutoff_len=96",
-            "train.max_steps=3", "train.per_device_train_batch_size=4", "train.learning_rate=5e-3",
-            "train.disable_tqdm=true", "train.logging_steps=1", *flags]
+    return tiny_run(model, out, *flags, stage=stage, cutoff_len=96, max_steps=3, learning_rate="5e-3")
 
 
 def test_no_stage_name_is_tested_outside_the_table() -> None:
@@ -75,6 +69,7 @@ def test_stage_table_entries_load() -> None:
     assert [n for n, s in STAGES.items() if s.token_loss] == ["sft", "pt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["encoder", "decoder"])
 def test_cls_export_loads_in_plain_transformers_with_equal_logits(which: str, tiny_bert_dir: Path,
                                                                   tiny_model_dir: Path, tmp_path: Path) -> None:

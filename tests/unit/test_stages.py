@@ -18,18 +18,13 @@ from peftkit.constants import IGNORE_INDEX, VALUE_HEAD_FILE
 from peftkit.data.dataset import build_dataset, prepare_data
 from peftkit.errors import ConfigError
 from peftkit.train.run import train
+from tests.helpers import DPO, MRPC, MRPC_COLUMNS, REPO, tiny_run
 
-REPO = Path(__file__).resolve().parents[2]
-DPO = REPO / "data/demo/dpo_en_demo.json"
 WIKI = REPO / "data/demo/wiki_demo.txt"
-MRPC = REPO / "data/mrpc/train.tsv"
-MRPC_COLUMNS = "data.columns={text: '#1 String', text_pair: '#2 String', label: Quality}"
 
 
 def _overrides(model: Path, out: Path, stage: str, *flags: str) -> list[str]:
-    return [f"stage={stage}", f"model.name_or_path={model}", f"train.output_dir={out}", "data.cutoff_len=96",
-            "train.max_steps=3", "train.per_device_train_batch_size=4", "train.learning_rate=5e-3",
-            "train.disable_tqdm=true", "train.logging_steps=1", *flags]
+    return tiny_run(model, out, *flags, stage=stage, cutoff_len=96, max_steps=3, learning_rate="5e-3")
 
 
 def _log(out: Path) -> list[dict]:
@@ -185,6 +180,7 @@ def test_dpo_full_tuning_uses_a_frozen_reference_and_an_sft_term(tiny_model_dir:
     assert first["loss"] > math.log(2) + 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["encoder", "decoder"])
 def test_cls_trains_head_in_full_with_lora_and_eval_writes_predictions(
         which: str, tiny_bert_dir: Path, tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -11,17 +11,14 @@ from safetensors.torch import load_file
 
 from peftkit.config import load_config
 from peftkit.train.run import train
+from tests.helpers import tiny_run
 
 LOG_FIELDS = {"current_steps", "total_steps", "loss", "reward", "learning_rate", "epoch", "percentage",
               "elapsed_time", "remaining_time", "event", "eval_loss", "grad_norm"}
 
 
 def _config(tiny_model_dir: Path, alpaca_file: Path, out: Path, *extra: str):
-    return load_config(None, [
-        f"model.name_or_path={tiny_model_dir}", f"data.train={alpaca_file}", f"train.output_dir={out}",
-        "data.cutoff_len=128", "train.max_steps=4", "train.per_device_train_batch_size=4",
-        "train.learning_rate=1e-2", "train.logging_steps=1", "train.seed=0", "train.disable_tqdm=true", *extra,
-    ])
+    return load_config(None, tiny_run(tiny_model_dir, out, *extra, data=alpaca_file, max_steps=4, seed=0))
 
 
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:

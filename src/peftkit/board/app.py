@@ -10,7 +10,8 @@ GET  /api/configs                    config files the board may launch
 POST /api/runs {config, overrides}   start `peftkit train`; POST /api/runs/{id}/stop | /resume
 
 Without a token only loopback Host names are answered (no DNS rebinding), and a POST from another
-origin is refused (no cross-site start / stop). With a token, every request carries it (Authorization: Bearer, the cookie set by opening /?token=...,
+origin is refused (no cross-site start / stop). With a token, every request carries it (Authorization: Bearer,
+the cookie set by opening /?token=...,
 or ?token=). A run id is its folder relative to RUNS_DIR; anything that resolves outside is a 404.
 """
 
@@ -44,15 +45,9 @@ _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _MEDIA = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 
-def create_app(runs_dir: Path, token: str | None = None, root: Path | None = None) -> FastAPI:
-    """The board for runs_dir; configs are launched from root (default: runs_dir's parent)."""
-    runs_dir = runs_dir.resolve()
-    launcher = Launcher(runs_dir, root or runs_dir.parent)
-    logs: dict[Path, RunLog] = {}
-    app = FastAPI(title="peftkit board", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.launcher = launcher
+def _token_guard(token: str | None) -> Any:
+    """The middleware: no cross-site writes; without a token, loopback host names only; with one, the token."""
 
-    @app.middleware("http")
     async def require_token(request: Request, call_next: Any) -> Any:
         host = request.headers.get("host", "")
         origin = request.headers.get("origin")
@@ -73,44 +68,90 @@ def create_app(runs_dir: Path, token: str | None = None, root: Path | None = Non
             response.set_cookie(_COOKIE, token, httponly=True, samesite="strict")
         return response
 
-    @app.exception_handler(ControlError)
-    async def control_error(request: Request, e: ControlError) -> JSONResponse:
-        return JSONResponse({"error": e.message}, status_code=e.status)
+    return require_token
 
-    def log_of(run_dir: Path) -> list[dict[str, Any]]:
-        log = logs.get(run_dir)
+
+class _Board:
+    """The runs under runs_dir: their logs (read incrementally), ids, and live state."""
+
+    def __init__(self, runs_dir: Path, launcher: Launcher) -> None:
+        self.runs_dir, self.launcher = runs_dir, launcher
+        self.logs: dict[Path, RunLog] = {}
+
+    def log_of(self, run_dir: Path) -> list[dict[str, Any]]:
+        log = self.logs.get(run_dir)
         if log is None:
-            log = logs[run_dir] = RunLog(run_dir / TRAINER_LOG)
+            log = self.logs[run_dir] = RunLog(run_dir / TRAINER_LOG)
         return log.refresh()
 
-    def run_id(run_dir: Path) -> str:
-        return run_dir.relative_to(runs_dir).as_posix()
+    def run_id(self, run_dir: Path) -> str:
+        return run_dir.relative_to(self.runs_dir).as_posix()
 
-    def resolve(rid: str) -> Path:
-        run_dir = confined(runs_dir, rid)
-        if run_dir is None or run_dir == runs_dir or not (
-                (run_dir / TRAINER_LOG).is_file() or launcher.child(run_dir) is not None):
+    def resolve(self, rid: str) -> Path:
+        run_dir = confined(self.runs_dir, rid)
+        if run_dir is None or run_dir == self.runs_dir or not (
+                (run_dir / TRAINER_LOG).is_file() or self.launcher.child(run_dir) is not None):
             raise ControlError(404, f"no run {rid!r}")
         return run_dir
 
-    def info(run_dir: Path) -> dict[str, Any]:
-        lines = log_of(run_dir)
-        child = launcher.child(run_dir)
+    def info(self, run_dir: Path) -> dict[str, Any]:
+        lines = self.log_of(run_dir)
+        child = self.launcher.child(run_dir)
         if child is not None and child.process.returncode is None:
             alive: bool | None = True
         elif child is not None and not lines:
             alive = False
         else:
             alive = process_alive(lines)
-        out = summarise(run_id(run_dir), lines, alive, run_dir).__dict__
+        out = summarise(self.run_id(run_dir), lines, alive, run_dir).__dict__
         if child is not None and child.process.returncode not in (None, 0) and out["status"] == "running":
             out["status"] = "failed"
-        out["skipped_lines"] = logs[run_dir].skipped
+        out["skipped_lines"] = self.logs[run_dir].skipped
         return out
 
-    def all_runs() -> list[Path]:
-        found = set(discover(runs_dir)) | {d for d in launcher.children if d.is_relative_to(runs_dir)}
-        return sorted(found, key=lambda d: _mtime(d / TRAINER_LOG) or launcher.children[d].started, reverse=True)
+    def file(self, rid: str, name: str) -> Path:
+        run_dir = self.resolve(rid)
+        path = confined(run_dir, name)
+        if path is None or path.parent != run_dir or not path.is_file():
+            raise ControlError(404, f"no file {name!r} in run {rid!r}")
+        return path
+
+    def stop(self, rid: str) -> None:
+        run_dir = self.resolve(rid)
+        state = self.info(run_dir)
+        if state["status"] not in ("running", "starting"):
+            raise ControlError(409, f"run {rid!r} is {state['status']}, not running")
+        # a pid from the log is signalled only if it is a live peftkit process here (not one of another host)
+        self.launcher.stop(run_dir, state["pid"] if process_alive(self.log_of(run_dir)) else None)
+
+    def resume(self, rid: str) -> None:
+        run_dir = self.resolve(rid)
+        state = self.info(run_dir)
+        if not state["resumable"]:
+            raise ControlError(409, f"run {rid!r} is {state['status']} and cannot be resumed "
+                                    "(only a stopped or failed run with a checkpoint can)")
+        self.launcher.resume(run_dir)
+
+    def all_runs(self) -> list[Path]:
+        children = self.launcher.children
+        found = set(discover(self.runs_dir)) | {d for d in children if d.is_relative_to(self.runs_dir)}
+        return sorted(found, key=lambda d: _mtime(d / TRAINER_LOG) or children[d].started, reverse=True)
+
+
+def create_app(runs_dir: Path, token: str | None = None, root: Path | None = None) -> FastAPI:
+    """The board for runs_dir; configs are launched from root (default: runs_dir's parent)."""
+    runs_dir = runs_dir.resolve()
+    launcher = Launcher(runs_dir, root or runs_dir.parent)
+    board = _Board(runs_dir, launcher)
+    log_of, run_id, resolve, info, all_runs = board.log_of, board.run_id, board.resolve, board.info, board.all_runs
+    logs = board.logs
+    app = FastAPI(title="peftkit board", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.launcher = launcher
+    app.middleware("http")(_token_guard(token))
+
+    @app.exception_handler(ControlError)
+    async def control_error(request: Request, e: ControlError) -> JSONResponse:
+        return JSONResponse({"error": e.message}, status_code=e.status)
 
     @app.get("/")
     def index() -> Response:
@@ -141,7 +182,7 @@ def create_app(runs_dir: Path, token: str | None = None, root: Path | None = Non
         return {"id": run_id(run_dir)}
 
     @app.get("/api/compare")
-    def compare(ids: Annotated[list[str], Query()] = ()) -> dict[str, Any]:
+    def compare(ids: Annotated[tuple[str, ...], Query()] = ()) -> dict[str, Any]:
         dirs = [resolve(i) for i in ids]
         return {"ids": [run_id(d) for d in dirs], "config_diff": config_diff([read_config(d)[1] for d in dirs])}
 
@@ -154,30 +195,17 @@ def create_app(runs_dir: Path, token: str | None = None, root: Path | None = Non
 
     @app.get("/api/runs/{rid:path}/files/{name}")
     def file(rid: str, name: str) -> Response:
-        run_dir = resolve(rid)
-        path = confined(run_dir, name)
-        if path is None or path.parent != run_dir or not path.is_file():
-            raise ControlError(404, f"no file {name!r} in run {rid!r}")
+        path = board.file(rid, name)
         return FileResponse(path, filename=path.name if path.suffix != ".png" else None)
 
     @app.post("/api/runs/{rid:path}/stop")
     def stop(rid: str) -> dict[str, Any]:
-        run_dir = resolve(rid)
-        state = info(run_dir)
-        if state["status"] not in ("running", "starting"):
-            raise ControlError(409, f"run {rid!r} is {state['status']}, not running")
-        # a pid from the log is signalled only if it is a live peftkit process here (not one of another host)
-        launcher.stop(run_dir, state["pid"] if process_alive(log_of(run_dir)) else None)
+        board.stop(rid)
         return {"id": rid, "signal": "SIGTERM"}
 
     @app.post("/api/runs/{rid:path}/resume")
     def resume(rid: str) -> dict[str, Any]:
-        run_dir = resolve(rid)
-        state = info(run_dir)
-        if not state["resumable"]:
-            raise ControlError(409, f"run {rid!r} is {state['status']} and cannot be resumed "
-                                    "(only a stopped or failed run with a checkpoint can)")
-        launcher.resume(run_dir)
+        board.resume(rid)
         return {"id": rid}
 
     @app.get("/api/runs/{rid:path}")
@@ -185,7 +213,8 @@ def create_app(runs_dir: Path, token: str | None = None, root: Path | None = Non
         run_dir = resolve(rid)
         text, _ = read_config(run_dir)
         return {**info(run_dir), "config": text, "data_report": read_json(run_dir / DATA_REPORT_FILE),
-                "files": run_files(run_dir), "summary": read_json(run_dir / RUN_SUMMARY_FILE), "console": launcher.console_tail(run_dir)}
+                "files": run_files(run_dir), "summary": read_json(run_dir / RUN_SUMMARY_FILE),
+                "console": launcher.console_tail(run_dir)}
 
     return app
 

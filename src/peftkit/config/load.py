@@ -1,15 +1,14 @@
-"""Read a YAML config, apply `section.key=value` overrides, check everything, report all problems at once.
+"""Read a YAML config, apply `section.key=value` overrides, type-check it, report all problems at once.
 
 This is the one place a config key is read. The `train` section is checked against transformers'
-Seq2SeqTrainingArguments fields, so users write the names they already know.
+Seq2SeqTrainingArguments fields, so users write the names they already know. Cross-field and value
+checks are config/validate.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib.util
-import math
 import os
 import re
 import types
@@ -28,7 +27,6 @@ from peftkit.config.schema import (
     RunConfig,
     TrainExtras,
 )
-from peftkit.constants import SHIPPED_TEMPLATES
 from peftkit.errors import ConfigError
 from peftkit.stages import STAGES
 
@@ -52,6 +50,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     for override in overrides or []:
         issues += _apply_override(raw, override)
     cfg, found = _build(raw)
+    from peftkit.config.validate import validate  # validate reads load's helpers: imported here, not above
+
     issues += found + validate(cfg)  # keys that failed above keep their defaults here
     if issues:
         raise ConfigError(issues, source)
@@ -263,82 +263,6 @@ def _coerce_scalar(value: Any, hint: Any) -> tuple[Any, str | None]:
     return value, None
 
 
-def validate(cfg: RunConfig) -> list[str]:
-    """Cross-field and value checks; returns the problems, never changes the config."""
-    issues: list[str] = []
-    d, ft, ev = cfg.data, cfg.finetuning, cfg.eval
-    if d.cutoff_len < 1:
-        issues.append(f"data.cutoff_len={d.cutoff_len}: must be at least 1 — set it to the longest example you need, e.g. 1024")
-    if d.max_samples is not None and d.max_samples < 1:
-        issues.append(f"data.max_samples={d.max_samples}: must be at least 1, or remove the key to use every record")
-    train_specs, found = dataset_specs(d, "train")
-    issues += found + dataset_specs(d, "eval")[1]
-    if ev.dataset and not Path(ev.dataset).exists():
-        issues.append(f"eval.dataset: file {ev.dataset!r} does not exist (relative paths start at {os.getcwd()})")
-    issues += _check_data_options(d, len(train_specs), cfg.train)
-    if cfg.train.get("eval_strategy", "no") != "no" and not (d.eval or d.val_size):
-        issues.append(f"train.eval_strategy={cfg.train['eval_strategy']}: there is nothing to evaluate on — "
-                      "set data.eval or data.val_size")
-    if d.template is not None and d.template not in SHIPPED_TEMPLATES and not Path(d.template).is_file():
-        issues.append(f"data.template={d.template!r}: neither a shipped template ({', '.join(SHIPPED_TEMPLATES)}) "
-                      "nor an existing .jinja file")
-    if ft.lora_rank < 1:
-        issues.append(f"finetuning.lora_rank={ft.lora_rank}: must be at least 1 (8 or 16 are common)")
-    if ft.lora_alpha < 1:
-        issues.append(f"finetuning.lora_alpha={ft.lora_alpha}: must be at least 1 (commonly 2 x lora_rank)")
-    if not 0.0 <= ft.lora_dropout < 1.0:
-        issues.append(f"finetuning.lora_dropout={ft.lora_dropout}: must be in [0, 1)")
-    for adapter in adapter_paths(ft):
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            issues.append(f"finetuning.adapter_name_or_path: {adapter!r} has no adapter_config.json (give the "
-                          "output_dir of a LoRA run)")
-    if ft.loraplus_lr_ratio is not None and ft.loraplus_lr_ratio <= 0:
-        issues.append(f"finetuning.loraplus_lr_ratio={ft.loraplus_lr_ratio}: must be positive (16 is common)")
-    if ft.finetuning_type != "lora" and (ft.use_dora or ft.use_rslora or ft.loraplus_lr_ratio or ft.modules_to_save
-                                         or ft.adapter_name_or_path):
-        issues.append(f"finetuning: use_dora / use_rslora / loraplus_lr_ratio / modules_to_save / adapter_name_or_path apply to "
-                      f"finetuning_type lora, not {ft.finetuning_type}")
-    if ft.freeze_trainable_layers < 1:
-        issues.append(f"finetuning.freeze_trainable_layers={ft.freeze_trainable_layers}: must be at least 1")
-    allowed = ("ner_json", "exact_match", "bleu", "rouge", "accuracy", "f1", "loss")
-    for metric in ev.metrics:
-        if metric not in allowed:
-            issues.append(f"eval.metrics: unknown metric {metric!r}; choose from {', '.join(allowed)}")
-    if ev.batch_size < 1:
-        issues.append(f"eval.batch_size={ev.batch_size}: must be at least 1")
-    if not isinstance(ev.before_training, bool) and ev.before_training < 1:
-        issues.append(f"eval.before_training={ev.before_training}: true, false, or a number of records >= 1")
-    if ev.max_samples is not None and ev.max_samples < 1:
-        issues.append(f"eval.max_samples={ev.max_samples}: must be at least 1, or remove the key")
-    if cfg.generate.max_new_tokens < 1:
-        issues.append(f"generate.max_new_tokens={cfg.generate.max_new_tokens}: must be at least 1")
-    issues += _check_stage(cfg, train_specs + dataset_specs(d, "eval")[0])
-    issues += _check_training_arguments(cfg.train, cfg.stage)
-    return issues
-
-
-def _check_stage(cfg: RunConfig, specs: list[DatasetSpec]) -> list[str]:
-    """What the stage table (peftkit/stages.py) allows: record formats, packing, streaming."""
-    issues = []
-    entry = STAGES[cfg.stage]
-    formats = entry.formats
-    for spec in specs if formats else []:
-        if spec.format not in formats:
-            issues.append(f"stage {cfg.stage} trains on {' or '.join(formats)} records, but {spec.path!r} has format "
-                          f"{spec.format!r}: set data.format: {formats[0]} (and data.columns if the names differ)")
-    if cfg.data.streaming and not entry.streaming:
-        issues.append(f"data.streaming: stage {cfg.stage} needs the whole training data up front (its classes); "
-                      "turn streaming off")
-    if cfg.data.packing and not entry.packing:
-        packers = " and ".join(n for n, s in STAGES.items() if s.packing)
-        issues.append(f"data.packing: stage {cfg.stage} scores whole sequences; packing applies to {packers} only")
-    if cfg.finetuning.pref_beta <= 0:
-        issues.append(f"finetuning.pref_beta={cfg.finetuning.pref_beta}: must be positive (0.1 is common)")
-    if cfg.finetuning.pref_ftx < 0:
-        issues.append(f"finetuning.pref_ftx={cfg.finetuning.pref_ftx}: must be 0 or more")
-    return issues
-
-
 def adapter_paths(ft: Any) -> list[str]:
     """finetuning.adapter_name_or_path as a list (earlier ones are merged, the last one trains)."""
     value = ft.adapter_name_or_path
@@ -374,62 +298,6 @@ def dataset_specs(args: DataArgs, key: str) -> tuple[list[DatasetSpec], list[str
             issues.append(f"{where}: {spec.path!r} does not exist (relative paths start at {os.getcwd()})")
         specs.append(spec)
     return specs, issues
-
-
-def _check_data_options(d: DataArgs, n_train: int, train: dict[str, Any]) -> list[str]:
-    issues: list[str] = []
-    if d.interleave_probs is not None:
-        if d.mix_strategy == "concat":
-            issues.append("data.interleave_probs: only used with data.mix_strategy interleave_under or interleave_over")
-        elif len(d.interleave_probs) != n_train or abs(sum(d.interleave_probs) - 1) > 1e-6:
-            issues.append(f"data.interleave_probs={d.interleave_probs}: needs one probability per training dataset "
-                          f"({n_train}), summing to 1")
-    if d.val_size < 0 or (d.val_size >= 1 and d.val_size != int(d.val_size)):
-        issues.append(f"data.val_size={d.val_size}: a fraction in [0, 1) or a whole count of examples")
-    if d.val_size and d.eval:
-        issues.append("data.val_size and data.eval: choose one source of evaluation data")
-    if d.preprocessing_num_workers is not None and d.preprocessing_num_workers < 1:
-        issues.append(f"data.preprocessing_num_workers={d.preprocessing_num_workers}: at least 1, or remove the key")
-    if d.streaming:
-        if not isinstance(train.get("max_steps"), int) or train["max_steps"] <= 0:
-            issues.append("data.streaming: the length of a stream is unknown, so set train.max_steps")
-        if d.val_size:
-            issues.append("data.streaming: val_size needs the whole dataset; give data.eval instead")
-        if train.get("train_sampling_strategy") == "group_by_length":
-            issues.append("data.streaming: train.train_sampling_strategy group_by_length needs the whole dataset")
-    return issues
-
-
-def _check_training_arguments(train: dict[str, Any], stage: str) -> list[str]:
-    """Let transformers check what only it knows (strategies, schedulers, best-model rules)."""
-    if not train.get("output_dir"):
-        return ["train.output_dir: missing — where checkpoints and logs go, e.g. train.output_dir=outputs/my_run"]
-    issues = []
-    for key, package, extra in (("deepspeed", "deepspeed", "pip install deepspeed"),):
-        if train.get(key) and importlib.util.find_spec(package) is None:
-            return [f"train.{key}: the {package} package is not installed ({extra})"]
-    try:
-        args = build_training_arguments(train, stage)
-    except (ValueError, TypeError, ImportError) as e:
-        return [f"train: transformers rejected these TrainingArguments: {e}"]
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, key) < 1:
-            issues.append(f"train.{key}={getattr(args, key)}: must be at least 1")
-    if not math.isfinite(args.learning_rate) or args.learning_rate < 0:
-        issues.append(f"train.learning_rate={args.learning_rate}: must be a finite number >= 0 (1e-4 is common for LoRA)")
-    if args.max_steps <= 0 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
-        issues.append(f"train.num_train_epochs={args.num_train_epochs}: must be above 0, or set train.max_steps > 0")
-    if train.get("early_stopping_patience") is not None:
-        if train["early_stopping_patience"] < 1:
-            issues.append("train.early_stopping_patience: at least 1 evaluation")
-        if args.eval_strategy == "no":
-            issues.append("train.early_stopping_patience: needs evaluations — set train.eval_strategy (steps or "
-                          "epoch) and data.eval or data.val_size")
-    report_to = train.get("report_to")
-    if "tensorboard" in ([report_to] if isinstance(report_to, str) else report_to or []):
-        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            issues.append("train.report_to: tensorboard is not installed (pip install 'peftkit[tensorboard]')")
-    return issues
 
 
 def train_extras(train: dict[str, Any]) -> TrainExtras:

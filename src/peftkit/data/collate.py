@@ -24,7 +24,7 @@ class PackedCollator:
         width = max(len(r["input_ids"]) for r in rows)
         if self.fixed_shape:
             n_rows, width = self.fixed_shape
-            empty = {"input_ids": [], "labels": [], "position_ids": []}
+            empty: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
             rows = list(rows) + [empty] * (n_rows - len(rows))  # all-padding rows carry no label
         batch: dict[str, Any] = {"input_ids": [], "labels": [], "position_ids": []}
         for r in rows:

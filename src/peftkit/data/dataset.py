@@ -42,7 +42,6 @@ from peftkit.data.report import (
 from peftkit.data.sources import iter_records
 from peftkit.data.template import stop_token_ids
 from peftkit.errors import ConfigError, DataError
-
 from peftkit.stages import stage as stage_of
 
 logger = logging.getLogger("peftkit")
@@ -61,7 +60,7 @@ def iter_samples(spec: DatasetSpec, args: DataArgs, drops: Drops | None = None) 
 
     A bad record raises its DataError, or with `drops` given (on_bad_record: skip) is counted there.
     """
-    convert = FORMATS[spec.format]
+    convert = FORMATS[spec.format or args.format]
     empty: list[str] = []  # records whose answer is empty: kept (they teach stopping at once), but said
     for n, (file, location, record) in enumerate(iter_records(spec.path, args.txt_document, spec.split)):
         if spec.max_samples and n >= spec.max_samples:
@@ -145,7 +144,7 @@ def encode_dataset(spec: DatasetSpec, args: DataArgs, tokenizer: Any, stage: str
 
     skip = args.on_bad_record == "skip"
     encoding = Encoding(args.cutoff_len, args.mask, stage, classes, strict=not skip)
-    counts = DatasetCounts(spec.path, spec.format)
+    counts = DatasetCounts(spec.path, spec.format or args.format)
     samples, wheres = [], []
     for sample, where in iter_samples(spec, args, counts.drops if skip else None):
         samples.append(sample)
@@ -220,9 +219,9 @@ def prepare_data(args: DataArgs, tokenizer: Any, stage: str = "sft") -> Prepared
     if key and not args.overwrite_cache:
         hit = cache.load_cache(key)
         if hit:
-            splits, report = hit
+            splits, saved = hit
             logger.info("tokenized data from the cache %s (data.overwrite_cache: true rebuilds it)", cache.cache_dir(key))
-            return PreparedData(splits["train"], splits.get("eval"), DataReport.from_dict(report))
+            return PreparedData(splits["train"], splits.get("eval"), DataReport.from_dict(saved))
 
     report = DataReport(cutoff_len=args.cutoff_len, mask=args.mask, stage=stage)
     if stage_of(stage).head == "classifier":
@@ -307,7 +306,7 @@ def _prepare_streaming(train_specs: list[DatasetSpec], eval_specs: list[DatasetS
 
     encoding = Encoding(args.cutoff_len, args.mask, stage, strict=args.on_bad_record == "error")
 
-    def _kept(chunk: list[tuple[Sample, tuple[str, str]]], drops: Drops) -> Iterator[dict[str, list[int]]]:
+    def _kept(chunk: list[tuple[Sample, tuple[str, str]]], drops: Drops) -> Iterator[dict[str, Any]]:
         for ex, where in _encode([s for s, _ in chunk], [w for _, w in chunk], tokenizer, encoding):
             if ex.drop:
                 drops.add(ex.drop, where)
@@ -325,8 +324,9 @@ def _prepare_streaming(train_specs: list[DatasetSpec], eval_specs: list[DatasetS
     first = next(iter(examples(train_specs[0])), None)
     if first is None:
         raise DataError(train_specs[0].path, None, None, "no example to train on")
-    report = DataReport(datasets=[DatasetCounts(s.path, s.format) for s in train_specs], cutoff_len=args.cutoff_len,
-                        mask=args.mask, streaming=True, example=describe_example(tokenizer, first), stage=stage)
+    report = DataReport(datasets=[DatasetCounts(s.path, s.format or args.format) for s in train_specs],
+                        cutoff_len=args.cutoff_len, mask=args.mask, streaming=True,
+                        example=describe_example(tokenizer, first), stage=stage)
     _check_end_of_turn_supervised(tokenizer, [first["labels"]], train_specs)
     eval_ds = stream(eval_specs, DataArgs(mix_strategy="concat")) if eval_specs else None
     return PreparedData(train, eval_ds, report)

@@ -212,7 +212,7 @@ def encode_samples(
 
 def encode_messages(
     tokenizer: Any, messages: list[Message], cutoff_len: int, where: tuple[str, int | str], mask: str = "assistant"
-) -> tuple[dict[str, list[int]] | None, bool]:
+) -> tuple[dict[str, Any] | None, bool]:
     """One conversation as {input_ids, labels}, or None when nothing supervised fits; and whether it was cut."""
     (encoded,) = encode_samples(tokenizer, [{"messages": messages}], [where], cutoff_len, mask)[0]
     if encoded.drop:

@@ -17,7 +17,7 @@ def eval_loss(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, float]:
     from transformers import DataCollatorForSeq2Seq
 
     data_args = replace(cfg.data, max_samples=cfg.eval.max_samples)
-    dataset, _ = build_dataset([cfg.eval.dataset], data_args, tokenizer)
+    dataset, _ = build_dataset([str(cfg.eval.dataset)], data_args, tokenizer)
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
     device = next(model.parameters()).device
     total, count = 0.0, 0

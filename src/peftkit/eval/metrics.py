@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable, Mapping
 
 
 def _merge_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
     merged: dict[str, object] = {}
     for key, value in pairs:
-        if key in merged and isinstance(merged[key], list) and isinstance(value, list):
-            merged[key] = merged[key] + value
+        previous = merged.get(key)
+        if isinstance(previous, list) and isinstance(value, list):
+            merged[key] = previous + value
         else:
             merged[key] = value
     return merged
@@ -53,7 +54,10 @@ def ner_json(predictions: list[str], references: list[str]) -> dict[str, object]
 
     An unparseable prediction counts as no entities and is counted in `invalid_json`.
     """
-    tp, n_pred, n_gold, invalid = Counter(), Counter(), Counter(), 0
+    tp: Counter[str] = Counter()
+    n_pred: Counter[str] = Counter()
+    n_gold: Counter[str] = Counter()
+    invalid = 0
     for pred_text, ref_text in zip(predictions, references, strict=True):
         pred = parse_entities(pred_text)
         if pred is None:
@@ -67,13 +71,14 @@ def ner_json(predictions: list[str], references: list[str]) -> dict[str, object]
             n_pred[etype] += count
         for (etype, _), count in gold.items():
             n_gold[etype] += count
-    result: dict[str, object] = _prf(sum(tp.values()), sum(n_pred.values()), sum(n_gold.values()))
+    result: dict[str, object] = {}
+    result.update(_prf(sum(tp.values()), sum(n_pred.values()), sum(n_gold.values())))
     result["invalid_json"] = invalid
     result["per_type"] = {t: _prf(tp[t], n_pred[t], n_gold[t]) for t in sorted(n_gold | n_pred)}
     return result
 
 
-def exact_match(predictions: list[str], references: list[str]) -> dict[str, object]:
+def exact_match(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Share (in %) of predictions equal to the reference after stripping whitespace."""
     hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True))
     return {"exact_match": round(100 * hits / len(references), 2) if references else 0.0}
@@ -124,12 +129,12 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, object]:
     return {k: round(100 * v / count, 2) for k, v in totals.items()}
 
 
-def accuracy(predictions: list[str], references: list[str]) -> dict[str, object]:
+def accuracy(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Classification accuracy (in %): the answer, stripped, equals the label."""
     return {"accuracy": exact_match(predictions, references)["exact_match"]}
 
 
-def f1(predictions: list[str], references: list[str]) -> dict[str, object]:
+def f1(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Macro F1 (in %) over the label classes seen in the references."""
     labels = sorted({r.strip() for r in references})
     pairs = [(p.strip(), r.strip()) for p, r in zip(predictions, references, strict=True)]
@@ -144,7 +149,7 @@ def classification_scores(predictions: list[int], labels: list[int]) -> dict[str
     """Class-index predictions (stage cls): accuracy and macro F1 in %, F1 of class 1 when binary (GLUE's MRPC F1),
     and the majority-class accuracy the model has to beat."""
     preds, refs = [str(int(p)) for p in predictions], [str(int(r)) for r in labels]
-    out = {**accuracy(preds, refs), **f1(preds, refs)}
+    out: dict[str, float] = {**accuracy(preds, refs), **f1(preds, refs)}
     if set(refs) <= {"0", "1"}:
         tp = sum(p == r == "1" for p, r in zip(preds, refs))
         out["f1_positive"] = round(100 * _f(tp, preds.count("1"), refs.count("1")), 2)
@@ -153,7 +158,7 @@ def classification_scores(predictions: list[int], labels: list[int]) -> dict[str
     return out
 
 
-METRICS: dict[str, Callable[[list[str], list[str]], dict[str, object]]] = {
+METRICS: dict[str, Callable[[list[str], list[str]], Mapping[str, object]]] = {
     "ner_json": ner_json,
     "exact_match": exact_match,
     "bleu": bleu,

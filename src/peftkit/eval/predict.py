@@ -45,7 +45,7 @@ def predict(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: s
 def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str) -> dict[str, Any]:
     """Generated answers scored against the references; results keep file order."""
     data_args = replace(cfg.data, max_samples=cfg.eval.max_samples)
-    records = load_messages([cfg.eval.dataset], data_args)
+    records = load_messages([str(cfg.eval.dataset)], data_args)
     prompts = [render_prompt(tokenizer, messages[:-1]) for messages, _ in records]
     references = [messages[-1]["content"] for messages, _ in records]
     start = time.time()

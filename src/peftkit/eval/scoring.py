@@ -31,7 +31,7 @@ def _batches(model: Any, tokenizer: Any, cfg: RunConfig,
     import torch
 
     data_args = replace(cfg.data, max_samples=cfg.eval.max_samples)
-    records = encode_records([cfg.eval.dataset], data_args, tokenizer, cfg.stage, classes)
+    records = encode_records([str(cfg.eval.dataset)], data_args, tokenizer, cfg.stage, classes)
     kept = [(sample, where, ex) for sample, where, ex in records if not ex.drop]
     if len(kept) < len(records):
         first = next(r for r in records if r[2].drop)
@@ -57,6 +57,7 @@ def score_pairs(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, ta
     finetuning = replace(cfg.finetuning, pref_ftx=0.0)
     objective = build_objective(cfg.stage, model, finetuning,
                                 reference=lambda: load_model(cfg.model).to(next(model.parameters()).device))
+    assert objective is not None, f"stage {cfg.stage} scores pairs, so it has a pair objective"
     model.eval()
     pairs, losses, wheres = [], [], []
     with torch.inference_mode():

@@ -1,6 +1,8 @@
 """`peftkit export`: one self-contained folder that plain transformers loads, checked before it lands.
 
-LoRA runs are merged into the base weights (in float64, cast once to the stored dtype); freeze / full runs are copied. The folder is written
+LoRA runs are merged into the base weights (in float64, cast once to the stored dtype); freeze / full runs are
+copied. A cls run exports a sequence-classification folder; an rm run keeps value_head.safetensors beside
+the merged causal LM. The folder is written
 under a temporary name, reloaded and compared with the run (logits and chat-template tokens), and
 only then renamed into place, so a failed check or a crash never leaves a half or stale export.
 """
@@ -22,6 +24,7 @@ from peftkit.config.schema import DataArgs
 from peftkit.constants import CONFIG_FILE, FINETUNING_ARGS_FILE
 from peftkit.data.dataset import conversations
 from peftkit.data.encode import encode_messages
+from peftkit.data.formats import Message
 from peftkit.errors import PeftkitError
 from peftkit.model.loading import saved_classes
 from peftkit.stages import Stage
@@ -77,7 +80,7 @@ def _load_run(run_dir: Path, finetuning_type: str, entry: Stage, pad_token_id: i
     if finetuning_type == "lora":
         from peft import PeftConfig, PeftModel
 
-        path = PeftConfig.from_pretrained(run_dir).base_model_name_or_path
+        path = PeftConfig.from_pretrained(str(run_dir)).base_model_name_or_path
     else:
         path = str(run_dir)
     stored = AutoConfig.from_pretrained(path).dtype
@@ -113,7 +116,7 @@ def _logits(model: Any, prompts: list[list[int]]) -> list[Any]:
         return [model(input_ids=torch.tensor([ids])).logits[0] for ids in prompts]
 
 
-def _training_records(run_dir: Path, limit: int) -> list[tuple[list[dict[str, str]], tuple[str, int]]]:
+def _training_records(run_dir: Path, limit: int) -> list[tuple[list[Message], tuple[str, str]]]:
     """The first training records, read as the run read them (its config.yaml), if the files still exist."""
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():

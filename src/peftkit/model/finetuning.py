@@ -13,9 +13,8 @@ from peftkit.constants import VALUE_HEAD_FILE
 from peftkit.errors import ConfigError
 from peftkit.model.value_head import (
     HEAD,
-    attach_value_head,
+    ensure_value_head,
     load_value_head,
-    value_head,
 )
 from peftkit.stages import Head
 from peftkit.stages import stage as stage_of
@@ -48,12 +47,10 @@ def prepare_for_training(model: Any, args: FinetuningArgs, stage: str = "sft") -
     else:
         model.requires_grad_(True)
     if head == "value":
-        previous = (adapter_paths(args) or [None])[-1]
+        previous = adapter_paths(args)[-1] if adapter_paths(args) else None
         if previous and (Path(previous) / VALUE_HEAD_FILE).is_file():
             load_value_head(model, previous)
-        elif value_head(model) is None:
-            attach_value_head(model)
-        value_head(model).requires_grad_(True)
+        ensure_value_head(model).requires_grad_(True)
     trainable, total = count_parameters(model)
     logger.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model

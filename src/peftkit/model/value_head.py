@@ -39,6 +39,12 @@ def value_head(model: Any) -> Any | None:
     return getattr(causal_lm(model), HEAD, None)
 
 
+def ensure_value_head(model: Any) -> Any:
+    """The model's value head, attached first if it has none."""
+    head = value_head(model)
+    return head if head is not None else getattr(causal_lm(attach_value_head(model)), HEAD)
+
+
 def save_value_head(model: Any, folder: Path) -> None:
     from safetensors.torch import save_file
 
@@ -54,9 +60,7 @@ def load_value_head(model: Any, folder: str | Path) -> Any:
     path = Path(folder) / VALUE_HEAD_FILE
     if not path.is_file():
         raise ModelError(f"{folder}: no {VALUE_HEAD_FILE} — is it the output_dir of a `stage: rm` run?")
-    if value_head(model) is None:
-        attach_value_head(model)
-    head = value_head(model)
+    head = ensure_value_head(model)
     state = load_file(str(path), device=str(head.weight.device))
     head.load_state_dict({k: v.to(head.weight.dtype) for k, v in state.items()})
     return model

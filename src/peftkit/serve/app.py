@@ -12,7 +12,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 from fastapi import FastAPI
@@ -198,7 +198,8 @@ def _usage(outcome: Outcome) -> dict[str, int]:
             "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
 
 
-async def _until_disconnect(events: Iterator[str], cancel: threading.Event, turn: asyncio.Lock) -> AsyncIterator[str]:
+async def _until_disconnect(events: Generator[str, None, None], cancel: threading.Event,
+                            turn: asyncio.Lock) -> AsyncIterator[str]:
     """The sync event generator, each step in a worker thread, once it is this request's turn; however the
     response ends (a client that disconnects cancels this generator), `cancel` is set so the generation
     behind it stops too."""
@@ -225,7 +226,7 @@ async def _until_disconnect(events: Iterator[str], cancel: threading.Event, turn
 
 
 def _sse(engine: Engine, request: Request, ids: list[int], ident: str, created: int, model_name: str,
-         include_usage: bool, cancel: threading.Event) -> Iterator[str]:
+         include_usage: bool, cancel: threading.Event) -> Generator[str, None, None]:
     """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
         data: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,

@@ -71,6 +71,7 @@ class LogCallback(TrainerCallback):
                    pid=os.getpid(), host=socket.gethostname())
 
     def _drop_lines_after(self, step: int) -> None:
+        assert self.path is not None  # set by on_train_begin, the only caller
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:

@@ -13,7 +13,8 @@ cache, report), PeftTrainer's saving and the LogCallback; the loss itself is a f
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from peftkit.constants import IGNORE_INDEX
 from peftkit.data.collate import chosen_and_rejected

@@ -34,8 +34,8 @@ from peftkit.train.callbacks import LogCallback, StopCallback
 from peftkit.train.checkpoints import config_differences, latest_complete, resolve_resume
 from peftkit.train.objectives import build_objective, pair_eval_metrics
 from peftkit.train.plot import plot_loss
-from peftkit.train.runlock import RunLock
 from peftkit.train.progress import Progress
+from peftkit.train.runlock import RunLock
 from peftkit.train.signals import GracefulStop
 from peftkit.train.trainer import PeftTrainer, preprocess_logits_for_accuracy
 
@@ -130,7 +130,7 @@ def _prepare_model(cfg: RunConfig, args: Any, tokenizer: Any, data: PreparedData
 
 def _fit(trainer: PeftTrainer, resume: Path | None, resume_command: str) -> Any:
     """trainer.train with a clean stop on SIGINT / SIGTERM, an `error` log line on failure, and the final save."""
-    output_dir = Path(trainer.args.output_dir)
+    output_dir = Path(str(trainer.args.output_dir))
     log = next(c for c in trainer.callback_handler.callbacks if isinstance(c, LogCallback))
 
     def kept() -> str:  # for a failed write: what survives it

@@ -26,12 +26,12 @@ from peftkit.model.value_head import (
     value_head,
     without_value_head,
 )
+from peftkit.stages import stage as stage_of
 from peftkit.train.loss import (
     chunked_causal_lm_loss,
     hidden_states_as_logits,
     supports_chunked_loss,
 )
-from peftkit.stages import stage as stage_of
 from peftkit.train.progress import Progress
 from peftkit.train.speedups import speedups_enabled, training_speedups
 
@@ -44,12 +44,14 @@ class PeftTrainer(Seq2SeqTrainer):
     finetuning_args.json. Each override says why transformers' own behaviour is not enough.
     """
 
+    objective: Any  # the stage's loss over (chosen, rejected) pairs (train/objectives.py); None: the model's own
+
     def __init__(self, finetuning_args: FinetuningArgs, progress: Progress, chunked_loss: bool | None = None,
                  stage: str = "sft", objective: Any = None, speedups: str = "auto", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.finetuning_args = finetuning_args
         self.progress = progress  # token counts and the divergence check (train/progress.py)
-        self.objective = objective  # the stage's loss over (chosen, rejected) pairs (train/objectives.py)
+        self.objective = objective
         self.speedups = speedups
         if not stage_of(stage).token_loss:
             # means over pairs or records, not sums over tokens: Trainer then scales them for
@@ -72,9 +74,10 @@ class PeftTrainer(Seq2SeqTrainer):
         if head is not None and not hasattr(model, "peft_config"):  # full weights stay a plain causal LM
             state_dict = without_value_head(state_dict if state_dict is not None else model.state_dict())
         super()._save(output_dir, state_dict=state_dict)
-        out = Path(output_dir or self.args.output_dir)
-        initial = Path(self.args.output_dir) / LORA_INIT_DIR
-        if out == Path(self.args.output_dir) and initial.is_dir() and hasattr(model, "peft_config"):
+        run_dir = Path(str(self.args.output_dir))
+        out = Path(output_dir) if output_dir else run_dir
+        initial = run_dir / LORA_INIT_DIR
+        if out == run_dir and initial.is_dir() and hasattr(model, "peft_config"):
             # pissa / olora: the final adapter becomes a plain LoRA of the original model (checkpoints stay
             # as trained, for resuming on the in-memory, rewritten base)
             model.save_pretrained(str(out), path_initial_model_for_weight_conversion=str(initial))
@@ -95,7 +98,7 @@ class PeftTrainer(Seq2SeqTrainer):
         """Trainer restores lora / freeze / full weights correctly (tests/unit/test_trainer.py); the value head again not."""
         super()._load_best_model()
         if value_head(self.model) is not None:
-            load_value_head(self.model, self.state.best_model_checkpoint)
+            load_value_head(self.model, str(self.state.best_model_checkpoint))
 
     @override
     def create_optimizer(self, model: Any = None) -> Any:
@@ -105,10 +108,11 @@ class PeftTrainer(Seq2SeqTrainer):
             return super().create_optimizer(*([model] if model is not None else []))
         from peft.optimizers import create_loraplus_optimizer
 
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        peft_model: Any = self.model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, peft_model)
         optimizer_kwargs.pop("lr", None)
         self.optimizer = create_loraplus_optimizer(
-            self.model, optimizer_cls, lr=self.args.learning_rate, loraplus_lr_ratio=ratio,
+            peft_model, optimizer_cls, lr=self.args.learning_rate, loraplus_lr_ratio=ratio,
             loraplus_weight_decay=self.args.weight_decay, **optimizer_kwargs,
         )
         return self.optimizer
@@ -173,7 +177,7 @@ class PeftTrainer(Seq2SeqTrainer):
     @override
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the token counts and the objective's metrics, so trainer_state.json and trainer_log.jsonl both have them."""
-        if self.model.training or "train_runtime" in logs or "loss" in logs:
+        if getattr(self.model, "training", False) or "train_runtime" in logs or "loss" in logs:
             logs.update({f"{k}_seen": v for k, v in asdict(self.progress.totals(self.args)).items()})
         if self.stage_metrics and "loss" in logs:  # averaged over the steps since the last log
             logs.update({k: round(sum(v) / len(v), 6) for k, v in self.stage_metrics.items()})
