@@ -12,6 +12,7 @@ from typing import Any
 from peftkit import __version__
 from peftkit.constants import EMBEDDED_MODEL
 from peftkit.errors import PeftkitError
+from peftkit.hosts import is_loopback
 
 logger = logging.getLogger("peftkit")
 
@@ -118,6 +119,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from peftkit.config.schema import GenerateArgs
+    from peftkit.data.formats import Message
     from peftkit.infer.chat import chat_loop, load_for_chat, reply
 
     gen = GenerateArgs(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -126,7 +128,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     if args.prompt is None:
         chat_loop(model, tokenizer, gen, args.system)
         return 0
-    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+    messages: list[Message] = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
     ]
     print(reply(model, tokenizer, messages, gen, stream=None))
@@ -157,22 +159,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name
-        return False
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from peftkit.serve import serve
 
     api_key = args.api_key or os.environ.get("PEFTKIT_API_KEY")
-    loopback = _is_loopback(args.host)
+    loopback = is_loopback(args.host)
     if not loopback and not api_key:
         logger.warning("serving on %s without --api-key: anyone who reaches this address can use the model", args.host)
     serve(_model_spec(args), args.host, args.port, api_key, args.max_tokens_limit, args.served_model_name)
@@ -186,7 +179,7 @@ def _cmd_board(args: argparse.Namespace) -> int:
     from peftkit.board import board
 
     token = args.token or os.environ.get("PEFTKIT_BOARD_TOKEN")
-    board(Path(args.runs_dir), args.host, args.port, token, _is_loopback(args.host))
+    board(Path(args.runs_dir), args.host, args.port, token, is_loopback(args.host))
     return 0
 
 

@@ -16,5 +16,7 @@ PREDICTIONS_FILE = "generated_predictions.jsonl"
 PREDICT_RESULTS_FILE = "predict_results.json"
 RUN_SUMMARY_FILE = "run_summary.json"
 LOG_SCHEMA_VERSION = 2  # 2: train_begin / save / error events, token counts, throughput, memory
-CHECKPOINT_MARKER = ".peftkit_complete"
+# Written last into every folder peftkit completes (a checkpoint, the data cache, the converted model):
+# a folder without it was cut short and is never read.
+COMPLETE_MARKER = ".peftkit_complete"
 CHECKPOINT_STATE_FILE = "peftkit_state.json"

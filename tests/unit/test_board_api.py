@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from peftkit.board.app import create_app
-from peftkit.board.runs import RunLog
 from peftkit.cli import main
 from peftkit.config import load_config
+from peftkit.train.logfile import RunLog
 from peftkit.train.run import train
 from tests.conftest import ALPACA_RECORDS
 
@@ -222,7 +222,7 @@ def test_run_status(events: list, alive: bool | None, status: str) -> None:
 
 
 def test_only_complete_checkpoints_make_a_run_resumable_and_foreign_pids_are_never_signalled(tmp_path: Path) -> None:
-    from peftkit.constants import CHECKPOINT_MARKER
+    from peftkit.constants import COMPLETE_MARKER
 
     run = tmp_path / "outputs" / "r"
     (run / "checkpoint-4").mkdir(parents=True)  # a write that was killed: no marker
@@ -233,7 +233,7 @@ def test_only_complete_checkpoints_make_a_run_resumable_and_foreign_pids_are_nev
     info = client.get("/api/runs/r").json()
     assert info["status"] == "stopped" and not info["resumable"] and info["files"]["checkpoints"] == []
     assert client.post("/api/runs/r/resume").status_code == 409
-    (run / "checkpoint-4" / CHECKPOINT_MARKER).write_text("")
+    (run / "checkpoint-4" / COMPLETE_MARKER).write_text("")
     info = client.get("/api/runs/r").json()
     assert info["resumable"] and info["files"]["checkpoints"] == ["checkpoint-4"]
 

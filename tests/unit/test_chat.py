@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from peftkit.config.schema import GenerateArgs
-from peftkit.eval.generate import generate_batch, render_prompt
+from peftkit.data.encode import render_prompt
+from peftkit.eval.generate import generate_batch
 from peftkit.infer import chat
 from peftkit.infer.chat import chat_loop, load_for_chat
 

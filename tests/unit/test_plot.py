@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from peftkit.cli import main
-from peftkit.train.plot import read_log, smooth
+from peftkit.train.logfile import read_log
+from peftkit.train.plot import smooth
 
 
 def test_plot_from_a_log_being_written(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -27,7 +27,6 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from peftkit.board.control import ControlError, Launcher
 from peftkit.board.runs import (
-    RunLog,
     config_diff,
     confined,
     discover,
@@ -38,10 +37,11 @@ from peftkit.board.runs import (
     summarise,
 )
 from peftkit.constants import DATA_REPORT_FILE, RUN_SUMMARY_FILE, TRAINER_LOG
+from peftkit.hosts import is_loopback
+from peftkit.train.logfile import RunLog
 
 STATIC = Path(__file__).parent / "static"
 _COOKIE = "peftkit_board_token"
-_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 _MEDIA = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 
@@ -54,7 +54,7 @@ def _token_guard(token: str | None) -> Any:
         if request.method != "GET" and origin and urlsplit(origin).netloc != host:
             return JSONResponse({"error": "cross-site request refused"}, status_code=403)
         if token is None:
-            if urlsplit(f"//{host}").hostname not in _LOOPBACK_NAMES:  # a DNS-rebinding page, or an unexpected proxy
+            if not is_loopback(urlsplit(f"//{host}").hostname):  # a DNS-rebinding page, or an unexpected proxy
                 return JSONResponse({"error": f"host {host!r} refused: without a token the board answers "
                                               "loopback names only"}, status_code=403)
             return await call_next(request)

@@ -34,49 +34,6 @@ def confined(root: Path, relative: str) -> Path | None:
     return path if path == root or path.is_relative_to(root) else None
 
 
-class RunLog:
-    """trainer_log.jsonl parsed once and then only its new complete lines.
-
-    A line still being written (no newline yet) waits for the next read; a malformed line is skipped
-    and counted. A file that shrank was rewritten (a resume drops the lines past its checkpoint): it is
-    read again from the start.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.lines: list[dict[str, Any]] = []
-        self.skipped = 0
-        self._offset = 0
-        self.file_id: int | None = None  # the inode: a new one means the file was rewritten
-
-    def refresh(self) -> list[dict[str, Any]]:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            self.lines, self._offset, self.skipped = [], 0, 0
-            return self.lines
-        if st.st_ino != self.file_id or st.st_size < self._offset:
-            self.lines, self._offset, self.skipped, self.file_id = [], 0, 0, st.st_ino
-        if st.st_size == self._offset:
-            return self.lines
-        with open(self.path, "rb") as f:
-            f.seek(self._offset)
-            chunk = f.read(st.st_size - self._offset)
-        end = chunk.rfind(b"\n") + 1  # only complete lines
-        for raw in chunk[:end].splitlines():
-            try:
-                line = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                self.skipped += 1
-                continue
-            if isinstance(line, dict):
-                self.lines.append(line)
-            else:
-                self.skipped += 1
-        self._offset += end
-        return self.lines
-
-
 def _pid_alive(pid: Any) -> bool:
     """Whether pid is a live peftkit process on this machine (a reused pid of another program is not)."""
     if not isinstance(pid, int) or pid <= 0:

@@ -18,11 +18,11 @@ from typing import Any
 from peftkit import __version__
 from peftkit.atomic import storage_errors, write_dir_atomic
 from peftkit.config.schema import DataArgs, DatasetSpec
+from peftkit.constants import COMPLETE_MARKER
 from peftkit.data.sources import data_files
 from peftkit.model.resolve import peftkit_home
 
 logger = logging.getLogger("peftkit")
-_COMPLETE = ".peftkit_complete"
 # Options that change how fast, not what, is built.
 _NOT_IN_KEY = ("overwrite_cache", "preprocessing_num_workers", "streaming", "train", "eval")
 
@@ -84,7 +84,7 @@ _CHECKSUMS = "checksums.json"
 def _digests(folder: Path) -> dict[str, str]:
     """sha256 of every file under `folder` (but the checksum list and the marker), by relative path."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (_CHECKSUMS, _COMPLETE)}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in (_CHECKSUMS, COMPLETE_MARKER)}
 
 
 def load_cache(key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -96,7 +96,7 @@ def load_cache(key: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
     from datasets import load_from_disk
 
     folder = cache_dir(key)
-    if not (folder / _COMPLETE).is_file():
+    if not (folder / COMPLETE_MARKER).is_file():
         return None
     try:
         expected = json.loads((folder / _CHECKSUMS).read_text(encoding="utf-8"))
@@ -122,4 +122,4 @@ def save_cache(key: str, splits: dict[str, Any], report: dict[str, Any]) -> Path
         (tmp / _CHECKSUMS).write_text(json.dumps(_digests(tmp), indent=1), encoding="utf-8")
 
     with storage_errors(cache_dir(key), lambda: "Kept: no cache entry (a partial one is never written)"):
-        return write_dir_atomic(cache_dir(key), fill, _COMPLETE)
+        return write_dir_atomic(cache_dir(key), fill, COMPLETE_MARKER)

@@ -80,6 +80,13 @@ def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
+def render_prompt(tokenizer: Any, messages: list[Message]) -> list[int]:
+    """Token ids of the conversation so far plus the assistant's generation prompt, rendered and tokenized
+    exactly as training renders a prompt (eval, chat, serve and export's check all use this)."""
+    plain: list[Message] = [{"role": m["role"], "content": m["content"]} for m in messages]
+    return _tokenize(tokenizer, [_renderer(tokenizer, plain or None)(plain, True)])[0]
+
+
 def _texts(render: Any, messages: list[Message]) -> list[str]:
     """For each assistant turn: the prompt rendering, then the rendering that includes the turn."""
     plain = [{"role": m["role"], "content": m["content"]} for m in messages]

@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from peftkit.errors import DataError, kind_of
 
-Message = dict[str, Any]
+
+class Message(TypedDict):
+    """One turn of a conversation; `train: false` keeps an assistant turn out of the labels."""
+
+    role: str
+    content: str
+    train: NotRequired[bool]
+
+
+# One of the four shapes in the module docstring; stage encoders know which they receive.
 Sample = dict[str, Any]
 
 DEFAULT_TAGS = {

@@ -12,12 +12,6 @@ from peftkit.data.template import stop_token_ids
 from peftkit.model.dtypes import autocast
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the conversation so far plus the assistant's generation prompt."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def generation_kwargs(tokenizer: Any, args: GenerateArgs) -> dict[str, Any]:
     """Keyword arguments for `model.generate` from the `generate` section."""
     kwargs: dict[str, Any] = {
@@ -60,10 +54,10 @@ def generate_batch(
     return [ids for ids, _ in _generate(model, tokenizer, prompts, args, dtype)]
 
 
-def _generate(
-    model: Any, tokenizer: Any, prompts: list[list[int]], args: GenerateArgs, dtype: str | None = None
-) -> list[tuple[list[int], bool]]:
-    """(new token ids without the stop token, whether a stop token ended them) for each prompt."""
+def generate(model: Any, tokenizer: Any, prompts: list[list[int]], args: GenerateArgs, dtype: str | None = None,
+             **extra: Any) -> Any:
+    """The one call of `model.generate` (eval, chat and serve): prompts left padded, the `generate` section's
+    settings, autocast in `dtype`; `extra` passes a streamer or stopping criteria. The new token ids, one row per prompt."""
     import torch
 
     pad = tokenizer.pad_token_id
@@ -74,13 +68,19 @@ def _generate(
     was_training = model.training
     model.eval()
     with torch.inference_mode(), autocast(device.type, dtype):
-        out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **generation_kwargs(tokenizer, args)
-        )
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             **generation_kwargs(tokenizer, args), **extra)
     model.train(was_training)
-    stops = set(stop_token_ids(tokenizer)) | {pad}
+    return out[:, width:]
+
+
+def _generate(
+    model: Any, tokenizer: Any, prompts: list[list[int]], args: GenerateArgs, dtype: str | None = None
+) -> list[tuple[list[int], bool]]:
+    """(new token ids without the stop token, whether a stop token ended them) for each prompt."""
+    stops = set(stop_token_ids(tokenizer)) | {tokenizer.pad_token_id}
     results = []
-    for row in out[:, width:].tolist():
+    for row in generate(model, tokenizer, prompts, args, dtype).tolist():
         end = next((i for i, t in enumerate(row) if t in stops), None)
         results.append((row, False) if end is None else (row[:end], True))
     return results

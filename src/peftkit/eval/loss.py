@@ -8,17 +8,16 @@ from typing import Any
 
 from peftkit.config.schema import RunConfig
 from peftkit.constants import IGNORE_INDEX
+from peftkit.data.collate import build_collator
 from peftkit.data.dataset import build_dataset
 
 
 def eval_loss(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, float]:
     """Token-weighted mean loss over every supervised token (not a mean of batch means), and its exp."""
     import torch
-    from transformers import DataCollatorForSeq2Seq
-
     data_args = replace(cfg.data, max_samples=cfg.eval.max_samples)
     dataset, _ = build_dataset([str(cfg.eval.dataset)], data_args, tokenizer)
-    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
+    collate = build_collator(tokenizer, packing=False, stage=cfg.stage)  # the batches training builds
     device = next(model.parameters()).device
     total, count = 0.0, 0
     model.eval()

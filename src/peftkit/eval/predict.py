@@ -13,7 +13,8 @@ from peftkit.atomic import write_json_atomic, write_text_atomic
 from peftkit.config.schema import RunConfig
 from peftkit.constants import PREDICT_RESULTS_FILE, PREDICTIONS_FILE
 from peftkit.data.dataset import load_messages
-from peftkit.eval.generate import adapters_merged, generate_many, render_prompt
+from peftkit.data.encode import render_prompt
+from peftkit.eval.generate import adapters_merged, generate_many
 from peftkit.eval.loss import eval_loss
 from peftkit.eval.metrics import METRICS
 from peftkit.model.dtypes import autocast_dtype

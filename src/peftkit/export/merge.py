@@ -23,7 +23,7 @@ from peftkit.config.load import dataset_specs
 from peftkit.config.schema import DataArgs
 from peftkit.constants import CONFIG_FILE, FINETUNING_ARGS_FILE
 from peftkit.data.dataset import conversations
-from peftkit.data.encode import encode_messages
+from peftkit.data.encode import encode_messages, render_prompt
 from peftkit.data.formats import Message
 from peftkit.errors import PeftkitError
 from peftkit.model.loading import saved_classes
@@ -101,11 +101,7 @@ def _load_run(run_dir: Path, finetuning_type: str, entry: Stage, pad_token_id: i
 def _check_prompts(tokenizer: Any, entry: Stage) -> list[list[int]]:
     if not entry.chat_template or not tokenizer.chat_template:  # texts (cls, pt): no chat template to render
         return [tokenizer(text)["input_ids"] for text in _CHECK_PROMPTS]
-    out = []
-    for text in _CHECK_PROMPTS:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-        out.append(tokenizer(rendered, add_special_tokens=False)["input_ids"])
-    return out
+    return [render_prompt(tokenizer, [{"role": "user", "content": text}]) for text in _CHECK_PROMPTS]
 
 
 def _logits(model: Any, prompts: list[list[int]]) -> list[Any]:

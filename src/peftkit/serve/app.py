@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from peftkit.data.formats import Message
 from peftkit.serve.engine import Engine, Outcome, Request
 
 ROLES = ("system", "user", "assistant")
@@ -64,7 +65,7 @@ def _parse(body: Any, model_name: str, max_tokens_limit: int) -> tuple[Request, 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content}", "invalid_messages", "messages")
-    clean = []
+    clean: list[Message] = []
     for i, m in enumerate(messages):
         content = _content(m, i)
         if m.get("role") not in ROLES:

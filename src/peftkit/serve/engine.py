@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from peftkit.config.schema import GenerateArgs
-from peftkit.eval.generate import generation_kwargs, render_prompt
+from peftkit.data.encode import render_prompt
+from peftkit.data.formats import Message
+from peftkit.data.template import stop_token_ids
+from peftkit.eval.generate import generate
 
 
 @dataclass
 class Request:
-    messages: list[dict[str, str]]
+    messages: list[Message]
     max_tokens: int
     temperature: float
     top_p: float
@@ -69,7 +72,7 @@ class Engine:
         self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
         self.lock = threading.Lock()
 
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
         return render_prompt(self.tokenizer, messages)
 
     def stream(self, request: Request, ids: list[int], outcome: Outcome,
@@ -80,7 +83,6 @@ class Engine:
         Generation stops at the next token once `cancel` is set (the client went away) or this generator
         is closed early: an abandoned request never keeps computing after it lets go of the lock.
         """
-        import torch
         from transformers import (
             StoppingCriteria,
             StoppingCriteriaList,
@@ -90,7 +92,6 @@ class Engine:
         outcome.prompt_tokens = len(ids)
         gen = GenerateArgs(max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
                            temperature=request.temperature or 1.0, top_p=request.top_p)
-        kwargs = generation_kwargs(self.tokenizer, gen)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         halt = threading.Event()
 
@@ -102,11 +103,8 @@ class Engine:
 
         def work() -> None:
             try:
-                with torch.inference_mode():
-                    result["out"] = self.model.generate(
-                        input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                        streamer=streamer, stopping_criteria=StoppingCriteriaList([_Halt()]), **kwargs,
-                    )
+                result["out"] = generate(self.model, self.tokenizer, [ids], gen, streamer=streamer,
+                                         stopping_criteria=StoppingCriteriaList([_Halt()]))
             except Exception as e:  # surfaced to the request below, never kills the server
                 result["error"] = e
                 streamer.end()
@@ -130,8 +128,8 @@ class Engine:
         tail = scanner.flush()
         if tail:
             yield tail
-        new = result["out"][0, len(ids):].tolist()
-        stops = set(kwargs["eos_token_id"])
+        new = result["out"][0].tolist()
+        stops = set(stop_token_ids(self.tokenizer))
         ended = any(t in stops for t in new)
         outcome.completion_tokens = len([t for t in new if t not in stops and t != self.tokenizer.pad_token_id])
         outcome.finish_reason = "stop" if scanner.stopped or ended else "length"

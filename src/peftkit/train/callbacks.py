@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 
 from peftkit.atomic import write_text_atomic
 from peftkit.constants import LOG_SCHEMA_VERSION, TRAINER_LOG
+from peftkit.train.logfile import RunLog
 
 _TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "epoch", "tokens_seen", "real_tokens_seen", "supervised_tokens_seen")
 
@@ -72,14 +73,8 @@ class LogCallback(TrainerCallback):
 
     def _drop_lines_after(self, step: int) -> None:
         assert self.path is not None  # set by on_train_begin, the only caller
-        kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("current_steps", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:  # a line cut by a kill
-                continue
-        write_text_atomic(self.path, "".join(f"{line}\n" for line in kept))
+        kept = [line for line in RunLog(self.path).refresh() if line.get("current_steps", 0) <= step]
+        write_text_atomic(self.path, "".join(json.dumps(line, ensure_ascii=False, default=str) + "\n" for line in kept))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or self.path is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from peftkit.config.schema import TrainExtras
 from peftkit.constants import (
-    CHECKPOINT_MARKER,
+    COMPLETE_MARKER,
     PREDICT_RESULTS_FILE,
     PREDICTIONS_FILE,
     RUN_SUMMARY_FILE,
@@ -33,7 +33,7 @@ def checkpoints(output_dir: Path) -> list[tuple[int, Path, bool]]:
     for p in Path(output_dir).glob("checkpoint-*"):
         m = _CHECKPOINT.match(p.name)
         if m and p.is_dir():
-            found.append((int(m.group(1)), p, (p / CHECKPOINT_MARKER).is_file()))
+            found.append((int(m.group(1)), p, (p / COMPLETE_MARKER).is_file()))
     return sorted(found)
 
 
@@ -68,9 +68,9 @@ def resolve_resume(output_dir: Path, extras: TrainExtras, resume_command: str) -
             logger.info("resume_from_checkpoint: no complete checkpoint in %s, starting fresh", output_dir)
     elif isinstance(resume, str) and resume:
         target = Path(resume)
-        if not (target / CHECKPOINT_MARKER).is_file():
+        if not (target / COMPLETE_MARKER).is_file():
             raise PeftkitError(f"train.resume_from_checkpoint={resume!r}: not a complete peftkit checkpoint "
-                               f"(no {CHECKPOINT_MARKER}: missing, or its write was interrupted); "
+                               f"(no {COMPLETE_MARKER}: missing, or its write was interrupted); "
                                "use train.resume_from_checkpoint=true for the latest complete one")
     else:
         target = None

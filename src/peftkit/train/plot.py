@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from peftkit.constants import LOSS_PLOT, TRAINER_LOG
-
-
-def read_log(output_dir: Path) -> list[dict]:
-    """The parseable lines of trainer_log.jsonl; a half-written last line is skipped."""
-    path = Path(output_dir) / TRAINER_LOG
-    rows = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return rows
+from peftkit.constants import LOSS_PLOT
+from peftkit.train.logfile import read_log
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:

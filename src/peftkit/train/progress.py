@@ -16,7 +16,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from peftkit.atomic import write_json_atomic
-from peftkit.constants import CHECKPOINT_MARKER, CHECKPOINT_STATE_FILE, IGNORE_INDEX
+from peftkit.constants import CHECKPOINT_STATE_FILE, COMPLETE_MARKER, IGNORE_INDEX
 from peftkit.errors import PeftkitError
 
 
@@ -121,4 +121,4 @@ class Progress(TrainerCallback):
         if args.should_save:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             write_json_atomic(folder / CHECKPOINT_STATE_FILE, asdict(totals))
-            (folder / CHECKPOINT_MARKER).write_text("ok\n", encoding="utf-8")
+            (folder / COMPLETE_MARKER).write_text("ok\n", encoding="utf-8")

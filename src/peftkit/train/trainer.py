@@ -119,22 +119,20 @@ class PeftTrainer(Seq2SeqTrainer):
 
     def _use_chunked_loss(self, requested: bool | None) -> bool:
         """By default on where it is exact and train.peftkit_speedups allows; never with a label smoother or a custom loss."""
-        causal_lm = self._causal_lm()
-        possible = (self.objective is None and supports_chunked_loss(causal_lm) and self.label_smoother is None
+        lm = causal_lm(self.accelerator.unwrap_model(self.model))
+        possible = (self.objective is None and supports_chunked_loss(lm) and self.label_smoother is None
                     and self.compute_loss_func is None
-                    and (self.args.world_size == 1 or not causal_lm.get_output_embeddings().weight.requires_grad))
+                    and (self.args.world_size == 1 or not lm.get_output_embeddings().weight.requires_grad))
         if requested and not possible:
             raise PeftkitError("train.chunked_loss=true: not exact for this model or setup (a scaled or soft-capped "
                                "output layer, a label smoother, a trained output layer across processes, or a stage "
                                "whose loss is not next-token cross-entropy: rm, dpo, cls)")
         return possible and speedups_enabled(self.speedups) if requested is None else bool(requested)
 
-    def _causal_lm(self) -> Any:
-        return causal_lm(self.accelerator.unwrap_model(self.model))
-
     @override
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
+        """Trainer's loss is the model's: full-vocabulary logits of the whole batch, and no pair objectives."""
         if self.objective is not None:
             loss, metrics, pair_scores = self.objective(model, inputs)
             if model.training:
@@ -144,7 +142,7 @@ class PeftTrainer(Seq2SeqTrainer):
         if not (self.chunked_loss and model.training and not return_outputs and "labels" in inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
-        with hidden_states_as_logits(self._causal_lm()) as head:
+        with hidden_states_as_logits(causal_lm(self.accelerator.unwrap_model(model))) as head:
             hidden = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
         total, count = chunked_causal_lm_loss(hidden, labels, head)
         loss = total / (num_items_in_batch if num_items_in_batch is not None else max(count, 1))
