@@ -152,10 +152,20 @@ def _model_spec(args: argparse.Namespace) -> tuple[Any, str | None, str, str | N
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from peftkit.export import export
+    from peftkit.export.hub import push_to_hub
+    from peftkit.export.merge import export_gguf
 
-    report = export(args.adapter, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    print(f"exported to {report.out}: max logit difference {report.max_logit_diff:.2e}, "
-          f"{report.records_checked} training records re-rendered identically")
+    if args.format == "gguf":
+        report = export_gguf(args.adapter, args.out, quant=args.quant, overwrite=args.overwrite)
+        print(f"exported to {report.out}: max logit difference {report.max_logit_diff:.3g} ({args.quant}), "
+              f"{report.records_checked} training records re-rendered identically; Ollama: "
+              f"`ollama create NAME -f {Path(args.out) / 'Modelfile'}`")
+    else:
+        report = export(args.adapter, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        print(f"exported to {report.out}: max logit difference {report.max_logit_diff:.2e}, "
+              f"{report.records_checked} training records re-rendered identically")
+    if args.push_to_hub:
+        print(f"pushed to {push_to_hub(Path(args.out), args.push_to_hub, args.private)}")
     return 0
 
 
@@ -249,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the folder to write: new, empty, or a previous export (replaced whole)")
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it holds other files")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB")
+    p.add_argument("--format", choices=("hf", "gguf"), default="hf",
+                   help="hf: a transformers folder (default); gguf: one GGUF file for llama.cpp / Ollama + a Modelfile")
+    p.add_argument("--quant", choices=("f16", "bf16", "q8_0"), default="q8_0", help="GGUF weight type (default q8_0)")
+    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="after the checks pass, upload the export as this hub model repo")
+    p.add_argument("--private", action="store_true", help="create the hub repo private")
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("serve", help="serve an OpenAI-compatible API (/v1/chat/completions)")
     _add_model_options(p)

@@ -149,10 +149,11 @@ def test_first_ctrl_c_asks_for_a_stop_and_the_second_aborts() -> None:
 
     from peftkit.train.signals import GracefulStop
 
+    before = signal.getsignal(signal.SIGINT)  # the default handler; SIG_IGN when launched in the background
     with GracefulStop() as stop:
         assert not stop.agreed(SimpleNamespace(world_size=1))
         os.kill(os.getpid(), signal.SIGINT)  # handled: no KeyboardInterrupt
         assert stop.agreed(SimpleNamespace(world_size=1)) and stop.exit_code == 130
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored

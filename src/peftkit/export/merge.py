@@ -26,6 +26,7 @@ from peftkit.data.dataset import conversations
 from peftkit.data.encode import encode_messages, render_prompt
 from peftkit.data.formats import Message
 from peftkit.errors import PeftkitError
+from peftkit.export.hub import model_card
 from peftkit.model.loading import saved_classes
 from peftkit.stages import Stage
 from peftkit.stages import stage as stage_of
@@ -122,10 +123,12 @@ def _training_records(run_dir: Path, limit: int) -> list[tuple[list[Message], tu
     return conversations(specs[0], args, limit) if specs else []
 
 
-def _check_template(run_tokenizer: Any, exported_dir: Path, records: list, cutoff_len: int) -> None:
+def _check_template(run_tokenizer: Any, exported: Any, records: list, cutoff_len: int) -> None:
+    """The exported tokenizer (or the folder holding it) renders each training record to the run's tokens."""
     from transformers import AutoTokenizer
 
-    exported = AutoTokenizer.from_pretrained(exported_dir)
+    if isinstance(exported, Path):
+        exported = AutoTokenizer.from_pretrained(exported)
     for messages, where in records:
         a, _ = encode_messages(run_tokenizer, messages, cutoff_len, where)
         b, _ = encode_messages(exported, messages, cutoff_len, where)
@@ -161,6 +164,39 @@ def check_destination(run_dir: Path, out: Path, overwrite: bool) -> None:
                        "or pass --overwrite to replace it whole")
 
 
+@dataclass
+class _Merged:
+    """A run loaded for export: the merged model in float64, its stored dtype, and what the checks compare with."""
+
+    finetuning_type: str
+    entry: Stage
+    tokenizer: Any
+    model: Any
+    stored_dtype: Any
+    prompts: list[list[int]]
+    reference: list[Any]  # the run's logits on `prompts` (base + adapter, before merging)
+    records: list[tuple[list[Message], tuple[str, str]]]  # training records whose rendering is re-checked
+
+
+def _merged(run_dir: Path) -> _Merged:
+    from transformers import AutoTokenizer
+
+    finetuning_type = _finetuning_type(run_dir)
+    entry = _run_stage(run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    model, stored_dtype = _load_run(run_dir, finetuning_type, entry, tokenizer.pad_token_id)
+    prompts = _check_prompts(tokenizer, entry)
+    reference = _logits(model, prompts)
+    if finetuning_type == "lora":
+        model = model.merge_and_unload()  # in float64: the only rounding is the final cast
+    records = _training_records(run_dir, limit=16) if entry.chat_template else []
+    return _Merged(finetuning_type, entry, tokenizer, model, stored_dtype, prompts, reference, records)
+
+
+def _max_diff(reference: list[Any], model: Any, prompts: list[list[int]]) -> float:
+    return max(float((a - b).abs().max()) for a, b in zip(reference, _logits(model, prompts)))
+
+
 def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB", overwrite: bool = False) -> ExportReport:
     """Merge (lora) or copy (freeze / full) a run into `out`, verify it, then move it into place.
 
@@ -171,42 +207,95 @@ def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB", ov
             (nothing is written then).
     """
     import torch
-    from transformers import AutoTokenizer
 
     run_dir, out = Path(run_dir), Path(out)
-    finetuning_type = _finetuning_type(run_dir)
+    _finetuning_type(run_dir)
     check_destination(run_dir, out, overwrite)
-    entry = _run_stage(run_dir)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    model, stored_dtype = _load_run(run_dir, finetuning_type, entry, tokenizer.pad_token_id)
-    prompts = _check_prompts(tokenizer, entry)
-    reference = _logits(model, prompts)
-    if finetuning_type == "lora":
-        model = model.merge_and_unload()  # in float64: the only rounding is the final cast below
-    model = model.to(stored_dtype)
-    records = _training_records(run_dir, limit=16) if entry.chat_template else []
+    run = _merged(run_dir)
+    model = run.model.to(run.stored_dtype)
     result: dict[str, ExportReport] = {}
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(tmp)
+        run.tokenizer.save_pretrained(tmp)
         for extra in ("value_head.safetensors",):  # carried along where a stage saved one
             if (run_dir / extra).is_file():
                 shutil.copy2(run_dir / extra, tmp / extra)
-        reloaded = _auto_class(entry).from_pretrained(tmp, dtype=torch.float64)
-        diff = max(float((a - b).abs().max()) for a, b in zip(reference, _logits(reloaded, prompts)))
+        diff = _max_diff(run.reference, _auto_class(run.entry).from_pretrained(tmp, dtype=torch.float64), run.prompts)
         if diff >= MAX_LOGIT_DIFF:
             raise PeftkitError(
                 f"export check failed: reloaded logits differ from the run's by {diff:.2e} (limit {MAX_LOGIT_DIFF:g}); "
                 "the export was not written"
             )
-        _check_template(tokenizer, tmp, records, cutoff_len=4096)
-        result["report"] = ExportReport(finetuning_type, diff, len(records), str(out))
+        _check_template(run.tokenizer, tmp, run.records, cutoff_len=4096)
+        (tmp / "README.md").write_text(model_card(run_dir, "transformers"), encoding="utf-8")
+        result["report"] = ExportReport(run.finetuning_type, diff, len(run.records), str(out))
         (tmp / EXPORT_MARKER).write_text(json.dumps(result["report"].__dict__, indent=2) + "\n")
 
     with storage_errors(out, lambda: f"Kept: {out} as it was (nothing of this export was moved into place)"):
         write_dir_atomic(out, fill)
     report = result["report"]
     logger.info("exported %s run to %s (max logit difference %.2e, %d training records re-rendered identically)",
-                finetuning_type, out, report.max_logit_diff, len(records))
+                run.finetuning_type, out, report.max_logit_diff, len(run.records))
+    return report
+
+
+# The largest |logit difference| between the GGUF file (read back by transformers) and the merged model,
+# per type. The GGUF stores what the quantisation keeps of each weight; these limits are set from the
+# demo adapter on SmolLM2-135M (benchmarks/RESULTS.md: gguf) with room for other inputs, and they still
+# catch a wrong tensor layout (a missing permutation gives differences of several units).
+GGUF_MAX_LOGIT_DIFF = {"f16": 0.25, "bf16": 1.0, "q8_0": 1.0}
+
+
+def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overwrite: bool = False) -> ExportReport:
+    """Merge a run and write it as `out`/model-QUANT.gguf plus an Ollama Modelfile, verified, then moved into place.
+
+    The checks read the file back with transformers (`gguf_file=`): logits against the merged model within
+    GGUF_MAX_LOGIT_DIFF[quant], and the embedded tokenizer + chat template render the training records
+    to the same tokens.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.data.template import stop_token_ids
+    from peftkit.export.gguf import QUANTS, modelfile, write_gguf
+
+    run_dir, out = Path(run_dir), Path(out)
+    if quant not in QUANTS:
+        raise PeftkitError(f"--quant {quant}: one of {', '.join(QUANTS)}")
+    _finetuning_type(run_dir)
+    check_destination(run_dir, out, overwrite)
+    run = _merged(run_dir)
+    if run.entry.head != "lm":
+        raise PeftkitError(f"--format gguf: stage {run.entry.name} has a {run.entry.head} head, which llama.cpp "
+                           "does not run; export it as a transformers folder (the default --format hf)")
+    model = run.model.to(torch.float32)
+    name = f"model-{quant}.gguf"
+    result: dict[str, ExportReport] = {}
+
+    def fill(tmp: Path) -> None:
+        staging = tmp / "hf"
+        model.save_pretrained(staging)
+        run.tokenizer.save_pretrained(staging)
+        write_gguf(staging, tmp / name, quant, run.tokenizer, run.tokenizer.chat_template)
+        shutil.rmtree(staging)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=name, dtype=torch.float64)
+        diff = _max_diff(run.reference, reloaded, run.prompts)
+        limit = GGUF_MAX_LOGIT_DIFF[quant]
+        if diff >= limit:
+            raise PeftkitError(f"export check failed: the GGUF file's logits differ from the run's by {diff:.3g} "
+                               f"(limit {limit:g} for {quant}); the export was not written")
+        exported = AutoTokenizer.from_pretrained(tmp, gguf_file=name)
+        _check_template(run.tokenizer, exported, run.records, cutoff_len=4096)
+        stops = [run.tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(run.tokenizer)]
+        (tmp / "Modelfile").write_text(modelfile(name, run.tokenizer, stops), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(run_dir, "gguf"), encoding="utf-8")
+        result["report"] = ExportReport(run.finetuning_type, diff, len(run.records), str(out / name))
+        (tmp / EXPORT_MARKER).write_text(json.dumps({**result["report"].__dict__, "quant": quant}, indent=2) + "\n")
+
+    with storage_errors(out, lambda: f"Kept: {out} as it was (nothing of this export was moved into place)"):
+        write_dir_atomic(out, fill)
+    report = result["report"]
+    logger.info("exported %s run to %s (%s, max logit difference %.3g, %d training records re-rendered identically)",
+                run.finetuning_type, report.out, quant, report.max_logit_diff, len(run.records))
     return report

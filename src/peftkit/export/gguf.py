@@ -1,0 +1,147 @@
+"""A merged transformers folder → one GGUF file for llama.cpp / Ollama, with the `gguf` package's writer.
+
+The layout follows llama.cpp's own converter (convert_hf_to_gguf.py) for the architectures written
+here: tensor names from `gguf.get_tensor_name_map`, Llama's q / k rows permuted to llama.cpp's rotary
+layout, 1-D tensors (norms, biases) kept in float32, a tied output layer left out (llama.cpp reuses the
+embedding). The tokenizer goes in as a GPT-2 style BPE vocabulary with its merges, special token ids and
+the run's chat template, so llama.cpp and Ollama render prompts as training did. The file is read back
+by transformers (`gguf_file=`) in export's checks (export/merge.py: export_gguf).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from peftkit.errors import PeftkitError
+
+# transformers architecture → GGUF architecture (the ones transformers can also read back to check).
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "llama"}
+QUANTS = ("f16", "bf16", "q8_0")
+
+
+def _pre_tokenizer(model_type: str, tokenizer: Any) -> str:
+    """llama.cpp's name for the pre-tokenizer regex (its converter identifies it by hashing a test encoding)."""
+    vocab = tokenizer.get_vocab()
+    if model_type == "qwen2":
+        return "qwen2"
+    if "<|begin_of_text|>" in vocab:
+        return "llama-bpe"
+    if "<|im_start|>" in vocab and len(vocab) == 49152:
+        return "smollm"
+    return "default"
+
+
+def _tokens(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[Any]]:
+    """Token strings by id (byte-level, as in tokenizer.json) and llama.cpp token types; ids past the
+    tokenizer's vocabulary (an embedding padded to a round size) are unused placeholders."""
+    import gguf
+
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, types = [], []
+    for i in range(n_vocab):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _permute(weight: Any, heads: int) -> Any:
+    """q / k rows from transformers' rotary layout (halves) to llama.cpp's (interleaved pairs)."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_gguf(model_dir: Path, path: Path, quant: str, tokenizer: Any, chat_template: str | None) -> int:
+    """Write `model_dir` (a saved transformers checkpoint) as a GGUF file in `quant`; returns its tensor count.
+
+    Raises:
+        PeftkitError: an architecture or quantisation this writer does not support.
+    """
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    hf_arch = (config.get("architectures") or ["?"])[0]
+    if hf_arch not in ARCHITECTURES:
+        raise PeftkitError(f"--format gguf: {hf_arch} is not supported (supported: {', '.join(ARCHITECTURES)}); "
+                           "export a transformers folder and convert it with llama.cpp's convert_hf_to_gguf.py")
+    if quant not in QUANTS:
+        raise PeftkitError(f"--quant {quant}: one of {', '.join(QUANTS)}")
+    arch = ARCHITECTURES[hf_arch]
+    qtype = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+             "q8_0": gguf.GGMLQuantizationType.Q8_0}[quant]
+    ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+             "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(config.get("_name_or_path") or path.stem)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_file_type(ftype)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    n_vocab = config["vocab_size"]
+    tokens, types = _tokens(tokenizer, n_vocab)
+    writer.add_vocab_size(n_vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer(config.get("model_type", ""), tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_vocab)
+    special.chat_template = chat_template or special.chat_template  # the run's template, as training rendered it
+    special.add_to_gguf(writer, quiet=True)
+
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), layers)
+    state: dict[str, Any] = {}
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    count = 0
+    for hf_name, tensor in state.items():
+        if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue  # llama.cpp uses token_embd when there is no output tensor
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise PeftkitError(f"--format gguf: no GGUF name for tensor {hf_name!r} of {hf_arch}")
+        data = tensor.astype(np.float32)
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            data = _permute(data, heads if "q_proj" in hf_name else kv_heads)
+        if data.ndim == 1:
+            writer.add_tensor(name, data)
+        elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
+            writer.add_tensor(name, data.astype(np.float16))  # Q8_0 blocks are 32 wide; llama.cpp falls back the same way
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        count += 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return count
+
+
+def modelfile(gguf_name: str, tokenizer: Any, stop_tokens: list[str]) -> str:
+    """An Ollama Modelfile for the file: Ollama reads the chat template from the GGUF metadata for the
+    template families it knows (chatml, llama3, …); the stop tokens and greedy decoding are set here."""
+    lines = [f"FROM ./{gguf_name}", ""]
+    lines += [f'PARAMETER stop "{t}"' for t in stop_tokens]
+    lines += ["PARAMETER temperature 0", ""]
+    return "\n".join(lines)
