@@ -30,12 +30,20 @@ def main() -> None:
     from peftkit.export import export
     from peftkit.export.merge import export_gguf
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="[peftkit] %(message)s")
     parser = argparse.ArgumentParser()
     parser.add_argument("run")
     parser.add_argument("--records", type=int, default=10)
     parser.add_argument("--quants", nargs="+", default=["f16", "q8_0"])
+    parser.add_argument("--no-limit", action="store_true", help="measure without export's logit limit")
     args = parser.parse_args()
     run = Path(args.run)
+    if args.no_limit:
+        import peftkit.export.merge as merge
+
+        merge.GGUF_MAX_LOGIT_DIFF = dict.fromkeys(merge.GGUF_MAX_LOGIT_DIFF, float("inf"))
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     work = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
 
