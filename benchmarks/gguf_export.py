@@ -21,6 +21,8 @@ import yaml
 
 
 def main() -> None:
+    import logging
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.config.schema import GenerateArgs
@@ -29,8 +31,6 @@ def main() -> None:
     from peftkit.eval.generate import generate_batch
     from peftkit.export import export
     from peftkit.export.merge import export_gguf
-
-    import logging
 
     logging.basicConfig(level=logging.INFO, format="[peftkit] %(message)s")
     parser = argparse.ArgumentParser()
