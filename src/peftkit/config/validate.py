@@ -154,7 +154,13 @@ def _check_training_arguments(train: dict[str, Any], stage: str) -> list[str]:
             issues.append("train.early_stopping_patience: needs evaluations — set train.eval_strategy (steps or "
                           "epoch) and data.eval or data.val_size")
     report_to = train.get("report_to")
-    if "tensorboard" in ([report_to] if isinstance(report_to, str) else report_to or []):
-        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            issues.append("train.report_to: tensorboard is not installed (pip install 'peftkit[tensorboard]')")
+    for tracker in [report_to] if isinstance(report_to, str) else report_to or []:
+        modules = TRACKER_MODULES.get(tracker, ())
+        if modules and all(importlib.util.find_spec(m) is None for m in modules):
+            issues.append(f"train.report_to: {tracker} is not installed (pip install 'peftkit[{tracker}]')")
     return issues
+
+
+# The trackers peftkit has an extra for (pyproject.toml), and the modules any of which makes one usable.
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                   "swanlab": ("swanlab",)}

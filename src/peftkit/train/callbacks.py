@@ -145,3 +145,29 @@ class StopCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
             self.log.status = "interrupted"
+
+
+class TrackerConfig(TrainerCallback):
+    """Adds peftkit's resolved config (stage, data, finetuning, eval: what TrainingArguments do not hold) to
+    the trackers of `train.report_to`; transformers' own integrations log the rest (metrics, TrainingArguments).
+
+    Runs after them (integrations are Trainer's first callbacks), so their run exists.
+    """
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        trackers = set(args.report_to or [])
+        if "wandb" in trackers:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.config.update({"peftkit": self.config}, allow_val_change=True)
+        if "mlflow" in trackers:
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                mlflow.log_dict(self.config, "peftkit_config.yaml")

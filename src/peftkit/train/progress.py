@@ -9,6 +9,7 @@ finiteness check stay on the device, so a step costs no extra host sync on a GPU
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ class Progress(TrainerCallback):
         if resumed_from is not None and (Path(resumed_from) / CHECKPOINT_STATE_FILE).is_file():
             self.base = TokenCounts(**json.loads((Path(resumed_from) / CHECKPOINT_STATE_FILE).read_text(encoding="utf-8")))
         self._local: Any = None  # this process's (fed, real, supervised) since it started, on the device
+        self._started = 0.0  # when this process's training began (throughput excludes a resumed run's past)
         self._first_bad: Any = None  # (step, loss) of the first non-finite loss (step 0: none), on the device
 
     def observe(self, inputs: dict[str, Any], loss: Any, step: int) -> None:
@@ -95,6 +97,19 @@ class Progress(TrainerCallback):
         total = TokenCounts(*local.tolist())
         total.add(self.base)
         return total
+
+    def log_values(self, args: Any) -> dict[str, float]:
+        """What every logged line adds: the token counts since step 0 and this process's real tokens per
+        second since it started (a resumed run's earlier tokens and time do not count)."""
+        totals = asdict(self.totals(args))
+        values: dict[str, float] = {f"{k}_seen": v for k, v in totals.items()}
+        seconds = time.time() - self._started if self._started else 0.0
+        if seconds > 0:
+            values["tokens_per_second"] = round((totals["real_tokens"] - self.base.real_tokens) / seconds, 1)
+        return values
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._started = time.time()
 
     def check_finite(self, args: Any) -> None:
         """Raise TrainingDiverged naming the first non-finite step and the last good checkpoint."""

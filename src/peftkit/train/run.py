@@ -30,7 +30,7 @@ from peftkit.model.finetuning import (
 )
 from peftkit.stages import stage as stage_of
 from peftkit.train.allocator import keep_freed_memory
-from peftkit.train.callbacks import LogCallback, StopCallback
+from peftkit.train.callbacks import LogCallback, StopCallback, TrackerConfig
 from peftkit.train.checkpoints import config_differences, latest_complete, resolve_resume
 from peftkit.train.objectives import build_objective, pair_eval_metrics
 from peftkit.train.plot import plot_loss
@@ -198,7 +198,8 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, tokenizer: Any, data: P
 
     extras, entry = train_extras(cfg.train), stage_of(cfg.stage)
     progress = Progress(tokenizer.pad_token_id, resume)
-    callbacks: list[Any] = [progress, LogCallback(str(resume) if resume else None, progress.base.real_tokens)]
+    callbacks: list[Any] = [progress, LogCallback(str(resume) if resume else None, progress.base.real_tokens),
+                            TrackerConfig(to_dict(cfg))]
     if extras.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(extras.early_stopping_patience, extras.early_stopping_threshold))
     objective = build_objective(cfg.stage, model, cfg.finetuning)

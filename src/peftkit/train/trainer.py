@@ -176,7 +176,7 @@ class PeftTrainer(Seq2SeqTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the token counts and the objective's metrics, so trainer_state.json and trainer_log.jsonl both have them."""
         if getattr(self.model, "training", False) or "train_runtime" in logs or "loss" in logs:
-            logs.update({f"{k}_seen": v for k, v in asdict(self.progress.totals(self.args)).items()})
+            logs.update(self.progress.log_values(self.args))
         if self.stage_metrics and "loss" in logs:  # averaged over the steps since the last log
             logs.update({k: round(sum(v) / len(v), 6) for k, v in self.stage_metrics.items()})
             self.stage_metrics.clear()
