@@ -92,6 +92,9 @@ def test_a_missing_tracker_names_its_extra(tmp_path: Path, alpaca_file: Path, mo
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "swanlab" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"train.report_to: swanlab is not installed \(pip install 'peftkit\[swanlab\]'\)"):
-        load_config(None, [f"data.train={alpaca_file}", f"train.output_dir={tmp_path}", "train.report_to=swanlab"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    base = [f"data.train={alpaca_file}", f"train.output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"train.report_to: wandb is not installed \(pip install 'peftkit\[wandb\]'\)"):
+        load_config(None, [*base, "train.report_to=[mlflow, wandb]"])
+    with pytest.raises(ConfigError, match="train.report_to: swanlab is not supported"):  # before any model loads
+        load_config(None, [*base, "train.report_to=swanlab"])
