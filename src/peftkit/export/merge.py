@@ -288,7 +288,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overw
         exported = AutoTokenizer.from_pretrained(tmp, gguf_file=name)
         _check_template(run.tokenizer, exported, run.records, cutoff_len=4096)
         stops = [run.tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(run.tokenizer)]
-        (tmp / "Modelfile").write_text(modelfile(name, run.tokenizer, stops), encoding="utf-8")
+        (tmp / "Modelfile").write_text(modelfile(name, stops), encoding="utf-8")
         (tmp / "README.md").write_text(model_card(run_dir, "gguf"), encoding="utf-8")
         result["report"] = ExportReport(run.finetuning_type, diff, len(run.records), str(out / name))
         (tmp / EXPORT_MARKER).write_text(json.dumps({**result["report"].__dict__, "quant": quant}, indent=2) + "\n")
