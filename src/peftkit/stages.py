@@ -35,7 +35,7 @@ class Stage:
     # lm: the causal LM's own head; value: a value head beside it (model/value_head.py);
     # classifier: AutoModelForSequenceClassification with the training data's classes.
     head: Head = "lm"
-    # (model, FinetuningArgs, reference) -> a loss over pairs (train/objectives.py); None: the model's own loss.
+    # (model, RunConfig, reference, tokenizer) -> the stage's loss (train/objectives.py); None: the model's own loss.
     objective: Target | None = None
     # Trainer's compute_metrics when there is no objective (an objective brings pair metrics).
     metrics: Target = "peftkit.train.trainer:token_accuracy"
@@ -45,6 +45,7 @@ class Stage:
     packing: bool = False  # data.packing allowed (only where the loss is a sum over tokens)
     streaming: bool = True  # False: the stage needs the whole training data up front (cls: its classes)
     pairs: bool = False  # records are (chosen, rejected) pairs, batched chosen rows first
+    rewards: bool = False  # trains on sampled answers scored by the reward functions of `grpo.rewards`
 
     @property
     def token_loss(self) -> bool:
@@ -78,6 +79,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("dpo", "direct preference optimisation", ("preference",),
           f"{_ENCODE}:preference_examples", f"{_COLLATE}:pair_collator",
           objective=f"{_OBJECTIVES}:direct_preference", scorer="peftkit.eval.scoring:score_pairs", pairs=True),
+    Stage("kto", "Kahneman-Tversky optimisation on unpaired desirable / undesirable answers",
+          ("sharegpt", "messages", "alpaca", "preference"),
+          f"{_ENCODE}:unpaired_examples", f"{_COLLATE}:unpaired_collator",
+          objective=f"{_OBJECTIVES}:unpaired_preference", scorer="peftkit.eval.scoring:score_judged"),
+    Stage("grpo", "group relative policy optimisation: sampled answers scored by reward functions",
+          ("alpaca", "sharegpt", "messages", "preference"),
+          f"{_ENCODE}:prompt_examples", f"{_COLLATE}:prompt_collator", objective=f"{_OBJECTIVES}:group_relative",
+          rewards=True),
     Stage("cls", "sequence classification", ("pairs",),
           f"{_ENCODE}:class_examples", f"{_COLLATE}:class_collator", head="classifier",
           metrics="peftkit.train.trainer:class_metrics", scorer="peftkit.eval.scoring:classify",

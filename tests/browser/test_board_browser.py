@@ -150,3 +150,25 @@ def test_compare_two_runs(project: Path, board_url: str, browser) -> None:
     assert "first (smoothed)" in series and "second (smoothed)" in series
     rows = browser.execute_script("return [...document.querySelectorAll('#diff tbody tr')].map(r => r.innerText)")
     assert rows == ["train.learning_rate\t0.01\t0.001"]
+
+
+def test_stage_metrics_are_charted(project: Path, board_url: str, browser) -> None:
+    """A grpo run's own metrics (each reward function, kl, completion length, clip ratio) get charts, grouped by
+    the part of the key before "/"; the keys every run logs do not."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    run = project / "outputs" / "grpo"
+    run.mkdir()
+    (run / "config.yaml").write_text("stage: grpo\n")
+    (run / "trainer_log.jsonl").write_text("".join(json.dumps(
+        {"event": "log", "current_steps": s, "total_steps": 3, "loss": 0.1, "reward": 0.5 + s / 10, "learning_rate": 1e-4,
+         "rewards/ner_json_f1": 0.3 + s / 10, "rewards/json_valid": 1.0, "kl": 0.01 * s, "completion_length": 60 + s,
+         "clip_ratio": 0.0}) + "\n" for s in (1, 2, 3)))
+    browser.get(board_url + "#/run/grpo")
+    wait = WebDriverWait(browser, 30, poll_frequency=0.2)
+    wait.until(lambda d: d.execute_script("return document.querySelectorAll('.stage-chart').length") == 4)
+    titles = browser.execute_script("return [...document.querySelectorAll('.stage-chart h3')].map(h => h.innerText)")
+    assert titles == ["rewards", "kl", "completion_length", "clip_ratio"]
+    series = browser.execute_script(
+        "return [...document.querySelectorAll('.stage-chart path')].map(p => p.dataset.series)")
+    assert {"rewards/ner_json_f1", "rewards/json_valid", "kl", "completion_length", "clip_ratio"} <= set(series)

@@ -84,10 +84,17 @@ def test_training_continues_an_existing_adapter(tiny_model_dir: Path, alpaca_fil
     from safetensors.torch import load_file
 
     first = tmp_path / "first"
-    _run(tiny_model_dir, alpaca_file, first, "finetuning.lora_rank=4")
+    evaluate = [f"eval.dataset={alpaca_file}", "eval.before_training=true", "generate.max_new_tokens=8"]
+    _run(tiny_model_dir, alpaca_file, first, "finetuning.lora_rank=4", "train.max_steps=4", *evaluate)
     # learning rate 0: the continued run must start from, and keep, exactly the first run's adapter
     second = tmp_path / "second"
-    result = _run(tiny_model_dir, alpaca_file, second, f"finetuning.adapter_name_or_path={first}", "train.learning_rate=0")
+    result = _run(tiny_model_dir, alpaca_file, second, f"finetuning.adapter_name_or_path={first}", "train.learning_rate=0",
+                  *evaluate)
+    # and its "before training" answers are the first adapter's, not the bare base model's
+    answers = {name: [json.loads(x)["predict"] for x in (run / name).read_text().splitlines()] for run, name in (
+        (first, "generated_predictions_before.jsonl"), (first, "generated_predictions.jsonl"))}
+    before_second = [json.loads(x)["predict"] for x in (second / "generated_predictions_before.jsonl").read_text().splitlines()]
+    assert before_second == answers["generated_predictions.jsonl"] != answers["generated_predictions_before.jsonl"]
     assert any(p.requires_grad for n, p in result.model.named_parameters() if "lora_" in n)  # loaded trainable
     a, b = load_file(first / "adapter_model.safetensors"), load_file(second / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

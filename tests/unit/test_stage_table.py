@@ -31,7 +31,7 @@ def test_no_stage_name_is_tested_outside_the_table() -> None:
     assert found == []
 
 
-def _hinge(model, finetuning, reference):
+def _hinge(model, cfg, reference, tokenizer):
     """A reward-model objective for a stage added in a test: a hinge on the score margin."""
     from peftkit.train.objectives import PairwiseReward
 
@@ -56,7 +56,7 @@ def test_a_stage_is_one_table_entry(monkeypatch: pytest.MonkeyPatch, tiny_model_
     assert first["loss"] == pytest.approx(1.0, abs=0.15)  # relu(1 - margin), fresh head: margin ~ 0 (log 2 if it were rm)
     assert (out / "value_head.safetensors").is_file()  # the value head came from the entry's head="value"
     assert {"accuracy", "margin", "records"} <= result.summary["metrics_after"].keys()  # its scorer
-    with pytest.raises(Exception, match="must be one of sft, pt, rm, dpo, cls, rm_hinge"):
+    with pytest.raises(Exception, match="must be one of sft, pt, rm, dpo, kto, grpo, cls, rm_hinge"):
         load_config(None, ["stage=nope", f"train.output_dir={tmp_path}", f"data.train={DPO}"])
 
 

@@ -41,7 +41,7 @@ def test_each_stage_needs_its_record_format(tmp_path: Path, alpaca_file: Path) -
     assert "packing applies to sft and pt only" in str(e.value)
     with pytest.raises(ConfigError) as e:
         load_config(None, [f"data.train={DPO}", "stage=ppo", f"train.output_dir={tmp_path}"])
-    assert "stage='ppo': must be one of sft, pt, rm, dpo, cls" in str(e.value)
+    assert "stage='ppo': must be one of sft, pt, rm, dpo, kto, grpo, cls" in str(e.value)
 
 
 def test_pt_joins_documents_into_full_blocks_and_reports_the_tail(tokenizer) -> None:

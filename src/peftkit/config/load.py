@@ -307,13 +307,13 @@ def train_extras(train: dict[str, Any]) -> TrainExtras:
 
 def build_training_arguments(train: dict[str, Any], stage: str = "sft") -> Any:
     """Seq2SeqTrainingArguments from the `train` section as written, less peftkit's own keys, with what the
-    stage needs (pairs: the collator reads rejected_* columns, which Trainer would otherwise drop)."""
+    stage needs (an objective's collator reads columns such as rejected_*, which Trainer would otherwise drop)."""
     from transformers import Seq2SeqTrainingArguments
 
     args = {k: v for k, v in train.items() if k not in TrainExtras.__dataclass_fields__}
     if train.get("early_stopping_patience"):
         args.setdefault("metric_for_best_model", "eval_loss")
-    if STAGES[stage].pairs:
+    if STAGES[stage].objective is not None:
         args["remove_unused_columns"] = False
     return Seq2SeqTrainingArguments(**args)
 

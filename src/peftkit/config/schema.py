@@ -121,8 +121,16 @@ class FinetuningArgs:
         "instead of a new one; its own LoRA settings apply. A list stacks: every adapter but the last is merged "
         "into the model, the last one trains."
     )
-    pref_beta: float = _f(0.1, "dpo: beta, how far the policy may move from the reference (higher: closer).")
-    pref_ftx: float = _f(0.0, "dpo: weight of an SFT loss on the chosen answers added to the DPO loss.")
+    pref_beta: float = _f(
+        0.1, "dpo / kto: beta, how far the policy may move from the reference (higher: closer); simpo: the reward "
+        "scale (2.0 is common); orpo: lambda, the weight of the odds-ratio term.")
+    pref_ftx: float = _f(0.0, "dpo: weight of an SFT loss on the chosen answers added to the pair loss.")
+    pref_loss: Literal["sigmoid", "ipo", "hinge", "orpo", "simpo"] = _f(
+        "sigmoid", "dpo: the pair loss. sigmoid (DPO), ipo, hinge (SLiC) against a reference model; orpo and simpo "
+        "need none (none is built).")
+    simpo_gamma: float = _f(0.5, "simpo: the target reward margin gamma.")
+    kto_desirable_weight: float = _f(1.0, "kto: weight of the desirable examples' loss.")
+    kto_undesirable_weight: float = _f(1.0, "kto: weight of the undesirable examples' loss.")
     freeze_trainable_layers: int = _f(2, "freeze: how many of the last decoder layers train.")
     freeze_trainable_modules: list[str] | None = _f(
         None, "freeze: module name fragments that train instead of the last layers (e.g. [mlp])."
@@ -154,6 +162,26 @@ class GenerateArgs:
 
 
 @dataclass
+class GrpoArgs:
+    """stage grpo: sampling, the loss and the reward functions (defaults as TRL's GRPOConfig where it has one)."""
+
+    num_generations: int = _f(4, "Answers sampled per prompt; each is scored against the others of its group.")
+    max_new_tokens: int = _f(128, "Longest sampled answer; one cut here gets no end-of-turn token.")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    top_p: float = _f(1.0, "Nucleus sampling mass.")
+    beta: float = _f(0.0, "Weight of the KL penalty to the reference (the model with its adapter disabled, or a frozen "
+                          "copy); 0: no reference forward at all (TRL's default).")
+    epsilon: float = _f(0.2, "Clipping of the probability ratio to [1 - epsilon, 1 + epsilon].")
+    loss_type: Literal["bnpo", "grpo"] = _f(
+        "bnpo", "bnpo: mean over every answer token of the batch (no length bias); grpo: mean per answer, then over "
+        "answers (the paper's).")
+    scale_rewards: bool = _f(True, "Divide the advantages by their group's standard deviation (false: Dr. GRPO).")
+    rewards: list[Any] = _f(
+        [], "Reward functions, summed with weights: built-ins ner_json_f1, exact_match, json_valid, length_penalty; "
+        "`regex:PATTERN`; `package.module:function`; or {name: ..., weight: W}. See peftkit/train/rewards.py.")
+
+
+@dataclass
 class TrainExtras:
     """Keys peftkit reads from the `train` section besides Seq2SeqTrainingArguments' own."""
 
@@ -180,13 +208,14 @@ class TrainExtras:
 
 @dataclass
 class RunConfig:
-    stage: str = _f("sft", "The training stage: one of the names in peftkit/stages.py (sft, pt, rm, dpo, cls).")
+    stage: str = _f("sft", "The training stage: one of the names in peftkit/stages.py (sft, pt, rm, dpo, kto, grpo, cls).")
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     finetuning: FinetuningArgs = field(default_factory=FinetuningArgs)
     train: dict[str, Any] = field(default_factory=dict)
     eval: EvalArgs = field(default_factory=EvalArgs)
     generate: GenerateArgs = field(default_factory=GenerateArgs)
+    grpo: GrpoArgs = field(default_factory=GrpoArgs)
 
 
 SECTIONS: dict[str, type] = {
@@ -195,4 +224,5 @@ SECTIONS: dict[str, type] = {
     "finetuning": FinetuningArgs,
     "eval": EvalArgs,
     "generate": GenerateArgs,
+    "grpo": GrpoArgs,
 }

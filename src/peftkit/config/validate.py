@@ -101,6 +101,29 @@ def _check_stage(cfg: RunConfig, specs: list[DatasetSpec]) -> list[str]:
         issues.append(f"finetuning.pref_beta={cfg.finetuning.pref_beta}: must be positive (0.1 is common)")
     if cfg.finetuning.pref_ftx < 0:
         issues.append(f"finetuning.pref_ftx={cfg.finetuning.pref_ftx}: must be 0 or more")
+    for key in ("kto_desirable_weight", "kto_undesirable_weight"):
+        if getattr(cfg.finetuning, key) <= 0:
+            issues.append(f"finetuning.{key}={getattr(cfg.finetuning, key)}: must be positive")
+    return issues + _check_grpo(cfg, entry.rewards)
+
+
+def _check_grpo(cfg: RunConfig, needs_rewards: bool) -> list[str]:
+    from peftkit.train.rewards import build_rewards
+
+    g, issues = cfg.grpo, []
+    if needs_rewards and not g.rewards:
+        issues.append(f"grpo.rewards: stage {cfg.stage} needs at least one reward function, e.g. "
+                      "[ner_json_f1, {name: json_valid, weight: 0.5}] (see peftkit/train/rewards.py)")
+    issues += build_rewards(g.rewards)[1]
+    if g.num_generations < 2:
+        issues.append(f"grpo.num_generations={g.num_generations}: at least 2 (answers are compared within their group)")
+    for key, low in (("max_new_tokens", 1), ("temperature", 1e-6), ("epsilon", 1e-6)):
+        if getattr(g, key) < low:
+            issues.append(f"grpo.{key}={getattr(g, key)}: must be positive")
+    if not 0 < g.top_p <= 1:
+        issues.append(f"grpo.top_p={g.top_p}: must be in (0, 1]")
+    if g.beta < 0:
+        issues.append(f"grpo.beta={g.beta}: must be 0 (no KL penalty) or more")
     return issues
 
 

@@ -47,15 +47,58 @@ class PairCollator:
         self.pad_token_id = pad_token_id
 
     def __call__(self, pairs: list[dict[str, Any]]) -> dict[str, Any]:
-        import torch
-
         rows = [(p["input_ids"], p["labels"]) for p in pairs] + [
             (p["rejected_input_ids"], p["rejected_labels"]) for p in pairs]
-        width = max(len(ids) for ids, _ in rows)
-        ids = [list(i) + [self.pad_token_id] * (width - len(i)) for i, _ in rows]
-        labels = [list(lab) + [IGNORE_INDEX] * (width - len(lab)) for _, lab in rows]
-        mask = [[1] * len(i) + [0] * (width - len(i)) for i, _ in rows]
-        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+        return _padded(rows, self.pad_token_id)
+
+
+def _padded(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, Any]:
+    """Right-padded input_ids, attention_mask and labels (padded with IGNORE_INDEX) of (ids, labels) rows."""
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    return {"input_ids": torch.tensor([list(i) + [pad_token_id] * (width - len(i)) for i, _ in rows]),
+            "attention_mask": torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows]),
+            "labels": torch.tensor([list(lab) + [IGNORE_INDEX] * (width - len(lab)) for _, lab in rows])}
+
+
+class UnpairedCollator:
+    """kto: B judged examples, then B mismatched rows for the KL estimate — example i's prompt with example
+    i+1's answer (TRL's construction) — as one batch of 2B rows, plus `desirable` (B,)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        rows = [(e["input_ids"], e["labels"]) for e in examples]
+        starts = [next(k for k, t in enumerate(lab) if t != IGNORE_INDEX) for _, lab in rows]
+        mismatched = []
+        for i, ((ids, _), start) in enumerate(zip(rows, starts)):
+            other_ids, other_labels = rows[(i + 1) % len(rows)]
+            other_start = starts[(i + 1) % len(rows)]
+            mismatched.append((list(ids[:start]) + list(other_ids[other_start:]),
+                               [IGNORE_INDEX] * start + list(other_labels[other_start:])))
+        batch = _padded(rows + mismatched, self.pad_token_id)
+        batch["desirable"] = torch.tensor([int(e["desirable"]) for e in examples])
+        return batch
+
+
+class PromptCollator:
+    """grpo: prompts left padded (generation appends to the right), with their `prompt` and `reference` strings."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(e["input_ids"]) for e in examples)
+        pads = [width - len(e["input_ids"]) for e in examples]
+        return {"input_ids": torch.tensor([[self.pad_token_id] * p + list(e["input_ids"]) for e, p in zip(examples, pads)]),
+                "attention_mask": torch.tensor([[0] * p + [1] * (width - p) for p in pads]),
+                "prompt": [e["prompt"] for e in examples], "reference": [e["reference"] for e in examples]}
 
 
 def chosen_and_rejected(rows: Any) -> tuple[Any, Any]:
@@ -79,6 +122,14 @@ def token_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] |
 
 def pair_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None) -> Any:
     return PairCollator(_pad_id(tokenizer))
+
+
+def unpaired_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None) -> Any:
+    return UnpairedCollator(_pad_id(tokenizer))
+
+
+def prompt_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None) -> Any:
+    return PromptCollator(_pad_id(tokenizer))
 
 
 def class_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None) -> Any:

@@ -249,6 +249,9 @@ def prepare_data(args: DataArgs, tokenizer: Any, stage: str = "sft") -> Prepared
     report.length_percentiles = percentiles(lengths)
     report.eval_examples = len(eval_ds) if eval_ds is not None else 0
     report.example = describe_example(tokenizer, train[0])
+    if "desirable" in train.column_names:  # kto: both kinds, since a run without one of them learns nothing useful
+        desirable = sum(train["desirable"])
+        report.judged = {"desirable": desirable, "undesirable": len(train) - desirable}
     if stage_of(stage).head != "classifier":  # a class label has no end of turn
         _check_end_of_turn_supervised(tokenizer, train[:20]["labels"], train_specs)
 
@@ -336,8 +339,9 @@ def _check_end_of_turn_supervised(tokenizer: Any, labels: list[list[int]], specs
     """Warn once if no example (of the first few; truncation may cut the end) supervises an end-of-turn token."""
     if all(spec.format == "text" for spec in specs):  # documents have no turns
         return
+    labels = [row for row in labels if any(t != IGNORE_INDEX for t in row)]
     stops = set(stop_token_ids(tokenizer))
-    if not any(stops.intersection(row) for row in labels):
+    if labels and not any(stops.intersection(row) for row in labels):  # (grpo's prompts supervise nothing)
         logger.warning(
             "WARNING: the chat template leaves the end-of-turn token outside the labels: the model will not "
             "learn to stop. Use a template whose assistant turn ends with %s (data.template).", tokenizer.eos_token,
@@ -346,14 +350,20 @@ def _check_end_of_turn_supervised(tokenizer: Any, labels: list[list[int]], specs
 
 def encode_records(paths: list[str], args: DataArgs, tokenizer: Any, stage: str,
                    classes: list[str] | None = None) -> list[tuple[Sample, str, Encoded]]:
-    """Every record of `paths` with its location and its one example (rm / dpo / cls; a dropped one says why).
+    """Every example of `paths` beside its record and that record's location (rm / dpo / cls: one per record,
+    kto: two for a preference pair; a dropped one says why).
 
     Evaluation writes one line per record, so it needs each example beside the record it came from.
     """
     items = [item for spec in file_specs(paths, args) for item in iter_samples(spec, args)]
     encoding = Encoding(args.cutoff_len, args.mask, stage, classes)
-    encoded = _encode([s for s, _ in items], [w for _, w in items], tokenizer, encoding)
-    return [(sample, where, ex) for (sample, _), (ex, where) in zip(items, encoded, strict=True)]
+    out = []
+    for start in range(0, len(items), _CHUNK):
+        part = items[start : start + _CHUNK]
+        for (sample, (file, loc)), examples in zip(part, encoding(tokenizer, [s for s, _ in part], [w for _, w in part]),
+                                                   strict=True):
+            out += [(sample, f"{file}: {loc}", ex) for ex in examples]
+    return out
 
 
 def build_dataset(paths: list[str], args: DataArgs, tokenizer: Any, stage: str = "sft",

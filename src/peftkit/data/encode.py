@@ -20,6 +20,8 @@ FULLY_MASKED = "fully masked: no supervised message (data.mask, `train: false`)"
 DOES_NOT_FIT = "no response token fits in cutoff_len"
 TEMPLATE = "chat template does not render turns incrementally"
 TOO_SHORT = "document block shorter than 2 tokens"
+NO_JUDGEMENT = "kto: `label` is not true / false"
+PROMPT_TOO_LONG = "prompt longer than cutoff_len"
 
 
 @dataclass
@@ -248,6 +250,57 @@ def encode_preferences(
     return out
 
 
+def encode_unpaired(
+    tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]], cutoff_len: int, strict: bool = True,
+) -> list[list[Encoded]]:
+    """kto: each conversation with its final answer supervised (mask `last`) and `desirable` (1 / 0) from the
+    record's `label`; a preference pair gives two examples, its chosen answer desirable, its rejected one not."""
+    conversations: list[Sample] = []
+    judged: list[tuple[int, int | None]] = []  # (sample index, desirable)
+    for i, (sample, where) in enumerate(zip(samples, wheres)):
+        if "chosen" in sample:
+            for key, side in (("chosen", 1), ("rejected", 0)):
+                conversations.append({"messages": [*sample["messages"], sample[key]]})
+                judged.append((i, side))
+            continue
+        label = sample.get("desirable")
+        flag: int | None = int(label) if isinstance(label, bool) or label in (0, 1) else None
+        if flag is None and strict:
+            shown = "it is missing" if label is None else f"got {label!r}"
+            raise DataError(where[0], where[1], "label", f"stage kto needs true (a desirable answer) or false (an "
+                            f"undesirable one), {shown}; map your field with `columns: {{label: YOUR_FIELD}}`")
+        conversations.append(sample)
+        judged.append((i, flag))
+    encoded = encode_samples(tokenizer, conversations, [wheres[i] for i, _ in judged], cutoff_len, "last", strict)
+    out: list[list[Encoded]] = [[] for _ in samples]
+    for (example,), (i, desirable) in zip(encoded, judged):
+        if desirable is None:
+            example = Encoded([], [], drop=NO_JUDGEMENT)
+        elif not example.drop:
+            example.extra = {"desirable": desirable}
+        out[i].append(example)
+    return out
+
+
+def encode_prompts(tokenizer: Any, samples: list[Sample], cutoff_len: int) -> list[Encoded]:
+    """grpo: the conversation before its last answer, rendered with the generation prompt, as input_ids (nothing
+    supervised: the answers are sampled); the last user message as `prompt` and the record's own answer as
+    `reference`, for the reward functions. A prompt longer than cutoff_len is dropped."""
+    conversations = [sft_messages(s) or [] for s in samples]
+    prompts: list[list[Message]] = [[{"role": m["role"], "content": m["content"]} for m in c[:-1]] for c in conversations]
+    render = _renderer(tokenizer, prompts[0] if prompts else None)
+    ids = _tokenize(tokenizer, [render(p, True) for p in prompts]) if prompts else []
+    out = []
+    for conversation, prompt, row in zip(conversations, prompts, ids):
+        if len(row) > cutoff_len:
+            out.append(Encoded([], [], drop=PROMPT_TOO_LONG))
+            continue
+        last_user = next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+        out.append(Encoded(row, [IGNORE_INDEX] * len(row),
+                           extra={"prompt": last_user, "reference": conversation[-1]["content"]}))
+    return out
+
+
 UNKNOWN_CLASS = "label not among the training data's classes"
 
 
@@ -304,6 +357,16 @@ def conversation_examples(tokenizer: Any, samples: list[Sample], wheres: list[tu
 def preference_examples(tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]],
                         options: Any) -> list[list[Encoded]]:
     return [[e] for e in encode_preferences(tokenizer, samples, wheres, options.cutoff_len, options.strict)]
+
+
+def unpaired_examples(tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]],
+                      options: Any) -> list[list[Encoded]]:
+    return encode_unpaired(tokenizer, samples, wheres, options.cutoff_len, options.strict)
+
+
+def prompt_examples(tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]],
+                    options: Any) -> list[list[Encoded]]:
+    return [[e] for e in encode_prompts(tokenizer, samples, options.cutoff_len)]
 
 
 def class_examples(tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]],

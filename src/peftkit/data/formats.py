@@ -2,6 +2,7 @@
 
 A sample is one of
   {"messages": [...]}                                   a conversation ending with the assistant
+  {"messages": [...], "desirable": value}              the same, judged by the record's `label` (kto)
   {"messages": [...], "chosen": msg, "rejected": msg}   a preference pair after a prompt conversation
   {"text": str}                                         a document (continued pre-training)
   {"text": str, "text_pair": str | None, "label": ...}  a classification record
@@ -119,7 +120,14 @@ def alpaca(record: dict[str, Any], at: Where, tags: dict[str, str] | None = None
     """instruction (+ input on a new line) → output, after the optional system and history turns."""
     messages = _alpaca_prompt(record, at)
     messages.append({"role": "assistant", "content": _text(record, "output", at, required=True)})
-    return {"messages": messages}
+    return _judged({"messages": messages}, record)
+
+
+def _judged(sample: Sample, record: dict[str, Any]) -> Sample:
+    """A conversation with the record's `label` as `desirable` (kto's unpaired feedback; checked by its encoder)."""
+    if "label" in record:
+        sample["desirable"] = record["label"]
+    return sample
 
 
 def _alpaca_prompt(record: dict[str, Any], at: Where) -> list[Message]:
@@ -147,7 +155,7 @@ def sharegpt(record: dict[str, Any], at: Where, tags: dict[str, str] | None = No
     """`conversations` of {from, value} (role tags configurable) or OpenAI `messages` of {role, content}."""
     messages = _conversation(record, at, tags)
     _check_turns(messages, "conversations" if "conversations" in record else "messages", at)
-    return {"messages": messages}
+    return _judged({"messages": messages}, record)
 
 
 def preference(record: dict[str, Any], at: Where, tags: dict[str, str] | None = None) -> Sample:

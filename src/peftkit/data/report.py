@@ -63,6 +63,7 @@ class DataReport:
     example: str = ""
     stage: str = "sft"
     classes: list[str] | None = None  # cls: class names by index
+    judged: dict[str, int] | None = None  # kto: how many desirable and undesirable examples
 
     @property
     def records(self) -> int:
@@ -116,6 +117,11 @@ class DataReport:
                          f"{self.mask}); lengths {self.length_percentiles}")
             if self.eval_examples:
                 lines.append(f"eval: {self.eval_examples} examples")
+        if self.judged:
+            lines.append(f"kto: {self.judged['desirable']} desirable, {self.judged['undesirable']} undesirable examples")
+            if not all(self.judged.values()):
+                lines.append("WARNING: kto learns from the contrast of desirable and undesirable answers; this data "
+                             "has only one kind")
         if self.classes:
             lines.append(f"classes: {', '.join(f'{i}={name}' for i, name in enumerate(self.classes))}")
         if self.packing:

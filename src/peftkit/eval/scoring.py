@@ -1,4 +1,4 @@
-"""Evaluation without generation for the stages that score: rm / dpo pairs and cls records.
+"""Evaluation without generation for the stages that score: rm / dpo pairs, kto examples and cls records.
 
 Each writes one line per record, with its location in the file, next to the metrics, so a user
 can look at the pairs or records the model gets wrong.
@@ -46,31 +46,64 @@ def _batches(model: Any, tokenizer: Any, cfg: RunConfig,
         yield [(sample, where) for sample, where, _ in part], batch
 
 
-def score_pairs(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str = "") -> dict[str, Any]:
-    """rm: each pair's chosen / rejected score; dpo: its implicit rewards β·log(π/π_ref). Plus accuracy and margin."""
+def _objective_scores(model: Any, tokenizer: Any, cfg: RunConfig) -> tuple[Any, Any, list[float], list[str]]:
+    """The stage's objective (without an SFT term) over eval.dataset: it, the scores and loss of each pair or
+    example, and their records' locations. A reference model, where one is needed, is the base model as configured."""
     import torch
 
     from peftkit.model import load_model
-    from peftkit.train.objectives import build_objective, pair_metrics
+    from peftkit.train.objectives import build_objective
 
-    # the stage's objective without its SFT term; a reference model where one is needed is the base model as configured
-    finetuning = replace(cfg.finetuning, pref_ftx=0.0)
-    objective = build_objective(cfg.stage, model, finetuning,
-                                reference=lambda: load_model(cfg.model).to(next(model.parameters()).device))
-    assert objective is not None, f"stage {cfg.stage} scores pairs, so it has a pair objective"
+    without_sft = replace(cfg, finetuning=replace(cfg.finetuning, pref_ftx=0.0))
+    objective = build_objective(cfg.stage, model, without_sft,
+                                reference=lambda: load_model(cfg.model).to(next(model.parameters()).device),
+                                tokenizer=tokenizer)
+    assert objective is not None, f"stage {cfg.stage} scores pairs or examples, so it has an objective"
     model.eval()
-    pairs, losses, wheres = [], [], []
+    parts, losses, wheres = [], [], []
     with torch.inference_mode():
         for records, batch in _batches(model, tokenizer, cfg):
             loss, _, scores = objective(model, batch)
-            pairs.append(scores.float().cpu())
+            parts.append(scores.float().cpu())
             losses += [float(loss)] * len(scores)
             wheres += [where for _, where in records]
-    both = torch.cat(pairs)
-    metrics: dict[str, Any] = {k: round(v, 6) for k, v in pair_metrics(both[:, 0], both[:, 1], objective.names).items()}
+    return objective, torch.cat(parts), losses, wheres
+
+
+def score_pairs(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str = "") -> dict[str, Any]:
+    """rm: each pair's chosen / rejected score; dpo: its implicit rewards (per pref_loss). Plus accuracy and margin."""
+    objective, both, losses, wheres = _objective_scores(model, tokenizer, cfg)
+    metrics: dict[str, Any] = {k: round(v, 6) for k, v in objective.summary(both).items()}
     metrics.update(eval_loss=round(sum(losses) / len(losses), 6), records=len(both))
     lines = [json.dumps({"record": where, "chosen": round(c, 6), "rejected": round(r, 6), "correct": c > r},
                         ensure_ascii=False) for where, (c, r) in zip(wheres, both.tolist())]
+    write_text_atomic(output_dir / PAIR_SCORES_FILE.format(tag=tag), "\n".join(lines) + "\n")
+    return metrics
+
+
+def score_judged(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str = "") -> dict[str, Any]:
+    """kto: each example's implicit reward β·log(π/π_ref), the mean of the desirable and of the undesirable ones;
+    where eval.dataset holds preference pairs (both answers of one prompt), also the pair accuracy and margin
+    exactly as dpo reports them, so kto and dpo runs compare on the same held-out pairs."""
+    from peftkit.train.objectives import DirectPreference, pair_metrics
+
+    objective, scores, losses, wheres = _objective_scores(model, tokenizer, cfg)
+    metrics: dict[str, Any] = {k: round(v, 6) for k, v in objective.summary(scores).items()}
+    by_record: dict[str, dict[int, float]] = {}
+    for where, (reward, desirable) in zip(wheres, scores.tolist()):
+        by_record.setdefault(where, {})[int(desirable)] = reward
+    pairs = [(r[1], r[0]) for r in by_record.values() if len(r) == 2]
+    if pairs:
+        import torch
+
+        both = torch.tensor(pairs)
+        metrics.update({k: round(v, 6) for k, v in pair_metrics(both[:, 0], both[:, 1], DirectPreference.names).items()})
+        metrics["pairs"] = len(pairs)
+    metrics.update(eval_loss=round(sum(losses) / len(losses), 6), records=len(by_record), examples=len(scores))
+    lines = [json.dumps({"record": where, **({"chosen": round(r[1], 6), "rejected": round(r[0], 6), "correct": r[1] > r[0]}
+                                             if len(r) == 2 else {"desirable": bool(next(iter(r))),
+                                                                  "reward": round(next(iter(r.values())), 6)})},
+                        ensure_ascii=False) for where, r in by_record.items()]
     write_text_atomic(output_dir / PAIR_SCORES_FILE.format(tag=tag), "\n".join(lines) + "\n")
     return metrics
 

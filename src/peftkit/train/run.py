@@ -32,7 +32,7 @@ from peftkit.stages import stage as stage_of
 from peftkit.train.allocator import keep_freed_memory
 from peftkit.train.callbacks import LogCallback, StopCallback, TrackerConfig
 from peftkit.train.checkpoints import config_differences, latest_complete, resolve_resume
-from peftkit.train.objectives import build_objective, pair_eval_metrics
+from peftkit.train.objectives import build_objective, eval_metrics
 from peftkit.train.plot import plot_loss
 from peftkit.train.progress import Progress
 from peftkit.train.runlock import RunLock
@@ -117,11 +117,13 @@ def _prepare_model(cfg: RunConfig, args: Any, tokenizer: Any, data: PreparedData
     output_dir = Path(args.output_dir)
     model = load_stage_model(cfg.model, cfg.stage, data.report.classes, tokenizer.pad_token_id)
     summary: dict[str, Any] = {"output_dir": str(output_dir), "stage": cfg.stage}
+    model = prepare_for_training(model, cfg.finetuning, cfg.stage)
     if cfg.eval.dataset and cfg.eval.before_training and args.should_save and resume is None:
+        # after the adapters of finetuning.adapter_name_or_path are loaded: "before" is the model training starts
+        # from (a new LoRA adapter starts at B = 0, so it is the base model's output)
         before = cfg.eval.before_training
         before_cfg = replace(cfg, eval=replace(cfg.eval, max_samples=before if before is not True else cfg.eval.max_samples))
         summary["metrics_before"] = predict(model, tokenizer, before_cfg, output_dir, tag="_before")
-    model = prepare_for_training(model, cfg.finetuning, cfg.stage)
     converted_init = cfg.finetuning.init_lora_weights in CONVERTED_INITS and not cfg.finetuning.adapter_name_or_path
     if converted_init and args.should_save and not (output_dir / LORA_INIT_DIR).is_dir():  # a resumed run keeps the first run's
         save_initial_adapter(model, output_dir / LORA_INIT_DIR)
@@ -202,8 +204,8 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, tokenizer: Any, data: P
                             TrackerConfig(to_dict(cfg))]
     if extras.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(extras.early_stopping_patience, extras.early_stopping_threshold))
-    objective = build_objective(cfg.stage, model, cfg.finetuning)
-    metrics = pair_eval_metrics(objective.names) if objective is not None else entry.load("metrics")
+    objective = build_objective(cfg.stage, model, cfg, tokenizer=tokenizer)
+    metrics = eval_metrics(objective) if objective is not None else entry.load("metrics")
     has_eval = data.eval is not None
     fixed_shape = (args.per_device_train_batch_size, cfg.data.cutoff_len) if args.torch_compile else None
     return PeftTrainer(

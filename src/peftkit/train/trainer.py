@@ -160,7 +160,7 @@ class PeftTrainer(Seq2SeqTrainer):
     @override
     def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None, **kwargs: Any) -> Any:
-        """rm / dpo: the eval loss and each pair's (chosen, rejected) scores, for pair_eval_metrics."""
+        """Stages with an objective: the eval loss and its scores of each pair or example, for its summary."""
         if self.objective is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys, **kwargs)
         import torch
@@ -180,9 +180,9 @@ class PeftTrainer(Seq2SeqTrainer):
         if self.stage_metrics and "loss" in logs:  # averaged over the steps since the last log
             logs.update({k: round(sum(v) / len(v), 6) for k, v in self.stage_metrics.items()})
             self.stage_metrics.clear()
-        if self.objective is not None:  # trainer_log.jsonl's `reward`: the mean reward margin
-            margin = self.objective.names["margin"]
-            for key in (margin, f"eval_{margin}"):
+        if self.objective is not None:  # trainer_log.jsonl's `reward`: the objective's reward (a mean margin or reward)
+            reward = self.objective.reward_key
+            for key in (reward, f"eval_{reward}"):
                 if key in logs:
                     logs["reward"] = logs[key]
         super().log(logs, start_time)

@@ -55,6 +55,24 @@ function chart(series, {title = "", logY = false} = {}) {
   const axis = `<text x="${L}" y="${H - 6}">${fmt(x0)}</text><text x="${W - R}" y="${H - 6}" text-anchor="end">step ${fmt(x1)}</text>`;
   return `<h3>${esc(title)}</h3><svg class="chart" viewBox="0 0 ${W} ${H}" preserveAspectRatio="none">${grid}${paths}${axis}</svg>${legend}`;
 }
+// Keys every log line has; any other number in a "log" line is a stage's own metric (dpo's rewards/*, kto's kl,
+// grpo's rewards/<function>, kl, completion_length, clip_ratio ...), charted grouped by the part before "/".
+const BASE_KEYS = new Set(["v", "current_steps", "total_steps", "loss", "eval_loss", "reward", "learning_rate", "grad_norm",
+  "epoch", "percentage", "elapsed_seconds", "remaining_seconds", "peak_memory_mb", "time", "world_size", "pid",
+  "tokens_seen", "real_tokens_seen", "supervised_tokens_seen", "tokens_per_second"]);
+function stageGroups(lines) {
+  const groups = new Map();
+  for (const l of lines) {
+    if (l.event !== "log") continue;
+    for (const [k, v] of Object.entries(l)) {
+      if (BASE_KEYS.has(k) || typeof v !== "number") continue;
+      const group = k.includes("/") ? k.split("/")[0] : k;
+      if (!groups.has(group)) groups.set(group, new Set());
+      groups.get(group).add(k);
+    }
+  }
+  return [...groups].map(([group, keys]) => ({group, keys: [...keys]}));
+}
 const pointsOf = (lines, key, event) => lines.filter((l) => (!event || l.event === event) && typeof l[key] === "number").map((l) => [l.current_steps, l[key]]);
 
 // ---- runs list ------------------------------------------------------------------------------
@@ -138,6 +156,7 @@ async function showRun(id, gen) {
       <div id="progress" style="margin-top:.4em"></div><p id="message" class="error"></p></div>
     <div class="grid"><div class="card" id="loss-chart"></div><div class="card" id="eval-chart"></div>
       <div class="card" id="lr-chart"></div><div class="card" id="speed-chart"></div></div>
+    <div class="grid" id="stage-charts"></div>
     <div class="grid"><div class="card" id="files"></div><div class="card"><h3>config.yaml</h3><pre id="config"></pre></div></div>
     <div class="card"><h3>Data</h3><div id="data"></div></div><div class="card" id="console-card" hidden><h3>Console</h3><pre id="console"></pre></div>`;
   const $ = (s) => document.getElementById(s);
@@ -163,6 +182,8 @@ async function showRun(id, gen) {
     $("lr-chart").innerHTML = chart([{name: "learning rate", points: pointsOf(lines, "learning_rate", "log"), color: COLORS[3]}], {title: "Learning rate"});
     $("speed-chart").innerHTML = chart([{name: "tokens/s", points: pointsOf(lines, "tokens_per_second"), color: COLORS[2]}], {title: "Real tokens / s"})
       + `<p class="muted">peak memory: <span id="memory">${fmt(Math.max(0, ...lines.map((l) => l.peak_memory_mb || 0)))}</span> MB</p>`;
+    $("stage-charts").innerHTML = stageGroups(lines).map(({group, keys}) => `<div class="card stage-chart">${
+      chart(keys.map((k, i) => ({name: k, points: pointsOf(lines, k, "log"), color: COLORS[i % COLORS.length]})), {title: group})}</div>`).join("");
   };
   const refreshLog = async () => {
     const r = await api(`api/runs/${enc(id)}/log?since=${next}`);
