@@ -148,7 +148,8 @@ class EvalArgs:
     )
     batch_size: int = _f(16, "Prompts generated together (left padded, sorted by length).")
     before_training: bool | int = _f(
-        False, "Also predict with the untrained model, to show the gain: true (the same records), or a number N "
+        False, "Also predict with the model as training starts (the base model, or the adapter of "
+        "finetuning.adapter_name_or_path), to show the gain: true (the same records), or a number N "
         "(only the first N: a cheap before figure when the after-training eval is long).")
 
 
