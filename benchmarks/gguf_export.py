@@ -28,9 +28,9 @@ def main() -> None:
     from peftkit.config.schema import GenerateArgs
     from peftkit.data.dataset import load_messages
     from peftkit.data.encode import render_prompt
-    from peftkit.eval.generate import generate_batch
     from peftkit.export import export
     from peftkit.export.merge import export_gguf
+    from peftkit.infer.engine import generate_batch
 
     logging.basicConfig(level=logging.INFO, format="[peftkit] %(message)s")
     parser = argparse.ArgumentParser()

@@ -135,7 +135,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_spec(args: argparse.Namespace) -> tuple[Any, str | None, str, str | None]:
+def _model_spec(args: argparse.Namespace) -> tuple[Any, Any, str, str | None]:
     """(ModelArgs, adapter, stage, data.template) for chat / serve: from --config when given (its model.dtype,
     attn_implementation, trust_remote_code, template and stage), --model naming another model or folder."""
     from dataclasses import replace
@@ -174,11 +174,25 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from peftkit.serve import serve
 
+    if args.print_vllm:
+        from peftkit.serve import named_adapters
+        from peftkit.serve.vllm import vllm_hand_off
+
+        for name, run in (named_adapters(args.adapter) if args.adapter else {None: args.model or ""}).items():
+            if not run:
+                raise PeftkitError("--print-vllm needs --adapter RUN (or --model FOLDER)")
+            command, blocks = vllm_hand_off(run, name)
+            print(command)
+            for line in blocks:
+                print(f"  ! {line}")
+        return 0
     api_key = args.api_key or os.environ.get("PEFTKIT_API_KEY")
     loopback = is_loopback(args.host)
     if not loopback and not api_key:
         logger.warning("serving on %s without --api-key: anyone who reaches this address can use the model", args.host)
-    serve(_model_spec(args), args.host, args.port, api_key, args.max_tokens_limit, args.served_model_name)
+    model, adapters, stage, template = _model_spec(args)
+    serve((model, adapters or [], stage, template), args.host, args.port, api_key, args.max_tokens_limit,
+          args.served_model_name, slots=args.slots, max_queue=args.max_queue, request_timeout=args.request_timeout)
     return 0
 
 
@@ -219,9 +233,14 @@ def _cmd_version(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--model", help=f"model name or folder, a merged export too (default: the config's, else {EMBEDDED_MODEL})")
-    p.add_argument("--adapter", help="a trained output_dir (LoRA adapter)")
+    if several:
+        p.add_argument("--adapter", action="append", metavar="[NAME=]RUN",
+                       help="a trained output_dir (LoRA adapter); repeat as NAME=RUN to serve several on one base, "
+                            "the request's model picking one")
+    else:
+        p.add_argument("--adapter", help="a trained output_dir (LoRA adapter)")
     p.add_argument("--config", help="a training YAML: its model.dtype, attn_implementation, trust_remote_code, "
                    "data.template and stage are used")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to --config")
@@ -266,12 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the hub repo private")
     p.set_defaults(func=_cmd_export)
     p = sub.add_parser("serve", help="serve an OpenAI-compatible API (/v1/chat/completions)")
-    _add_model_options(p)
+    _add_model_options(p, several=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (or set PEFTKIT_API_KEY)")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
+    p.add_argument("--slots", type=int, default=16, help="requests generated at once (rows of the running batch)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row; more get 429")
+    p.add_argument("--request-timeout", type=float, default=600,
+                   help="seconds a request may take, waiting included; then it ends with what it has (finish_reason length)")
+    p.add_argument("--print-vllm", action="store_true",
+                   help="print the `vllm serve` command for --adapter (or --model) and what vLLM would refuse, then exit")
     p.set_defaults(func=_cmd_serve)
     p = sub.add_parser("board", help="watch, compare, start, stop and resume runs in the browser")
     p.add_argument("runs_dir", nargs="?", default="outputs", help="the folder holding runs' output_dirs (default outputs)")

@@ -12,9 +12,9 @@ import torch
 
 from peftkit.config.schema import GenerateArgs
 from peftkit.data.encode import render_prompt
-from peftkit.eval.generate import generate_batch
 from peftkit.infer import chat
 from peftkit.infer.chat import chat_loop, load_for_chat
+from peftkit.infer.engine import generate_batch
 
 
 def test_generation_stops_at_end_of_turn_and_strips_it(tiny_model_dir: Path) -> None:
@@ -35,22 +35,6 @@ def test_batched_left_padding_matches_single_generation(tiny_model_dir: Path) ->
     args = GenerateArgs(max_new_tokens=6)
     batched = generate_batch(model, tok, prompts, args)
     assert batched == [generate_batch(model, tok, [p], args)[0] for p in prompts]
-
-
-def test_two_round_generation_equals_one_pass(tiny_model_dir: Path) -> None:
-    from peftkit.eval.generate import generate_many
-
-    model, tok = load_for_chat(str(tiny_model_dir), None)
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    texts = ["hi", "a much longer question here", "two", "three words here", "x"]
-    prompts = [render_prompt(tok, [{"role": "user", "content": t}]) for t in texts]
-    with torch.no_grad():  # <|im_end|> made unlikely: answers run on past round one into round two
-        model.lm_head.weight[end] = 0.0
-    args = GenerateArgs(max_new_tokens=9)  # rounds of 4 and 5 tokens
-    seen: list[tuple[int, int]] = []
-    many = generate_many(model, tok, prompts, args, batch_size=2, progress=lambda d, t: seen.append((d, t)))
-    assert many == [generate_batch(model, tok, [p], args)[0] for p in prompts]
-    assert max(len(a) for a in many) == 9 and seen[-1][1] == 5
 
 
 def test_chat_loop_keeps_history_and_clears(tiny_model_dir: Path, monkeypatch) -> None:

@@ -366,7 +366,7 @@ def app_and_calls(tiny_model_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.serve.app import create_app
-    from peftkit.serve.engine import Engine
+    from peftkit.serve.engine import Service
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -384,7 +384,7 @@ def app_and_calls(tiny_model_dir: Path):
         return out
 
     model.forward = slow_forward
-    app = create_app(Engine(model, tokenizer, 512), "tiny", max_tokens_limit=400, max_body_bytes=100_000)
+    app = create_app(Service(model, tokenizer, 512), "tiny", max_tokens_limit=400, max_body_bytes=100_000)
     return app, calls
 
 

@@ -146,7 +146,7 @@ class EvalArgs:
         "Any of ner_json, exact_match, bleu, rouge, accuracy, f1 (on generated answers) and loss "
         "(eval loss and perplexity, no generation).",
     )
-    batch_size: int = _f(16, "Prompts generated together (left padded, sorted by length).")
+    batch_size: int = _f(16, "Answers generated at once: rows of the engine's running batch (infer/engine.py).")
     before_training: bool | int = _f(
         False, "Also predict with the model as training starts (the base model, or the adapter of "
         "finetuning.adapter_name_or_path), to show the gain: true (the same records), or a number N "
@@ -159,7 +159,9 @@ class GenerateArgs:
     do_sample: bool = _f(False, "Sample instead of greedy decoding.")
     temperature: float = _f(0.7, "Sampling temperature (do_sample only).")
     top_p: float = _f(0.9, "Nucleus sampling mass (do_sample only).")
+    top_k: int = _f(50, "Sample among the k most likely tokens (do_sample only; 0: all; 50 is transformers' default).")
     repetition_penalty: float = _f(1.0, "Penalty > 1 discourages repeats.")
+    json_mode: bool = _f(False, "Constrain answers to a JSON object (what serve's response_format json_object does).")
 
 
 @dataclass
@@ -170,6 +172,7 @@ class GrpoArgs:
     max_new_tokens: int = _f(128, "Longest sampled answer; one cut here gets no end-of-turn token.")
     temperature: float = _f(1.0, "Sampling temperature.")
     top_p: float = _f(1.0, "Nucleus sampling mass.")
+    top_k: int = _f(50, "Sample among the k most likely tokens (0: all); 50 as transformers' generate samples.")
     beta: float = _f(0.0, "Weight of the KL penalty to the reference (the model with its adapter disabled, or a frozen "
                           "copy); 0: no reference forward at all (TRL's default).")
     epsilon: float = _f(0.2, "Clipping of the probability ratio to [1 - epsilon, 1 + epsilon].")

@@ -124,6 +124,8 @@ def _check_grpo(cfg: RunConfig, needs_rewards: bool) -> list[str]:
         issues.append(f"grpo.top_p={g.top_p}: must be in (0, 1]")
     if g.beta < 0:
         issues.append(f"grpo.beta={g.beta}: must be 0 (no KL penalty) or more")
+    if g.top_k < 0:
+        issues.append(f"grpo.top_k={g.top_k}: must be 0 (all tokens) or more")
     return issues
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ from peftkit.config.schema import RunConfig
 from peftkit.constants import PREDICT_RESULTS_FILE, PREDICTIONS_FILE
 from peftkit.data.dataset import load_messages
 from peftkit.data.encode import render_prompt
-from peftkit.eval.generate import adapters_merged, generate_many
 from peftkit.eval.loss import eval_loss
 from peftkit.eval.metrics import METRICS
+from peftkit.infer.engine import adapters_merged, generate_batch
 from peftkit.model.dtypes import autocast_dtype
 from peftkit.stages import stage as stage_of
 
@@ -44,31 +45,100 @@ def predict(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: s
 
 
 def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str) -> dict[str, Any]:
-    """Generated answers scored against the references; results keep file order."""
+    """Generated answers scored against the references; results keep file order.
+
+    Each answer is appended to a partial file as it finishes; a killed eval started again with the same
+    records and settings generates only the answers that are missing (`_resumed`)."""
     data_args = replace(cfg.data, max_samples=cfg.eval.max_samples)
     records = load_messages([str(cfg.eval.dataset)], data_args)
     prompts = [render_prompt(tokenizer, messages[:-1]) for messages, _ in records]
     references = [messages[-1]["content"] for messages, _ in records]
+    final = output_dir / PREDICTIONS_FILE.replace(".jsonl", f"{tag}.jsonl")
+    partial = final.with_name(f".{final.name}.partial")
+    fingerprint = hashlib.sha256(json.dumps([prompts, asdict(cfg.generate)]).encode()).hexdigest()
+    answers: dict[int, list[int]] = _resumed(partial, fingerprint)
+    todo = [i for i in range(len(prompts)) if i not in answers]
+    if answers:
+        logger.info("predict%s: %d of %d answers kept from an interrupted eval (%s)", tag, len(answers), len(prompts), partial)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    meter = _Meter(tag, len(prompts), len(answers))
     start = time.time()
-    with adapters_merged(model):
-        answers = generate_many(model, tokenizer, prompts, cfg.generate, cfg.eval.batch_size,
-                                dtype=autocast_dtype(cfg.train),
-                                progress=lambda done, total: logger.info("predict%s: %d/%d", tag, done, total))
+    with partial.open("a" if answers else "w", encoding="utf-8") as out:
+        if not answers:
+            out.write(json.dumps({"fingerprint": fingerprint}) + "\n")
+
+        def done(k: int, job: Any) -> None:
+            answers[todo[k]] = job.tokens
+            out.write(json.dumps({"index": todo[k], "tokens": job.tokens}) + "\n")
+            out.flush()
+            meter.update(len(job.tokens))
+
+        if todo:
+            with adapters_merged(model):
+                generate_batch(model, tokenizer, [prompts[i] for i in todo], cfg.generate, autocast_dtype(cfg.train),
+                               slots=cfg.eval.batch_size, on_done=done)
     seconds = time.time() - start
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
+    ordered = [answers[i] for i in range(len(prompts))]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in ordered]
     metrics: dict[str, Any] = {}
     for name in cfg.eval.metrics:
         if name != "loss":
             metrics.update(METRICS[name](texts, references))
+    generated = sum(len(answers[i]) for i in todo)
     metrics.update(
         records=len(records),
         predict_seconds=round(seconds, 2),
-        records_per_second=round(len(records) / seconds, 3) if seconds else None,
-        generated_tokens_per_second=round(sum(map(len, answers)) / seconds, 1) if seconds else None,
+        records_per_second=round(len(todo) / seconds, 3) if seconds and todo else None,
+        generated_tokens_per_second=round(generated / seconds, 1) if seconds and todo else None,
     )
     lines = [
         json.dumps({"prompt": tokenizer.decode(p), "predict": t, "label": r}, ensure_ascii=False)
         for p, t, r in zip(prompts, texts, references)
     ]
-    write_text_atomic(output_dir / PREDICTIONS_FILE.replace(".jsonl", f"{tag}.jsonl"), "\n".join(lines) + "\n")
+    write_text_atomic(final, "\n".join(lines) + "\n")
+    partial.unlink(missing_ok=True)
     return metrics
+
+
+def _resumed(partial: Path, fingerprint: str) -> dict[int, list[int]]:
+    """Answers of an interrupted eval of the same prompts and settings; a torn last line is ignored.
+    A partial file of other prompts or settings is started over."""
+    try:
+        lines = partial.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return {}
+    answers: dict[int, list[int]] = {}
+    try:
+        if not lines or json.loads(lines[0]).get("fingerprint") != fingerprint:
+            return {}
+    except json.JSONDecodeError:
+        return {}
+    for line in lines[1:]:
+        try:
+            row = json.loads(line)
+            answers[int(row["index"])] = [int(t) for t in row["tokens"]]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            break  # the line a kill cut short, and nothing can follow it
+    return answers
+
+
+class _Meter:
+    """Progress in the log: answers done of all, tokens/s, ETA; at most every 10 s, and at the end."""
+
+    def __init__(self, tag: str, total: int, done: int) -> None:
+        self.tag, self.total, self.done, self.resumed = tag, total, done, done
+        self.tokens, self.started, self.shown = 0, time.time(), 0.0
+
+    def update(self, tokens: int) -> None:
+        self.done += 1
+        self.tokens += tokens
+        now = time.time()
+        if now - self.shown < 10 and self.done < self.total:
+            return
+        self.shown = now
+        elapsed = now - self.started
+        rate = (self.done - self.resumed) / elapsed if elapsed else 0.0
+        eta = (self.total - self.done) / rate if rate else 0.0
+        bar = "#" * int(20 * self.done / self.total)
+        logger.info("predict%s: [%-20s] %d/%d  %.1f answers/s  %.0f tokens/s  ETA %ds", self.tag, bar, self.done,
+                    self.total, rate, self.tokens / elapsed if elapsed else 0.0, eta)

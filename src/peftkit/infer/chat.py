@@ -11,7 +11,7 @@ from peftkit.config.schema import GenerateArgs, ModelArgs
 from peftkit.data.encode import render_prompt
 from peftkit.data.formats import Message
 from peftkit.data.template import apply_template
-from peftkit.eval.generate import generate
+from peftkit.infer.engine import Sampling, engine_for
 from peftkit.model import load_model, load_tokenizer
 from peftkit.model.loading import saved_classes
 from peftkit.model.value_head import load_value_head
@@ -53,14 +53,23 @@ def _streamer(tokenizer: Any, stream: TextIO) -> Any:
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             print(text, end="\n" if stream_end else "", file=stream, flush=True)
 
-    return _ToStream(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    return _ToStream(tokenizer, skip_prompt=False, skip_special_tokens=True)  # fed only the new tokens
 
 
 def reply(model: Any, tokenizer: Any, messages: list[Message], gen: GenerateArgs, stream: TextIO | None) -> str:
     """The assistant's answer to `messages`, streamed token by token to `stream` when given."""
+    import torch
+
     streamer = _streamer(tokenizer, stream) if stream is not None else None
-    new = generate(model, tokenizer, [render_prompt(tokenizer, messages)], gen, streamer=streamer)
-    return tokenizer.decode(new[0], skip_special_tokens=True).strip()
+    prompt = render_prompt(tokenizer, messages)
+    engine = engine_for(model, tokenizer, [prompt], gen.max_new_tokens, slots=1)
+    job = engine.submit(prompt, Sampling.of(gen))
+    for new in engine.follow(job):
+        if streamer is not None:
+            streamer.put(torch.tensor(new))
+    if streamer is not None:
+        streamer.end()
+    return tokenizer.decode(job.tokens, skip_special_tokens=True).strip()
 
 
 def chat_loop(model: Any, tokenizer: Any, gen: GenerateArgs, system: str | None,

@@ -1,4 +1,4 @@
-"""Serve: an OpenAI-compatible HTTP API over a base model, base + adapter, or a merged folder."""
+"""Serve: an OpenAI-compatible HTTP API over a base model, base + adapter(s), or a merged folder."""
 
 from __future__ import annotations
 
@@ -6,23 +6,71 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from peftkit.errors import PeftkitError
+
 logger = logging.getLogger("peftkit")
 
 
-def serve(spec: tuple[Any, str | None, str, str | None], host: str, port: int, api_key: str | None,
-          max_tokens_limit: int, served_name: str | None) -> None:
-    """Load the model once (spec: load_for_chat's ModelArgs, adapter, stage, template) and serve it until interrupted."""
-    import uvicorn
+def named_adapters(specs: list[str]) -> dict[str, str]:
+    """`--adapter RUN` or `--adapter NAME=RUN`, repeatable: served name → run folder (name: the folder's)."""
+    named: dict[str, str] = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        name = name or Path(path).name
+        if name in named:
+            raise PeftkitError(f"--adapter {spec}: the name {name!r} is given twice; use NAME=RUN to tell them apart")
+        named[name] = path
+    return named
+
+
+def load_served(spec: tuple[Any, list[str], str, str | None]) -> tuple[Any, Any, dict[str, str | None]]:
+    """(model, tokenizer, served name → peft adapter name) for `spec` (load_for_chat's arguments, with a list
+    of adapters). One adapter is merged into the weights in memory (the run is untouched): one matmul per
+    projection. Several are loaded side by side, unmerged; each request's model picks its adapter."""
+    from peft import PeftModel
 
     from peftkit.infer.chat import load_for_chat
-    from peftkit.serve.app import create_app
-    from peftkit.serve.engine import Engine
 
-    model, tokenizer = load_for_chat(*spec)
-    adapter = spec[1]
+    model_args, adapters, stage, template = spec
+    named = named_adapters(adapters)
+    first = next(iter(named.values()), None)
+    model, tokenizer = load_for_chat(model_args, first, stage, template)
+    if len(named) <= 1:
+        if isinstance(model, PeftModel):
+            model = model.merge_and_unload()
+        name = next(iter(named), None) or Path(model_args.name_or_path).name
+        return model, tokenizer, {name: None}
+    peft_names: dict[str, str | None] = {}
+    for k, (name, path) in enumerate(named.items()):
+        if k:
+            model.load_adapter(path, adapter_name=name)
+        peft_names[name] = name if k else "default"
+    return model, tokenizer, peft_names
+
+
+def serve(spec: tuple[Any, list[str], str, str | None], host: str, port: int, api_key: str | None,
+          max_tokens_limit: int, served_name: str | None, slots: int = 16, max_queue: int = 64,
+          request_timeout: float = 600) -> None:
+    """Load the model once and serve it until interrupted."""
+    import uvicorn
+
+    from peftkit.serve.app import create_app
+    from peftkit.serve.engine import Service
+
+    model, tokenizer, served = load_served(spec)
+    if served_name is not None:
+        if len(served) > 1:
+            raise PeftkitError("--served-model-name names one model; with several adapters use --adapter NAME=RUN")
+        served = {served_name: next(iter(served.values()))}
     context = int(getattr(model.config, "max_position_embeddings", 2048))
-    name = served_name or Path(adapter or spec[0].name_or_path).name
-    app = create_app(Engine(model, tokenizer, context), name, api_key=api_key, max_tokens_limit=max_tokens_limit)
-    logger.info("serving %r on http://%s:%d/v1 (context window %d tokens)%s", name, host, port, context,
+    adapters = [a for a in served.values() if a is not None] or None
+    service = Service(model, tokenizer, context, slots=slots, max_queue=max_queue, adapters=adapters,
+                      request_timeout=request_timeout)
+    app = create_app(service, served, api_key=api_key, max_tokens_limit=max_tokens_limit)
+    logger.info("serving %s on http://%s:%d/v1 (context window %d tokens, %d rows, queue %d)%s",
+                ", ".join(map(repr, served)), host, port, context, slots, max_queue,
                 "" if api_key else " without an API key")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        service.close()

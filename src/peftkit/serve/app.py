@@ -1,7 +1,9 @@
-"""An OpenAI-compatible HTTP API over one model: /v1/models and /v1/chat/completions (whole or streamed).
+"""An OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions (whole or streamed, n, seed, logprobs),
+/health and /metrics, over one model or several adapters of one base (the request's `model` picks).
 
-Every bad request gets a 4xx with an OpenAI-style error body; unexpected failures get a 500 body.
-The server never crashes on input.
+Requests run concurrently in the batching engine (serve/engine.py); when `max_queue` already wait for a
+row, the next gets a 429. Every bad request gets a 4xx with an OpenAI-style error body; unexpected
+failures get a 500 body. The server never crashes on input.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from peftkit.data.formats import Message
-from peftkit.serve.engine import Engine, Outcome, Request
+from peftkit.infer.engine import Job, QueueFull
+from peftkit.serve.engine import Outcome, Request, Service
 
 ROLES = ("system", "user", "assistant")
 
@@ -33,6 +36,7 @@ class ApiError(Exception):
 
 def _error_response(status: int, message: str, code: str, param: str | None = None) -> Any:
     kind = "invalid_request_error" if status < 500 else "server_error"
+    kind = "rate_limit_error" if status == 429 else kind
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
@@ -55,14 +59,20 @@ def _content(m: Any, i: int) -> str:
     return content
 
 
-def _parse(body: Any, model_name: str, max_tokens_limit: int) -> tuple[Request, bool, bool]:
-    """(request, stream, include_usage) from a chat.completions body; every type is checked (ApiError 4xx)."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object", "invalid_body")
-    if body.get("model") != model_name:
-        raise ApiError(404, f"The model {body.get('model')!r} does not exist; this server serves {model_name!r}",
-                       "model_not_found", "model")
-    messages = body.get("messages")
+MAX_N = 8  # answers per request
+MAX_TOP_LOGPROBS = 20  # as OpenAI
+
+
+def _int_in(body: dict, key: str, low: int, high: int, default: int | None) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ApiError(400, f"{key}={value!r} must be an integer from {low} to {high}", f"invalid_{key}", key)
+    return value
+
+
+def _messages(messages: Any) -> list[Message]:
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content}", "invalid_messages", "messages")
     clean: list[Message] = []
@@ -72,9 +82,34 @@ def _parse(body: Any, model_name: str, max_tokens_limit: int) -> tuple[Request, 
             raise ApiError(400, f"messages[{i}].role {m.get('role')!r} is not one of {', '.join(ROLES)}",
                            "invalid_role", f"messages[{i}].role")
         clean.append({"role": m["role"], "content": content})
-    n = body.get("n")
-    if n is not None and (not _is_number(n) or n != 1):
-        raise ApiError(400, "only n=1 is supported", "invalid_n", "n")
+    return clean
+
+
+def _logprobs_asked(body: dict) -> int | None:
+    """None: no logprobs; k: the chosen token's and the k most likely (OpenAI's logprobs + top_logprobs)."""
+    if not isinstance(body.get("logprobs", False) or False, bool):
+        raise ApiError(400, "logprobs must be true or false", "invalid_logprobs", "logprobs")
+    top = _int_in(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, 0)
+    if body.get("top_logprobs") is not None and not body.get("logprobs"):
+        raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_top_logprobs", "top_logprobs")
+    return top if body.get("logprobs") else None
+
+
+def _parse(body: Any, models: dict[str, str | None], max_tokens_limit: int) -> tuple[Request, bool, bool]:
+    """(request, stream, include_usage) from a chat.completions body; every type is checked (ApiError 4xx)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", "invalid_body")
+    if not isinstance(body.get("model"), str) or body["model"] not in models:
+        raise ApiError(404, f"The model {body.get('model')!r} does not exist; this server serves "
+                       f"{', '.join(map(repr, models))}", "model_not_found", "model")
+    clean = _messages(body.get("messages"))
+    n = _int_in(body, "n", 1, MAX_N, 1)
+    seed = _int_in(body, "seed", -(2**63), 2**63 - 1, None)
+    logprobs = _logprobs_asked(body)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt not in ({"type": "text"}, {"type": "json_object"}):
+        raise ApiError(400, "response_format: {\"type\": \"text\"} or {\"type\": \"json_object\"} (json_schema is not "
+                       "supported)", "invalid_response_format", "response_format")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(key)
     if max_tokens is None:
@@ -102,7 +137,10 @@ def _parse(body: Any, model_name: str, max_tokens_limit: int) -> tuple[Request, 
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise ApiError(400, "stream_options must be an object such as {\"include_usage\": true}",
                        "invalid_stream_options", "stream_options")
-    request = Request(clean, max_tokens, sampling["temperature"], sampling["top_p"], stop)
+    if stream and logprobs is not None:
+        raise ApiError(400, "logprobs are returned with stream: false only", "invalid_logprobs", "logprobs")
+    request = Request(clean, max_tokens, sampling["temperature"], sampling["top_p"], stop, seed=seed, n=n or 1,
+                      logprobs=logprobs, adapter=models[body["model"]], json=fmt == {"type": "json_object"})
     return request, stream, bool(options.get("include_usage", False))
 
 
@@ -134,115 +172,163 @@ class _Guard:
                 await _error_response(500, f"internal error: {type(e).__name__}: {e}", "internal_error")(scope, receive, send)
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_tokens_limit: int = 1024,
-               max_body_bytes: int = MAX_BODY_BYTES) -> Any:
-    """The FastAPI app; `api_key` set means every request needs `Authorization: Bearer <key>`."""
-    app = FastAPI(title="peftkit", docs_url=None, redoc_url=None)
-    # Requests wait their turn here, on the event loop, not in worker threads: a thread blocked on the
-    # engine's lock for each queued request would exhaust the pool the running one needs for its next step.
-    turn = asyncio.Lock()
+def create_app(service: Service, models: str | dict[str, str | None], api_key: str | None = None,
+               max_tokens_limit: int = 1024, max_body_bytes: int = MAX_BODY_BYTES) -> Any:
+    """The FastAPI app; `models` maps each served name to its adapter (None: the model as loaded); a plain
+    name serves the model as loaded. `api_key` set means every request needs `Authorization: Bearer <key>`."""
+    from fastapi.responses import PlainTextResponse
 
+    served: dict[str, str | None] = {models: None} if isinstance(models, str) else dict(models)
+    app = FastAPI(title="peftkit", docs_url=None, redoc_url=None)
     app.add_middleware(_Guard, api_key=api_key)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "peftkit"}]}
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "peftkit"}
+                                           for name in served]}
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        """Prometheus' text format, as vLLM's /metrics."""
+        lines = [f"peftkit_{k} {v}" for k, v in service.metrics().items()]
+        return PlainTextResponse("\n".join(lines) + "\n")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest) -> Any:
-        declared = http.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > max_body_bytes:
-            return _error_response(413, f"the request body is larger than {max_body_bytes} bytes", "body_too_large")
-        raw = bytearray()
-        async for part in http.stream():  # counted as it arrives: a chunked body has no content-length
-            raw += part
-            if len(raw) > max_body_bytes:
-                return _error_response(413, f"the request body is larger than {max_body_bytes} bytes", "body_too_large")
         try:
-            body = json.loads(bytes(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            return _error_response(400, "the request body is not valid JSON", "invalid_json")
-        try:
-            request, stream, include_usage = _parse(body, model_name, max_tokens_limit)
-            ids = await asyncio.to_thread(engine.prompt_ids, request.messages)  # off the event loop
+            body = await _read_json(http, max_body_bytes)
+            request, stream, include_usage = _parse(body, served, max_tokens_limit)
+            ids = await asyncio.to_thread(service.prompt_ids, request.messages)  # off the event loop
             prompt_len = len(ids)
-            if prompt_len + request.max_tokens > engine.context_window:
-                raise ApiError(400, f"This model's context window is {engine.context_window} tokens; the prompt has "
+            if prompt_len + request.max_tokens > service.context_window:
+                raise ApiError(400, f"This model's context window is {service.context_window} tokens; the prompt has "
                                f"{prompt_len} and max_tokens asks for {request.max_tokens} more",
                                "context_length_exceeded", "messages")
+            jobs = service.submit(request, ids)
         except ApiError as e:
             return _error_response(e.status, e.message, e.code, e.param)
+        except QueueFull as e:
+            return _error_response(429, f"the server is busy ({e}); retry later", "rate_limit_exceeded")
+        name = body["model"]
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         cancel = threading.Event()  # set when the client goes away: generation stops at the next token
         if stream:
-            events = _sse(engine, request, ids, ident, created, model_name, include_usage, cancel)
-            return StreamingResponse(_until_disconnect(events, cancel, turn), media_type="text/event-stream")
-        outcome = Outcome()
-        async with turn:
-            work = asyncio.ensure_future(asyncio.to_thread(lambda: "".join(engine.stream(request, ids, outcome, cancel))))
-            while not work.done():
-                await asyncio.wait([work], timeout=0.25)
-                if not work.done() and await http.is_disconnected():
-                    cancel.set()
-        text = work.result()
-        return {
-            "id": ident, "object": "chat.completion", "created": created, "model": model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": outcome.finish_reason}],
-            "usage": _usage(outcome),
-        }
+            events = _sse(service, request, jobs, ident, created, name, include_usage, cancel)
+            return StreamingResponse(_until_disconnect(events, cancel), media_type="text/event-stream")
+        outcomes = [Outcome() for _ in jobs]
+
+        def answer() -> list[str]:
+            return ["".join(service.stream(request, job, o, cancel)) for job, o in zip(jobs, outcomes)]
+
+        work = asyncio.ensure_future(asyncio.to_thread(answer))
+        while not work.done():
+            await asyncio.wait([work], timeout=0.25)
+            if not work.done() and await http.is_disconnected():
+                cancel.set()
+                for job in jobs:
+                    job.cancel()
+        return _completion(service, request, work.result(), outcomes, ident, created, name, len(ids))
 
     return app
 
 
-def _usage(outcome: Outcome) -> dict[str, int]:
-    return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
-            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
+async def _read_json(http: HttpRequest, max_body_bytes: int) -> Any:
+    """The request body parsed; ApiError 413 past `max_body_bytes` (counted as it arrives: a chunked body has
+    no content-length), 400 when it is not JSON."""
+    declared = http.headers.get("content-length", "")
+    too_large = ApiError(413, f"the request body is larger than {max_body_bytes} bytes", "body_too_large")
+    if declared.isdigit() and int(declared) > max_body_bytes:
+        raise too_large
+    raw = bytearray()
+    async for part in http.stream():
+        raw += part
+        if len(raw) > max_body_bytes:
+            raise too_large
+    try:
+        return json.loads(bytes(raw))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise ApiError(400, "the request body is not valid JSON", "invalid_json") from None
 
 
-async def _until_disconnect(events: Generator[str, None, None], cancel: threading.Event,
-                            turn: asyncio.Lock) -> AsyncIterator[str]:
-    """The sync event generator, each step in a worker thread, once it is this request's turn; however the
-    response ends (a client that disconnects cancels this generator), `cancel` is set so the generation
-    behind it stops too."""
+def _completion(service: Service, request: Request, texts: list[str], outcomes: list[Outcome], ident: str,
+                created: int, name: str, prompt_tokens: int) -> dict[str, Any]:
+    """A chat.completion body: one choice per answer, with logprobs when asked."""
+    choices = []
+    for k, (text, o) in enumerate(zip(texts, outcomes)):
+        choice: dict[str, Any] = {"index": k, "message": {"role": "assistant", "content": text},
+                                  "finish_reason": o.finish_reason}
+        if request.logprobs is not None:
+            choice["logprobs"] = {"content": _logprobs(service.tokenizer, o)}
+        choices.append(choice)
+    completion = sum(o.completion_tokens for o in outcomes)
+    return {"id": ident, "object": "chat.completion", "created": created, "model": name, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                      "total_tokens": prompt_tokens + completion}}
+
+
+def _logprobs(tokenizer: Any, outcome: Outcome) -> list[dict[str, Any]]:
+    """OpenAI's chat logprobs: each token's text, bytes and log-probability, and the most likely alternatives."""
+    def entry(token: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]} for t, lp, top in outcome.logprobs]
+
+
+async def _until_disconnect(events: Generator[str, None, None], cancel: threading.Event) -> AsyncIterator[str]:
+    """The sync event generator, each step in a worker thread; however the response ends (a client that
+    disconnects cancels this generator), `cancel` is set so the generation behind it stops too."""
     stepping = threading.Lock()  # held while a worker thread runs the generator one step
 
     def step() -> str | None:
         with stepping:
             return next(events, None)
 
-    def close() -> None:  # after any step in flight: closing releases the engine's lock now, not at GC
+    def close() -> None:  # after any step in flight: closing cancels the jobs now, not at GC
         with stepping:
             events.close()
 
     try:
-        async with turn:
-            while True:
-                event = await asyncio.to_thread(step)
-                if event is None:
-                    return
-                yield event
+        while True:
+            event = await asyncio.to_thread(step)
+            if event is None:
+                return
+            yield event
     finally:
         cancel.set()
         threading.Thread(target=close, daemon=True).start()
 
 
-def _sse(engine: Engine, request: Request, ids: list[int], ident: str, created: int, model_name: str,
+def _sse(service: Service, request: Request, jobs: list[Job], ident: str, created: int, model_name: str,
          include_usage: bool, cancel: threading.Event) -> Generator[str, None, None]:
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`."""
-    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+    """Server-sent events in OpenAI's chunk format, choice by choice, ending with `data: [DONE]`."""
+    def chunk(index: int, delta: dict, finish: str | None = None) -> str:
         data: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        if usage is not None:
-            data["usage"] = usage
+                                "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    outcome = Outcome()
-    yield chunk({"role": "assistant", "content": ""})
+    outcomes = [Outcome() for _ in jobs]
     try:
-        for text in engine.stream(request, ids, outcome, cancel):
-            yield chunk({"content": text})
+        for k, (job, outcome) in enumerate(zip(jobs, outcomes)):
+            yield chunk(k, {"role": "assistant", "content": ""})
+            for text in service.stream(request, job, outcome, cancel):
+                yield chunk(k, {"content": text})
+            yield chunk(k, {}, outcome.finish_reason)
     except Exception as e:  # noqa: BLE001 - report in-band; the response has already started
         yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
         return
-    yield chunk({}, outcome.finish_reason, _usage(outcome) if include_usage else None)
+    finally:
+        for job in jobs:
+            job.cancel()
+    if include_usage:
+        completion = sum(o.completion_tokens for o in outcomes)
+        usage = {"prompt_tokens": len(jobs[0].prompt), "completion_tokens": completion,
+                 "total_tokens": len(jobs[0].prompt) + completion}
+        data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                "choices": [], "usage": usage}
+        yield f"data: {json.dumps(data)}\n\n"
     yield "data: [DONE]\n\n"

@@ -1,21 +1,20 @@
-"""One model behind a lock: requests are queued and answered one at a time, streamed or whole.
+"""The server's side of the engine: requests become jobs of the one batching engine (infer/engine.py),
+their tokens become text with stop strings applied.
 
-Generation runs in a worker thread feeding a TextIteratorStreamer; stop strings are found in the
-decoded text (a stop may span tokens) and never emitted, as in OpenAI's API.
+Stop strings are found in the decoded text (a stop may span tokens) and never emitted, as in OpenAI's API.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from peftkit.config.schema import GenerateArgs
 from peftkit.data.encode import render_prompt
 from peftkit.data.formats import Message
-from peftkit.data.template import stop_token_ids
-from peftkit.eval.generate import generate
+from peftkit.infer.engine import Engine, Job, Sampling
 
 
 @dataclass
@@ -25,15 +24,21 @@ class Request:
     temperature: float
     top_p: float
     stop: list[str]
+    seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None  # top_logprobs asked for (0: only the chosen token's); None: no logprobs
+    adapter: str | None = None  # which adapter answers (None: the base model)
+    json: bool = False  # response_format json_object: the answer is constrained to a JSON object
 
 
 @dataclass
 class Outcome:
-    """Filled in while streaming: why generation ended and how many tokens it took."""
+    """Filled in while streaming: why generation ended, how many tokens it took, their log-probabilities."""
 
     finish_reason: str = "stop"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 class StopScanner:
@@ -65,71 +70,78 @@ class StopScanner:
         return out
 
 
-class Engine:
-    """Serialises access to the model; each request is generated in full before the next starts."""
+class Service:
+    """The engine running in its own thread, shared by every request; `stream` is one answer's text.
 
-    def __init__(self, model: Any, tokenizer: Any, context_window: int) -> None:
-        self.model, self.tokenizer, self.context_window = model, tokenizer, context_window
-        self.lock = threading.Lock()
+    `max_queue` requests may wait for a row; one more is refused (QueueFull: the app answers 429)."""
+
+    def __init__(self, model: Any, tokenizer: Any, context_window: int, slots: int = 16, max_queue: int = 64,
+                 adapters: list[str] | None = None, dtype: str | None = None, request_timeout: float = 600) -> None:
+        self.tokenizer, self.context_window, self.request_timeout = tokenizer, context_window, request_timeout
+        self.engine = Engine(model, tokenizer, slots=slots, max_len=context_window, dtype=dtype, max_queue=max_queue,
+                             adapters=adapters)
+        self.engine.start()
+        self.started = time.time()
 
     def prompt_ids(self, messages: list[Message]) -> list[int]:
         return render_prompt(self.tokenizer, messages)
 
-    def stream(self, request: Request, ids: list[int], outcome: Outcome,
+    def submit(self, request: Request, ids: list[int]) -> list[Job]:
+        """The request's n jobs, queued (QueueFull when the queue is full; then none is queued)."""
+        sampling = Sampling(max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+                            seed=request.seed, logprobs=request.logprobs, adapter=request.adapter, json=request.json)
+        jobs: list[Job] = []
+        try:
+            for k in range(request.n):
+                seed = None if request.seed is None else request.seed + k  # n different samples, reproducible
+                jobs.append(self.engine.submit(ids, Sampling(**{**sampling.__dict__, "seed": seed})))
+        except Exception:
+            for job in jobs:
+                job.cancel()
+            raise
+        return jobs
+
+    def stream(self, request: Request, job: Job, outcome: Outcome,
                cancel: threading.Event | None = None) -> Iterator[str]:
-        """Text pieces of the answer to the prompt `ids` (from `prompt_ids`); `outcome` holds the finish
-        reason and token counts at the end.
-
-        Generation stops at the next token once `cancel` is set (the client went away) or this generator
-        is closed early: an abandoned request never keeps computing after it lets go of the lock.
-        """
-        from transformers import (
-            StoppingCriteria,
-            StoppingCriteriaList,
-            TextIteratorStreamer,
-        )
-
-        outcome.prompt_tokens = len(ids)
-        gen = GenerateArgs(max_new_tokens=request.max_tokens, do_sample=request.temperature > 0,
-                           temperature=request.temperature or 1.0, top_p=request.top_p)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        halt = threading.Event()
-
-        class _Halt(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
-                return halt.is_set() or (cancel is not None and cancel.is_set())
-
-        result: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                result["out"] = generate(self.model, self.tokenizer, [ids], gen, streamer=streamer,
-                                         stopping_criteria=StoppingCriteriaList([_Halt()]))
-            except Exception as e:  # surfaced to the request below, never kills the server
-                result["error"] = e
-                streamer.end()
-
+        """Text pieces of `job`'s answer; `outcome` holds the finish reason, token counts and log-probabilities
+        at the end. Setting `cancel` (the client went away) or closing this generator cancels the job; so
+        does `request_timeout` seconds after submission (the answer so far, finish_reason length)."""
+        outcome.prompt_tokens = len(job.prompt)
         scanner = StopScanner(request.stop)
-        with self.lock:
-            worker = threading.Thread(target=work, daemon=True)
-            worker.start()
-            try:
-                for piece in streamer:
-                    text = scanner.feed(piece)
-                    if text:
-                        yield text
-                    if scanner.stopped:
-                        halt.set()
-            finally:  # also on GeneratorExit: the consumer left, so the worker must stop before the lock is free
-                halt.set()
-                worker.join()
-        if "error" in result:
-            raise result["error"]
-        tail = scanner.flush()
+        tokens: list[int] = []
+        emitted = 0
+        deadline = job.submitted + self.request_timeout
+        try:
+            for new in job.stream(deadline=deadline):
+                if cancel is not None and cancel.is_set():
+                    break
+                tokens += new
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if text.endswith("\ufffd"):  # a character cut between tokens: wait for the rest
+                    continue
+                piece = scanner.feed(text[emitted:])
+                emitted = len(text)
+                if piece:
+                    yield piece
+                if scanner.stopped:
+                    break
+        finally:  # the consumer left, a stop string matched, or the client went away: the row is freed
+            job.cancel()
+        rest = self.tokenizer.decode(tokens, skip_special_tokens=True)[emitted:]  # a held-back partial character
+        tail = scanner.feed(rest) + scanner.flush()
         if tail:
             yield tail
-        new = result["out"][0].tolist()
-        stops = set(stop_token_ids(self.tokenizer))
-        ended = any(t in stops for t in new)
-        outcome.completion_tokens = len([t for t in new if t not in stops and t != self.tokenizer.pad_token_id])
-        outcome.finish_reason = "stop" if scanner.stopped or ended else "length"
+        outcome.completion_tokens = len(tokens)
+        outcome.finish_reason = "stop" if scanner.stopped or job.finish_reason == "stop" else "length"
+        outcome.logprobs = [(t, lp, top) for t, (lp, top) in zip(tokens, job.logprobs)]
+
+    def metrics(self) -> dict[str, float]:
+        """What /metrics reports."""
+        engine = self.engine
+        elapsed = max(time.time() - self.started, 1e-9)
+        return {"queue_depth": len(engine.waiting), "running": len(engine.active), "slots": engine.slots,
+                "generated_tokens_total": engine.generated_tokens,
+                "generated_tokens_per_second": round(engine.generated_tokens / elapsed, 2)}
+
+    def close(self) -> None:
+        self.engine.close()

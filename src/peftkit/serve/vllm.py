@@ -1,0 +1,43 @@
+"""Handing a run to vLLM: the `vllm serve` command for a LoRA run (or a merged export), and what in the
+adapter vLLM's LoRA loader refuses or must be told, from its PEFTHelper checks (vllm/lora/peft_helper.py:
+rank above --max-lora-rank, bias without --enable-lora-bias, DoRA, modules_to_save). vLLM needs a GPU
+and is not installed here: the command is checked against those rules, not run."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+from peftkit.errors import PeftkitError
+
+VLLM_DEFAULT_MAX_LORA_RANK = 16
+
+
+def vllm_hand_off(run: str | Path, name: str | None = None) -> tuple[str, list[str]]:
+    """(the `vllm serve` command line, what blocks the adapter in vLLM: empty when nothing does)."""
+    run = Path(run)
+    config_file = run / "adapter_config.json"
+    if not config_file.is_file():
+        if not (run / "config.json").is_file():
+            raise PeftkitError(f"{run}: neither a LoRA run (adapter_config.json) nor a model folder (config.json)")
+        return f"vllm serve {shlex.quote(str(run))}", []  # a merged export or a full / freeze run: a plain model
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    name = name or run.name
+    base = config.get("base_model_name_or_path") or "BASE_MODEL"
+    flags = ["--enable-lora", "--lora-modules", shlex.quote(f"{name}={run}")]
+    rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+    if rank > VLLM_DEFAULT_MAX_LORA_RANK:
+        flags += ["--max-lora-rank", str(rank)]
+    if config.get("bias", "none") != "none":
+        flags.append("--enable-lora-bias")
+    blocks = []
+    if config.get("peft_type", "LORA") != "LORA":
+        blocks.append(f"peft_type {config['peft_type']}: vLLM loads LoRA adapters only")
+    if config.get("use_dora"):
+        blocks.append("use_dora: vLLM does not support DoRA adapters")
+    if config.get("modules_to_save"):
+        blocks.append(f"modules_to_save {config['modules_to_save']}: vLLM's LoRA loader refuses fully trained modules")
+    if blocks:
+        blocks.append(f"serve a merged export instead: peftkit export --adapter {run} --out MERGED, then vllm serve MERGED")
+    return f"vllm serve {shlex.quote(str(base))} " + " ".join(flags), blocks

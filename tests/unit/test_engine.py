@@ -1,0 +1,403 @@
+"""The batching engine (infer/engine.py) on the tiny model: batched answers equal one-at-a-time answers,
+rows join and leave at token granularity, per-request sampling, cancellation, the bounded queue, several
+adapters in one batch, and the server's use of it (n, seed, logprobs, 429, /metrics, adapter routing)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkit.data.encode import render_prompt
+from peftkit.data.template import stop_token_ids
+from peftkit.infer.chat import load_for_chat
+from peftkit.infer.engine import Engine, QueueFull, Sampling
+
+TEXTS = ["hi", "a much longer question here, with more words in it than the others", "two", "three words here",
+         "x", "高勇：男，中国国籍", "Name a colour.", "Count to three, then stop."]
+
+
+@pytest.fixture()
+def model_and_tok(tiny_model_dir: Path):
+    model, tok = load_for_chat(str(tiny_model_dir), None)
+    with torch.no_grad():  # end-of-turn made unlikely: answers run to their budgets (rows leave at different steps)
+        for t in stop_token_ids(tok):
+            model.lm_head.weight[t] = 0.0
+    return model, tok
+
+
+def _prompts(tok) -> list[list[int]]:
+    return [render_prompt(tok, [{"role": "user", "content": t}]) for t in TEXTS]
+
+
+def _alone(model, tok, prompt: list[int], sampling: Sampling) -> list[int]:
+    engine = Engine(model, tok, slots=1, max_len=len(prompt) + sampling.max_new_tokens)
+    return engine.generate([prompt], sampling)[0].tokens
+
+
+def test_continuous_batching_equals_one_at_a_time(model_and_tok) -> None:
+    model, tok = model_and_tok
+    prompts = _prompts(tok)
+    budgets = [3, 17, 9, 1, 12, 6, 20, 4]  # rows finish at different steps; waiting ones take their place
+    samplings = [Sampling(max_new_tokens=b) for b in budgets]
+    # 3 rows for 8 requests, and a cache barely longer than the longest request: shifts and compactions happen
+    engine = Engine(model, tok, slots=3, max_len=max(len(p) + b for p, b in zip(prompts, budgets)) + 2)
+    shifts = []
+    real_shift = engine._shift
+    engine._shift = lambda d: (shifts.append(d), real_shift(d))[1]
+    finished: list[int] = []
+    jobs = engine.generate(prompts, samplings, on_done=lambda i, job: finished.append(i))
+    assert [len(j.tokens) for j in jobs] == budgets and all(j.finish_reason == "length" for j in jobs)
+    for prompt, sampling, job in zip(prompts, samplings, jobs):
+        assert job.tokens == _alone(model, tok, prompt, sampling)
+    assert sorted(finished) == list(range(8)) and finished != sorted(finished, key=lambda i: -len(prompts[i]))
+    assert any(d < 0 for d in shifts) and any(d > 0 for d in shifts)  # both directions were exercised
+    assert not engine.active and engine.t == 0
+
+
+def test_stop_token_ends_a_row_and_is_reported(tiny_model_dir: Path) -> None:
+    model, tok = load_for_chat(str(tiny_model_dir), None)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    with torch.no_grad():  # <|im_end|> the certain next token
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[end] = 1.0
+        model.model.norm.weight.fill_(1.0)
+    (job,) = Engine(model, tok, slots=2, max_len=64).generate(_prompts(tok)[:1], Sampling(max_new_tokens=9))
+    assert job.tokens == [] and job.finish_reason == "stop" and job.stop_token in stop_token_ids(tok)
+
+
+def test_sampling_is_per_request_and_seeded(model_and_tok) -> None:
+    model, tok = model_and_tok
+    prompts = _prompts(tok)
+    hot = Sampling(max_new_tokens=8, temperature=1.5, top_p=0.9, seed=7)
+    engine = Engine(model, tok, slots=8, max_len=128)
+    # the seeded request beside greedy and other seeded ones: its answer depends on its seed only
+    jobs = engine.generate(prompts[:4], [hot, Sampling(max_new_tokens=8), Sampling(max_new_tokens=8, temperature=1.5,
+                                                                                  seed=8), hot])
+    assert jobs[0].tokens == _alone(model, tok, prompts[0], hot)
+    assert jobs[1].tokens == _alone(model, tok, prompts[1], Sampling(max_new_tokens=8))
+    again = engine.generate([prompts[2]], Sampling(max_new_tokens=8, temperature=1.5, seed=9))[0].tokens
+    assert again != jobs[2].tokens  # another seed, another sample (8 tokens from a 1.5-temperature random model)
+
+
+def test_repetition_penalty_matches_transformers(model_and_tok) -> None:
+    model, tok = model_and_tok
+    prompt = _prompts(tok)[1]
+    ours = _alone(model, tok, prompt, Sampling(max_new_tokens=10, repetition_penalty=1.3))
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, repetition_penalty=1.3,
+                             eos_token_id=None, temperature=None, top_p=None, top_k=None)
+    assert ours == out[0, len(prompt):].tolist()
+
+
+def test_cancel_frees_the_row_and_a_cancelled_waiting_job_never_runs(model_and_tok) -> None:
+    model, tok = model_and_tok
+    prompts = _prompts(tok)
+    engine = Engine(model, tok, slots=1, max_len=128)
+    running = engine.submit(prompts[0], Sampling(max_new_tokens=50))
+    waiting = engine.submit(prompts[1], Sampling(max_new_tokens=5))
+    engine.step()
+    engine.step()
+    running.cancel()
+    waiting.cancel()
+    engine.step()
+    assert running.finish_reason == "cancelled" and 0 < len(running.tokens) < 50
+    assert waiting.finish_reason == "cancelled" and waiting.tokens == []
+    assert not engine.active and not engine.waiting
+
+
+def test_a_full_queue_refuses_and_a_request_that_cannot_fit_is_an_error(model_and_tok) -> None:
+    model, tok = model_and_tok
+    engine = Engine(model, tok, slots=1, max_len=64, max_queue=2)
+    for _ in range(2):
+        engine.submit([1, 2, 3], Sampling(max_new_tokens=4))
+    with pytest.raises(QueueFull):
+        engine.submit([1, 2, 3], Sampling(max_new_tokens=4))
+    with pytest.raises(ValueError, match="holds 64"):
+        Engine(model, tok, slots=1, max_len=64).submit(list(range(60)), Sampling(max_new_tokens=8))
+
+
+def _adapter(base_dir: Path, out: Path, seed: int) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"],
+                                      init_lora_weights=False))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_model_dir: Path, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: str(_adapter(tiny_model_dir, root / name, seed)) for name, seed in (("ner", 1), ("chat", 2))}
+
+
+def test_two_adapters_in_one_batch_answer_as_each_alone(tiny_model_dir: Path, two_adapters: dict[str, str]) -> None:
+    from peftkit.config.schema import ModelArgs
+    from peftkit.serve import load_served
+
+    model, tok, served = load_served((ModelArgs(name_or_path=str(tiny_model_dir)), [f"{n}={p}" for n, p in
+                                                                                    two_adapters.items()], "sft", None))
+    assert served == {"ner": "default", "chat": "chat"}
+    prompts = _prompts(tok)
+    names = ["ner", "chat", "chat", "ner", "ner", "chat", "ner", "chat"]
+    engine = Engine(model, tok, slots=4, max_len=128, adapters=list(served.values()))
+    mixed = engine.generate(prompts, [Sampling(max_new_tokens=10, adapter=served[n]) for n in names])
+    for name in ("ner", "chat"):
+        single, stok, _ = load_served((ModelArgs(name_or_path=str(tiny_model_dir)), [two_adapters[name]], "sft", None))
+        want = Engine(single, stok, slots=4, max_len=128).generate(prompts, Sampling(max_new_tokens=10))
+        for job, w, n in zip(mixed, want, names):
+            if n == name:
+                assert job.tokens == w.tokens
+    assert mixed[0].tokens != mixed[1].tokens or mixed[3].tokens != mixed[2].tokens  # the adapters differ
+
+
+# ---- the server on the engine -------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def slow_app(tiny_model_dir: Path):
+    """The app over the tiny model with 1 row, a queue of 2 and each forward slowed to 30 ms."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.serve.app import create_app
+    from peftkit.serve.engine import Service
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    real = model.forward
+
+    def slow(*a, **k):
+        time.sleep(0.03)
+        return real(*a, **k)
+
+    model.forward = slow
+    service = Service(model, tok, 512, slots=1, max_queue=2)
+    yield create_app(service, "tiny"), service
+    service.close()
+
+
+def test_requests_beyond_the_queue_get_429_and_every_admitted_one_is_answered(slow_app) -> None:
+    from fastapi.testclient import TestClient
+
+    app, service = slow_app
+    client = TestClient(app)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12}
+    codes: list[int] = []
+
+    def one() -> None:
+        codes.append(client.post("/v1/chat/completions", json=body).status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert sorted(set(codes)) == [200, 429] and codes.count(200) >= 3  # 1 running + 2 waiting at least
+    metrics = client.get("/metrics").text
+    assert "peftkit_queue_depth 0" in metrics and "peftkit_generated_tokens_total" in metrics
+    assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_n_seed_and_logprobs(slow_app) -> None:
+    from fastapi.testclient import TestClient
+
+    app, _ = slow_app
+    client = TestClient(app)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 1.0,
+            "seed": 3, "n": 2, "logprobs": True, "top_logprobs": 2}
+    first = client.post("/v1/chat/completions", json=body).json()
+    again = client.post("/v1/chat/completions", json=body).json()
+    assert [c["index"] for c in first["choices"]] == [0, 1]
+    assert [c["message"]["content"] for c in first["choices"]] == [c["message"]["content"] for c in again["choices"]]
+    assert len({c["message"]["content"] for c in first["choices"]}) > 1  # n samples, not one repeated
+    entries = first["choices"][0]["logprobs"]["content"]
+    assert len(entries) == 6 and all(e["logprob"] <= 0 and len(e["top_logprobs"]) == 2 for e in entries)
+    assert all(e["top_logprobs"][0]["logprob"] >= e["logprob"] - 1e-6 for e in entries)
+    assert first["usage"]["completion_tokens"] == 12
+
+
+def test_the_request_model_picks_the_adapter(tiny_model_dir: Path, two_adapters: dict[str, str]) -> None:
+    from fastapi.testclient import TestClient
+
+    from peftkit.config.schema import ModelArgs
+    from peftkit.serve import load_served
+    from peftkit.serve.app import create_app
+    from peftkit.serve.engine import Service
+
+    def app_for(adapters: list[str]):
+        model, tok, served = load_served((ModelArgs(name_or_path=str(tiny_model_dir)), adapters, "sft", None))
+        service = Service(model, tok, 512, slots=4, adapters=[a for a in served.values() if a] or None)
+        return TestClient(create_app(service, served)), service
+
+    both, service = app_for([f"{n}={p}" for n, p in two_adapters.items()])
+    assert [m["id"] for m in both.get("/v1/models").json()["data"]] == ["ner", "chat"]
+    messages = [{"role": "user", "content": "Name a colour."}]
+    for name, path in two_adapters.items():
+        alone, alone_service = app_for([f"{name}={path}"])
+        body = {"model": name, "messages": messages, "max_tokens": 8, "temperature": 0}
+        want = alone.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        assert both.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"] == want
+        alone_service.close()
+    missing = both.post("/v1/chat/completions", json={"model": "other", "messages": messages})
+    assert missing.status_code == 404 and "'ner', 'chat'" in json.dumps(missing.json())
+    service.close()
+
+
+def test_eval_resumes_an_interrupted_run(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path, monkeypatch) -> None:
+    """A kill after some answers (simulated: the engine raises after 3) leaves them in the partial file; the
+    next eval generates only the others, and its predictions equal an uninterrupted eval's."""
+    from peftkit.config import load_config
+    from peftkit.eval import predict as predict_module
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"eval.dataset={alpaca_file}",
+                             "train.output_dir=x", "eval.metrics=[exact_match]", "eval.batch_size=2",
+                             "generate.max_new_tokens=6"])
+    model, tok = load_for_chat(str(tiny_model_dir), None)
+    clean = predict_module.predict(model, tok, cfg, tmp_path / "clean")
+    real = predict_module.generate_batch
+    asked: list[int] = []
+
+    def killed(model, tok, prompts, args, dtype=None, slots=64, on_done=None):
+        asked.append(len(prompts))
+        count = [0]
+
+        def done(i, job):
+            on_done(i, job)
+            count[0] += 1
+            if len(asked) == 1 and count[0] == 3:
+                raise KeyboardInterrupt
+
+        return real(model, tok, prompts, args, dtype, slots, done)
+
+    partial = tmp_path / "run" / ".generated_predictions.jsonl.partial"
+    monkeypatch.setattr(predict_module, "generate_batch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        predict_module.predict(model, tok, cfg, tmp_path / "run")
+    assert partial.exists() and not (tmp_path / "run" / "generated_predictions.jsonl").exists()
+    with open(partial, "a") as f:
+        f.write('{"index": 7, "tok')  # the line a SIGKILL cut short
+    resumed = predict_module.predict(model, tok, cfg, tmp_path / "run")
+    assert asked == [8, 5]  # 3 answers kept, 5 generated again
+    assert not partial.exists()
+    assert (tmp_path / "run" / "generated_predictions.jsonl").read_text() == \
+        (tmp_path / "clean" / "generated_predictions.jsonl").read_text()
+    assert resumed["exact_match"] == clean["exact_match"]
+
+
+def test_vllm_hand_off_names_what_vllm_needs(two_adapters: dict[str, str], tmp_path: Path, capsys) -> None:
+    from peftkit.cli import main
+    from peftkit.serve.vllm import vllm_hand_off
+
+    run = Path(two_adapters["ner"])
+    command, blocks = vllm_hand_off(run)
+    assert command.startswith("vllm serve ") and f"--enable-lora --lora-modules ner={run}" in command
+    assert "--max-lora-rank" not in command and blocks == []  # rank 4 is within vLLM's default 16
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    config = json.loads((run / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "r": 64, "use_dora": True, "bias": "all",
+                                                         "modules_to_save": ["lm_head"]}))
+    command, blocks = vllm_hand_off(bad, "x")
+    assert "--max-lora-rank 64" in command and "--enable-lora-bias" in command
+    assert any("DoRA" in b for b in blocks) and any("modules_to_save" in b for b in blocks)
+    assert main(["serve", "--adapter", f"chat={two_adapters['chat']}", "--print-vllm"]) == 0
+    assert f"--lora-modules chat={two_adapters['chat']}" in capsys.readouterr().out
+
+
+def test_a_shared_prefix_is_computed_once_and_changes_no_answer(model_and_tok) -> None:
+    model, tok = model_and_tok
+    system = [{"role": "system", "content": "You extract entities from resumes and answer in JSON only."}]
+    prompts = [render_prompt(tok, system + [{"role": "user", "content": t}]) for t in TEXTS]
+    computed: list[int] = []
+    real = model.forward
+
+    def counting(*a, **k):
+        computed.append(k["input_ids"].numel())
+        return real(*a, **k)
+
+    model.forward = counting
+    engine = Engine(model, tok, slots=3, max_len=160)
+    jobs = engine.generate(prompts, Sampling(max_new_tokens=7))
+    assert len(engine.prefix) >= 10 and all(p[: len(engine.prefix)] == engine.prefix for p in prompts)
+    with_prefix = sum(computed)
+    computed.clear()
+    plain = Engine(model, tok, slots=3, max_len=160)
+    plain.set_prefix = lambda ids: None  # no prefix cache
+    assert [j.tokens for j in plain.generate(prompts, Sampling(max_new_tokens=7))] == [j.tokens for j in jobs]
+    # the same schedule, less computed: the prefix once instead of once per prompt
+    assert with_prefix == sum(computed) - (len(prompts) - 1) * len(engine.prefix)
+
+
+def test_a_request_past_its_timeout_ends_with_what_it_has(slow_app) -> None:
+    from fastapi.testclient import TestClient
+
+    app, service = slow_app
+    service.request_timeout = 0.6
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "temperature": 1.0,
+            "seed": 1}
+    start = time.time()
+    reply = TestClient(app).post("/v1/chat/completions", json=body).json()
+    assert time.time() - start < 5  # 400 tokens at 30 ms would take 12 s
+    assert reply["choices"][0]["finish_reason"] == "length" and 0 < reply["usage"]["completion_tokens"] < 400
+    time.sleep(0.2)
+    assert not service.engine.active  # the row was freed
+
+
+# ---- JSON mode ------------------------------------------------------------------------------------------
+
+
+DOCS = ['{"姓名": ["吴重阳"], "国籍": ["中国国籍"]}', '{"a": [1, -2.5e+3, true, false, null, {"b": "x\\"y\\u00e9"}], "c": {}}',
+        "{}", ' { "k" : [ ] } ']
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_json_prefixes_are_accepted_and_closed_into_valid_json(doc: str) -> None:
+    from peftkit.infer.json_mode import JsonState, closing, feed
+
+    for cut in range(len(doc) + 1):
+        state = feed(JsonState(), doc[:cut])
+        assert state is not None, doc[:cut]
+        assert isinstance(json.loads(doc[:cut] + closing(state)), dict)
+    assert feed(JsonState(), doc).complete
+
+
+@pytest.mark.parametrize("bad", ["[1]", '{"a" 1}', '{"a": 01}', "{a: 1}", '{"a": tru }', '{"a": 1,}', '{"a": 1}}', '"x"',
+                                 '{"a": "\x01"}', '{"a": 1.}', '{"a": -}'])
+def test_what_no_json_object_starts_with_is_refused(bad: str) -> None:
+    from peftkit.infer.json_mode import JsonState, feed
+
+    state = feed(JsonState(), bad)
+    assert state is None or not state.complete
+
+
+def test_json_mode_answers_always_parse(model_and_tok) -> None:
+    model, tok = model_and_tok
+    prompts = _prompts(tok)
+    engine = Engine(model, tok, slots=4, max_len=200)
+    budgets = [2, 3, 5, 8, 12, 20, 40, 60]
+    for temperature in (0.0, 1.2):
+        samplings = [Sampling(max_new_tokens=b, temperature=temperature, seed=i, json=True) for i, b in enumerate(budgets)]
+        for job, budget in zip(engine.generate(prompts, samplings), budgets):
+            text = tok.decode(job.tokens, skip_special_tokens=True)
+            assert isinstance(json.loads(text), dict), (budget, text)
+            assert len(job.tokens) <= budget
+
+
+def test_serve_json_object_response_format(slow_app) -> None:
+    from fastapi.testclient import TestClient
+
+    app, _ = slow_app
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
+            "response_format": {"type": "json_object"}}
+    reply = TestClient(app).post("/v1/chat/completions", json=body).json()
+    assert isinstance(json.loads(reply["choices"][0]["message"]["content"]), dict)
