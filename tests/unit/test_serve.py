@@ -77,6 +77,20 @@ def test_streaming_matches_the_whole_answer(client: openai.OpenAI) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= 8  # OpenAI's usage chunk
 
 
+def test_completions_continue_a_raw_prompt(client: openai.OpenAI, tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    whole = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0)
+    assert whole.object == "text_completion" and whole.choices[0].finish_reason in ("stop", "length")
+    raw = AutoTokenizer.from_pretrained(tiny_model_dir)("Once upon a time")["input_ids"]  # no chat template around it
+    assert whole.usage.prompt_tokens == len(raw) and whole.usage.completion_tokens <= 6
+    chunks = list(client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    two = client.completions.create(model="tiny", prompt="Once", max_tokens=6, temperature=1.0, seed=5, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+
+
 def test_auth_required(server: str) -> None:
     bad = openai.OpenAI(base_url=server, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Generator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI
@@ -95,17 +96,24 @@ def _logprobs_asked(body: dict) -> int | None:
     return top if body.get("logprobs") else None
 
 
-def _parse(body: Any, models: dict[str, str | None], max_tokens_limit: int) -> tuple[Request, bool, bool]:
-    """(request, stream, include_usage) from a chat.completions body; every type is checked (ApiError 4xx)."""
+def _parse(body: Any, models: dict[str, str | None], max_tokens_limit: int,
+           chat: bool = True) -> tuple[Request, bool, bool]:
+    """(request, stream, include_usage) from a chat.completions body (or, `chat` false, a completions body:
+    a `prompt` string, continued as it is); every type is checked (ApiError 4xx)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", "invalid_body")
     if not isinstance(body.get("model"), str) or body["model"] not in models:
         raise ApiError(404, f"The model {body.get('model')!r} does not exist; this server serves "
                        f"{', '.join(map(repr, models))}", "model_not_found", "model")
-    clean = _messages(body.get("messages"))
+    clean = _messages(body.get("messages")) if chat else []
+    prompt = None if chat else body.get("prompt")
+    if not chat and (not isinstance(prompt, str) or not prompt):
+        raise ApiError(400, "prompt must be a non-empty string", "invalid_prompt", "prompt")
     n = _int_in(body, "n", 1, MAX_N, 1)
     seed = _int_in(body, "seed", -(2**63), 2**63 - 1, None)
-    logprobs = _logprobs_asked(body)
+    logprobs = _logprobs_asked(body) if chat else None
+    if not chat and body.get("logprobs") is not None:
+        raise ApiError(400, "logprobs are returned by /v1/chat/completions only", "invalid_logprobs", "logprobs")
     fmt = body.get("response_format")
     if fmt is not None and fmt not in ({"type": "text"}, {"type": "json_object"}):
         raise ApiError(400, "response_format: {\"type\": \"text\"} or {\"type\": \"json_object\"} (json_schema is not "
@@ -140,7 +148,8 @@ def _parse(body: Any, models: dict[str, str | None], max_tokens_limit: int) -> t
     if stream and logprobs is not None:
         raise ApiError(400, "logprobs are returned with stream: false only", "invalid_logprobs", "logprobs")
     request = Request(clean, max_tokens, sampling["temperature"], sampling["top_p"], stop, seed=seed, n=n or 1,
-                      logprobs=logprobs, adapter=models[body["model"]], json=fmt == {"type": "json_object"})
+                      logprobs=logprobs, adapter=models[body["model"]], json=fmt == {"type": "json_object"},
+                      prompt=prompt)
     return request, stream, bool(options.get("include_usage", False))
 
 
@@ -179,6 +188,9 @@ def create_app(service: Service, models: str | dict[str, str | None], api_key: s
     from fastapi.responses import PlainTextResponse
 
     served: dict[str, str | None] = {models: None} if isinstance(models, str) else dict(models)
+    # Waiting for tokens blocks a thread per request in flight; they get their own pool, so a full house
+    # never starves the default pool that tokenizes new requests (which then could not even be refused).
+    waiting = ThreadPoolExecutor(service.engine.slots + (service.engine.max_queue or 64) + 8, "peftkit-wait")
     app = FastAPI(title="peftkit", docs_url=None, redoc_url=None)
     app.add_middleware(_Guard, api_key=api_key)
 
@@ -199,10 +211,17 @@ def create_app(service: Service, models: str | dict[str, str | None], api_key: s
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HttpRequest) -> Any:
+        return await handle(http, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest) -> Any:
+        return await handle(http, chat=False)
+
+    async def handle(http: HttpRequest, chat: bool) -> Any:
         try:
             body = await _read_json(http, max_body_bytes)
-            request, stream, include_usage = _parse(body, served, max_tokens_limit)
-            ids = await asyncio.to_thread(service.prompt_ids, request.messages)  # off the event loop
+            request, stream, include_usage = _parse(body, served, max_tokens_limit, chat)
+            ids = await asyncio.to_thread(service.prompt_ids, request)  # off the event loop
             prompt_len = len(ids)
             if prompt_len + request.max_tokens > service.context_window:
                 raise ApiError(400, f"This model's context window is {service.context_window} tokens; the prompt has "
@@ -214,24 +233,24 @@ def create_app(service: Service, models: str | dict[str, str | None], api_key: s
         except QueueFull as e:
             return _error_response(429, f"the server is busy ({e}); retry later", "rate_limit_exceeded")
         name = body["model"]
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
         cancel = threading.Event()  # set when the client goes away: generation stops at the next token
         if stream:
-            events = _sse(service, request, jobs, ident, created, name, include_usage, cancel)
-            return StreamingResponse(_until_disconnect(events, cancel), media_type="text/event-stream")
+            events = _sse(service, request, jobs, ident, created, name, include_usage, cancel, chat)
+            return StreamingResponse(_until_disconnect(events, cancel, waiting), media_type="text/event-stream")
         outcomes = [Outcome() for _ in jobs]
 
         def answer() -> list[str]:
             return ["".join(service.stream(request, job, o, cancel)) for job, o in zip(jobs, outcomes)]
 
-        work = asyncio.ensure_future(asyncio.to_thread(answer))
+        work = asyncio.get_running_loop().run_in_executor(waiting, answer)
         while not work.done():
             await asyncio.wait([work], timeout=0.25)
             if not work.done() and await http.is_disconnected():
                 cancel.set()
                 for job in jobs:
                     job.cancel()
-        return _completion(service, request, work.result(), outcomes, ident, created, name, len(ids))
+        return _completion(service, request, work.result(), outcomes, ident, created, name, len(ids), chat)
 
     return app
 
@@ -255,17 +274,18 @@ async def _read_json(http: HttpRequest, max_body_bytes: int) -> Any:
 
 
 def _completion(service: Service, request: Request, texts: list[str], outcomes: list[Outcome], ident: str,
-                created: int, name: str, prompt_tokens: int) -> dict[str, Any]:
-    """A chat.completion body: one choice per answer, with logprobs when asked."""
+                created: int, name: str, prompt_tokens: int, chat: bool = True) -> dict[str, Any]:
+    """A chat.completion (or text_completion) body: one choice per answer, with logprobs when asked."""
     choices = []
     for k, (text, o) in enumerate(zip(texts, outcomes)):
-        choice: dict[str, Any] = {"index": k, "message": {"role": "assistant", "content": text},
-                                  "finish_reason": o.finish_reason}
+        answer = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
+        choice: dict[str, Any] = {"index": k, **answer, "finish_reason": o.finish_reason}
         if request.logprobs is not None:
             choice["logprobs"] = {"content": _logprobs(service.tokenizer, o)}
         choices.append(choice)
     completion = sum(o.completion_tokens for o in outcomes)
-    return {"id": ident, "object": "chat.completion", "created": created, "model": name, "choices": choices,
+    return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created, "model": name,
+            "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                       "total_tokens": prompt_tokens + completion}}
 
@@ -279,7 +299,8 @@ def _logprobs(tokenizer: Any, outcome: Outcome) -> list[dict[str, Any]]:
     return [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]} for t, lp, top in outcome.logprobs]
 
 
-async def _until_disconnect(events: Generator[str, None, None], cancel: threading.Event) -> AsyncIterator[str]:
+async def _until_disconnect(events: Generator[str, None, None], cancel: threading.Event,
+                            pool: ThreadPoolExecutor) -> AsyncIterator[str]:
     """The sync event generator, each step in a worker thread; however the response ends (a client that
     disconnects cancels this generator), `cancel` is set so the generation behind it stops too."""
     stepping = threading.Lock()  # held while a worker thread runs the generator one step
@@ -294,7 +315,7 @@ async def _until_disconnect(events: Generator[str, None, None], cancel: threadin
 
     try:
         while True:
-            event = await asyncio.to_thread(step)
+            event = await asyncio.get_running_loop().run_in_executor(pool, step)
             if event is None:
                 return
             yield event
@@ -304,17 +325,21 @@ async def _until_disconnect(events: Generator[str, None, None], cancel: threadin
 
 
 def _sse(service: Service, request: Request, jobs: list[Job], ident: str, created: int, model_name: str,
-         include_usage: bool, cancel: threading.Event) -> Generator[str, None, None]:
+         include_usage: bool, cancel: threading.Event, chat: bool = True) -> Generator[str, None, None]:
     """Server-sent events in OpenAI's chunk format, choice by choice, ending with `data: [DONE]`."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
     def chunk(index: int, delta: dict, finish: str | None = None) -> str:
-        data: dict[str, Any] = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                                "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
+        choice = {"index": index, "delta": delta} if chat else {"index": index, "text": delta.get("content", "")}
+        data: dict[str, Any] = {"id": ident, "object": kind, "created": created, "model": model_name,
+                                "choices": [{**choice, "finish_reason": finish}]}
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     outcomes = [Outcome() for _ in jobs]
     try:
         for k, (job, outcome) in enumerate(zip(jobs, outcomes)):
-            yield chunk(k, {"role": "assistant", "content": ""})
+            if chat:
+                yield chunk(k, {"role": "assistant", "content": ""})
             for text in service.stream(request, job, outcome, cancel):
                 yield chunk(k, {"content": text})
             yield chunk(k, {}, outcome.finish_reason)
@@ -328,7 +353,6 @@ def _sse(service: Service, request: Request, jobs: list[Job], ident: str, create
         completion = sum(o.completion_tokens for o in outcomes)
         usage = {"prompt_tokens": len(jobs[0].prompt), "completion_tokens": completion,
                  "total_tokens": len(jobs[0].prompt) + completion}
-        data = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                "choices": [], "usage": usage}
+        data = {"id": ident, "object": kind, "created": created, "model": model_name, "choices": [], "usage": usage}
         yield f"data: {json.dumps(data)}\n\n"
     yield "data: [DONE]\n\n"

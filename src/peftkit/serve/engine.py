@@ -29,6 +29,7 @@ class Request:
     logprobs: int | None = None  # top_logprobs asked for (0: only the chosen token's); None: no logprobs
     adapter: str | None = None  # which adapter answers (None: the base model)
     json: bool = False  # response_format json_object: the answer is constrained to a JSON object
+    prompt: str | None = None  # /v1/completions: raw text continued as it is (no chat template); messages unused
 
 
 @dataclass
@@ -83,8 +84,11 @@ class Service:
         self.engine.start()
         self.started = time.time()
 
-    def prompt_ids(self, messages: list[Message]) -> list[int]:
-        return render_prompt(self.tokenizer, messages)
+    def prompt_ids(self, request: Request) -> list[int]:
+        """The chat template's rendering of the messages, or a completion's raw prompt tokenized as it is."""
+        if request.prompt is not None:
+            return list(self.tokenizer(request.prompt)["input_ids"])
+        return render_prompt(self.tokenizer, request.messages)
 
     def submit(self, request: Request, ids: list[int]) -> list[Job]:
         """The request's n jobs, queued (QueueFull when the queue is full; then none is queued)."""
