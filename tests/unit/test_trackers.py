@@ -96,5 +96,39 @@ def test_a_missing_tracker_names_its_extra(tmp_path: Path, alpaca_file: Path, mo
     base = [f"data.train={alpaca_file}", f"train.output_dir={tmp_path}"]
     with pytest.raises(ConfigError, match=r"train.report_to: wandb is not installed \(pip install 'peftkit\[wandb\]'\)"):
         load_config(None, [*base, "train.report_to=[mlflow, wandb]"])
-    with pytest.raises(ConfigError, match="train.report_to: swanlab is not supported"):  # before any model loads
-        load_config(None, [*base, "train.report_to=swanlab"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "swanlab" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"swanlab is not installed \(pip install 'peftkit\[swanlab\]'\)"):
+        load_config(None, [*base, "train.report_to=swanlab"])  # before any model loads
+
+
+def test_swanlab_offline_gets_metrics_token_counts_and_the_config(tiny_model_dir: Path, alpaca_file: Path,
+                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SwanLab's offline mode writes a run file of protobuf records (read with swanlab's own reader, the one
+    `swanlab sync` uses) and files/config.yaml. transformers' own SwanLabCallback would stop the run at its
+    first step with these versions; peftkit uses SwanLab's callback instead."""
+    from swanlab.proto.swanlab.record.v1.record_pb2 import Record
+    from swanlab.sdk.internal.core_python.store import DataStoreReader
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SWANLAB_MODE", "offline")
+    monkeypatch.setenv("SWANLAB_LOG_DIR", str(tmp_path / "swanlog"))
+    import swanlab
+
+    train(load_config(None, tiny_run(tiny_model_dir, tmp_path / "run", "train.report_to=swanlab", data=alpaca_file,
+                                     max_steps=3)))
+    swanlab.finish()  # what the end of a `peftkit train` process does (atexit): the run file is written then
+    (run_file,) = (tmp_path / "swanlog").glob("run-*/run-*.swanlab")
+    reader = DataStoreReader()
+    reader.open(run_file)
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for data in reader:
+        record = Record()
+        record.ParseFromString(data)
+        if record.HasField("scalar"):
+            scalars.setdefault(record.scalar.key, []).append((record.scalar.step, record.scalar.value.number))
+    assert {f"train/{k}" for k in _KEYS} <= set(scalars)
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3]
+    logged = [json.loads(line) for line in (tmp_path / "run/trainer_log.jsonl").read_text().splitlines()]
+    assert scalars["train/supervised_tokens_seen"][-1][1] == logged[-1]["supervised_tokens_seen"]
+    config = next((tmp_path / "swanlog").glob("run-*/files/config.yaml")).read_text()
+    assert "peftkit:" in config and "finetuning_type: lora" in config and "learning_rate" in config

@@ -305,12 +305,20 @@ def train_extras(train: dict[str, Any]) -> TrainExtras:
     return TrainExtras(**{k: v for k, v in train.items() if k in TrainExtras.__dataclass_fields__})
 
 
+def trackers(train: dict[str, Any]) -> list[str]:
+    """`train.report_to` as a list ("none" and "all" as transformers reads them are kept as written)."""
+    report_to = train.get("report_to")
+    return [report_to] if isinstance(report_to, str) else list(report_to or [])
+
+
 def build_training_arguments(train: dict[str, Any], stage: str = "sft") -> Any:
     """Seq2SeqTrainingArguments from the `train` section as written, less peftkit's own keys, with what the
     stage needs (an objective's collator reads columns such as rejected_*, which Trainer would otherwise drop)."""
     from transformers import Seq2SeqTrainingArguments
 
     args = {k: v for k, v in train.items() if k not in TrainExtras.__dataclass_fields__}
+    if "swanlab" in trackers(train):  # swanlab's own callback instead of transformers' (train/run.py: build_trainer)
+        args["report_to"] = [t for t in trackers(train) if t != "swanlab"] or "none"
     if train.get("early_stopping_patience"):
         args.setdefault("metric_for_best_model", "eval_loss")
     if STAGES[stage].objective is not None:

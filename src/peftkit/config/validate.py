@@ -180,11 +180,6 @@ def _check_training_arguments(train: dict[str, Any], stage: str) -> list[str]:
                           "epoch) and data.eval or data.val_size")
     report_to = train.get("report_to")
     for tracker in [report_to] if isinstance(report_to, str) else report_to or []:
-        if tracker == "swanlab":  # measured with transformers 5.24 and swanlab 0.9.8 / 0.10.3
-            issues.append("train.report_to: swanlab is not supported: transformers' SwanLabCallback calls "
-                          "swanlab.get_run() before swanlab.init(), which current swanlab releases answer with an "
-                          "error, so the run would stop at its first step; use wandb, mlflow or tensorboard")
-            continue
         modules = TRACKER_MODULES.get(tracker, ())
         if modules and all(importlib.util.find_spec(m) is None for m in modules):
             issues.append(f"train.report_to: {tracker} is not installed (pip install 'peftkit[{tracker}]')")
@@ -192,4 +187,5 @@ def _check_training_arguments(train: dict[str, Any], stage: str) -> list[str]:
 
 
 # The trackers peftkit has an extra for (pyproject.toml), and the modules any of which makes one usable.
-TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                   "swanlab": ("swanlab",)}

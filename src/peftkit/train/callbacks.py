@@ -20,6 +20,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from peftkit.atomic import write_text_atomic
+from peftkit.config.load import trackers as tracker_list
 from peftkit.constants import LOG_SCHEMA_VERSION, TRAINER_LOG
 from peftkit.train.logfile import RunLog
 
@@ -160,7 +161,12 @@ class TrackerConfig(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
-        trackers = set(args.report_to or [])
+        trackers = set(args.report_to or []) | set(tracker_list(self.config.get("train", {})))
+        if "swanlab" in trackers:
+            import swanlab
+
+            if swanlab.get_run() is not None:
+                swanlab.config.update({"peftkit": self.config})
         if "wandb" in trackers:
             import wandb
 
@@ -171,3 +177,15 @@ class TrackerConfig(TrainerCallback):
 
             if mlflow.active_run() is not None:
                 mlflow.log_dict(self.config, "peftkit_config.yaml")
+
+
+def swanlab_callback(run_name: str) -> Any:
+    """SwanLab's own transformers callback (swanlab.integration.transformers) for `train.report_to: swanlab`.
+
+    transformers 5.24's built-in SwanLabCallback calls swanlab.get_run() before swanlab.init(), which
+    swanlab 0.9.8 and 0.10.3 answer with "No active Run", stopping the run at its first step (measured);
+    SwanLab's own callback initialises first. The mode is SwanLab's: SWANLAB_MODE=online | local | offline.
+    """
+    from swanlab.integration.transformers import SwanLabCallback
+
+    return SwanLabCallback(experiment_name=run_name)

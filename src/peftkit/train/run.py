@@ -17,7 +17,7 @@ import yaml
 
 from peftkit.atomic import storage_errors, write_json_atomic
 from peftkit.config import RunConfig, build_training_arguments, dump_config
-from peftkit.config.load import to_dict, train_extras
+from peftkit.config.load import to_dict, trackers, train_extras
 from peftkit.constants import CONFIG_FILE, DATA_REPORT_FILE, RUN_SUMMARY_FILE
 from peftkit.data import PreparedData, apply_template, build_collator, prepare_data
 from peftkit.errors import PeftkitError
@@ -30,7 +30,7 @@ from peftkit.model.finetuning import (
 )
 from peftkit.stages import stage as stage_of
 from peftkit.train.allocator import keep_freed_memory
-from peftkit.train.callbacks import LogCallback, StopCallback, TrackerConfig
+from peftkit.train.callbacks import LogCallback, StopCallback, TrackerConfig, swanlab_callback
 from peftkit.train.checkpoints import config_differences, latest_complete, resolve_resume
 from peftkit.train.objectives import build_objective, eval_metrics
 from peftkit.train.plot import plot_loss
@@ -202,6 +202,8 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, tokenizer: Any, data: P
     progress = Progress(tokenizer.pad_token_id, resume)
     callbacks: list[Any] = [progress, LogCallback(str(resume) if resume else None, progress.base.real_tokens),
                             TrackerConfig(to_dict(cfg))]
+    if "swanlab" in trackers(cfg.train):
+        callbacks.insert(0, swanlab_callback(Path(cfg.train["output_dir"]).name))
     if extras.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(extras.early_stopping_patience, extras.early_stopping_threshold))
     objective = build_objective(cfg.stage, model, cfg, tokenizer=tokenizer)
