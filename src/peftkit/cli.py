@@ -153,9 +153,13 @@ def _model_spec(args: argparse.Namespace) -> tuple[Any, Any, str, str | None]:
 def _cmd_export(args: argparse.Namespace) -> int:
     from peftkit.export import export
     from peftkit.export.hub import push_to_hub
-    from peftkit.export.merge import export_gguf
+    from peftkit.export.merge import export_gguf, export_gguf_lora
 
-    if args.format == "gguf":
+    if args.format == "gguf-lora":
+        report = export_gguf_lora(args.adapter, args.out, overwrite=args.overwrite)
+        print(f"exported the adapter to {report.out}: (alpha/r)·B·A equals peft's delta weights within "
+              f"{report.max_logit_diff:.2g}; llama.cpp: `llama-cli -m BASE.gguf --lora {report.out}`")
+    elif args.format == "gguf":
         report = export_gguf(args.adapter, args.out, quant=args.quant, overwrite=args.overwrite)
         print(f"exported to {report.out}: max logit difference {report.max_logit_diff:.3g} ({args.quant}), "
               f"{report.records_checked} training records re-rendered identically; Ollama: "
@@ -278,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the folder to write: new, empty, or a previous export (replaced whole)")
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it holds other files")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB")
-    p.add_argument("--format", choices=("hf", "gguf"), default="hf",
-                   help="hf: a transformers folder (default); gguf: one GGUF file for llama.cpp / Ollama + a Modelfile")
+    p.add_argument("--format", choices=("hf", "gguf", "gguf-lora"), default="hf",
+                   help="hf: a transformers folder (default); gguf: one GGUF file for llama.cpp / Ollama + a Modelfile; "
+                        "gguf-lora: the LoRA adapter alone, for llama.cpp's --lora on the base model's GGUF")
     p.add_argument("--quant", choices=("f16", "bf16", "q8_0"), default="q8_0", help="GGUF weight type (default q8_0)")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="after the checks pass, upload the export as this hub model repo")
     p.add_argument("--private", action="store_true", help="create the hub repo private")

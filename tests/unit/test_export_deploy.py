@@ -57,6 +57,65 @@ def test_gguf_reads_back_with_the_runs_logits_and_template(quant: str, lora_run,
         "抽取实体 <|im_start|>user", add_special_tokens=False)["input_ids"]
 
 
+def test_gguf_lora_adapter_rebuilds_the_trained_model(lora_run, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The adapter GGUF as llama.cpp applies it — W + (alpha / r)·B·A per named tensor, q / k rows in llama.cpp's
+    order — added to the base weights here (names mapped back, rows un-permuted) gives the trained model's logits."""
+    import json
+
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, trained = lora_run
+    out = tmp_path / "adapter"
+    assert main(["export", "--adapter", str(run), "--out", str(out), "--format", "gguf-lora"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter-f32.gguf", "export_report.json"]
+    reader = gguf.GGUFReader(str(out / "adapter-f32.gguf"))
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    alpha = float(reader.fields["adapter.lora.alpha"].contents())
+    assert alpha == json.loads((run / "adapter_config.json").read_text())["lora_alpha"]
+    tensors = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors}
+    assert tensors and all(name.endswith((".lora_a", ".lora_b")) for name in tensors)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    config = base.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    to_hf = {names.get_name(n, try_suffixes=(".weight",)): n for n, _ in base.named_parameters()}
+    applied = 0
+    with torch.no_grad():
+        for name in [n for n in tensors if n.endswith(".lora_a")]:
+            a, b = tensors[name], tensors[name.removesuffix("_a") + "_b"]
+            delta = alpha / a.shape[0] * (b @ a)
+            hf_name = to_hf[name.removesuffix(".lora_a")]
+            if hf_name.endswith(("q_proj.weight", "k_proj.weight")):  # back from llama.cpp's interleaved rows
+                heads = config.num_attention_heads if "q_proj" in hf_name else config.num_key_value_heads
+                delta = delta.reshape(heads, delta.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(delta.shape)
+            base.get_parameter(hf_name).add_(torch.from_numpy(delta))
+            applied += 1
+    assert applied == len(tensors) // 2
+    tokenizer = AutoTokenizer.from_pretrained(run)
+    ids = torch.tensor([tokenizer.apply_chat_template([{"role": "user", "content": "Name a colour."}],
+                                                      add_generation_prompt=True, return_dict=False)])
+    with torch.no_grad():
+        want, got = trained.eval().double()(input_ids=ids).logits, base(input_ids=ids).logits
+    trained.float()
+    assert float((want - got).abs().max()) < 1e-4
+
+
+def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(lora_run, tmp_path: Path, capsys) -> None:
+    import json
+    import shutil
+
+    run, _ = lora_run
+    dora = tmp_path / "dora_run"
+    shutil.copytree(run, dora)
+    config = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    assert main(["export", "--adapter", str(dora), "--out", str(tmp_path / "x"), "--format", "gguf-lora"]) == 2
+    assert "DoRA" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_gguf_refuses_what_llama_cpp_cannot_run(tiny_bert_dir: Path, tmp_path: Path) -> None:
     from peftkit.export.merge import export_gguf
     from tests.helpers import MRPC, MRPC_COLUMNS

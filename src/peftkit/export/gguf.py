@@ -143,3 +143,67 @@ def modelfile(gguf_name: str, stop_tokens: list[str]) -> str:
     lines += [f'PARAMETER stop "{t}"' for t in stop_tokens]
     lines += ["PARAMETER temperature 0", ""]
     return "\n".join(lines)
+
+
+def lora_tensors(model: Any, arch_name: str, config: dict[str, Any]) -> tuple[dict[str, Any], float, dict[str, str]]:
+    """A peft LoRA model's adapter as llama.cpp's LoRA GGUF holds it: {"blk.N.attn_q.weight.lora_a": A [r, in],
+    "...lora_b": B [out, r]} in float32 (B's rows of q / k permuted like the base weights), and the alpha that
+    makes llama.cpp's scale (alpha / r) equal peft's (alpha / r, or alpha / sqrt(r) with rslora); and each
+    LoRA module's GGUF tensor name.
+
+    Raises:
+        PeftkitError: an architecture, or an adapter (DoRA, bias, per-module ranks), llama.cpp cannot apply.
+    """
+    import gguf
+    import numpy as np
+
+    peft_config = model.peft_config["default"]
+    refused = [what for what, bad in (("DoRA", peft_config.use_dora), ("LoRA bias", getattr(peft_config, "lora_bias", False)),
+                                      ("per-module ranks or alphas", peft_config.rank_pattern or peft_config.alpha_pattern),
+                                      (f"modules_to_save {peft_config.modules_to_save}", peft_config.modules_to_save)) if bad]
+    if refused:
+        raise PeftkitError(f"--format gguf-lora: llama.cpp's LoRA cannot apply {', '.join(refused)}; export the merged "
+                           "model instead (--format gguf)")
+    arch = ARCHITECTURES.get(arch_name)
+    if arch is None:
+        raise PeftkitError(f"--format gguf-lora: {arch_name} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), config["num_hidden_layers"])
+    tensors: dict[str, Any] = {}
+    modules: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        if not hasattr(module, "lora_A") or "default" not in module.lora_A:
+            continue
+        hf_name = module_name.removeprefix("base_model.model.") + ".weight"
+        name = names.get_name(hf_name, try_suffixes=(".weight",))
+        if name is None:
+            raise PeftkitError(f"--format gguf-lora: no GGUF name for {hf_name!r} of {arch_name}")
+        a = module.lora_A["default"].weight.detach().float().numpy().astype(np.float32)
+        b = module.lora_B["default"].weight.detach().float().numpy().astype(np.float32)
+        if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            b = _permute(b, heads if "q_proj" in hf_name else kv_heads)  # B's rows are the weight's rows
+        tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"] = a, b
+        modules[module_name] = name
+    rank = peft_config.r
+    alpha = peft_config.lora_alpha * (rank**0.5 if peft_config.use_rslora else 1.0)
+    return tensors, float(alpha), modules
+
+
+def write_gguf_lora(path: Path, arch_name: str, tensors: dict[str, Any], alpha: float, base_name: str) -> int:
+    """Write a LoRA adapter GGUF (general.type adapter, adapter.type lora, adapter.lora.alpha) for llama.cpp's
+    `--lora`, the layout of llama.cpp's convert_lora_to_gguf.py; returns the tensor count."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), ARCHITECTURES[arch_name])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_name(f"LoRA adapter of {base_name}")
+    for name, data in tensors.items():
+        writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return len(tensors)

@@ -30,7 +30,7 @@ def model_card(run_dir: Path, export_format: str) -> str:
     model, data = config.get("model") or {}, config.get("data") or {}
     finetuning, train = config.get("finetuning") or {}, config.get("train") or {}
     base = model.get("name_or_path", "unknown")
-    front = {"base_model": base, "library_name": "gguf" if export_format == "gguf" else "transformers",
+    front = {"base_model": base, "library_name": "gguf" if export_format.startswith("gguf") else "transformers",
              "tags": ["peftkit", config.get("stage", "sft"), finetuning.get("finetuning_type", "lora")]}
     lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).strip(), "---", "",
              f"# {run_dir.name}", "",

@@ -299,3 +299,63 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overw
     logger.info("exported %s run to %s (%s, max logit difference %.3g, %d training records re-rendered identically)",
                 run.finetuning_type, report.out, quant, report.max_logit_diff, len(run.records))
     return report
+
+
+GGUF_LORA_MAX_DIFF = 1e-5  # float32 written and read back: only the matmul's rounding differs
+
+
+def export_gguf_lora(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> ExportReport:
+    """A LoRA run as llama.cpp's adapter GGUF (`llama-cli -m BASE.gguf --lora OUT/adapter-f32.gguf`), verified
+    before it is moved into place: read back with the gguf package, every module's (alpha / r)·B·A must equal
+    peft's own delta weight (get_delta_weight, q / k rows in llama.cpp's order) within GGUF_LORA_MAX_DIFF.
+    The report's max_logit_diff field holds that delta-weight difference (no logits are computed)."""
+    import gguf
+    import numpy as np
+
+    from peftkit.config.schema import ModelArgs
+    from peftkit.export.gguf import ARCHITECTURES, _permute, lora_tensors, write_gguf_lora
+    from peftkit.infer.chat import load_for_chat
+
+    run_dir, out = Path(run_dir), Path(out)
+    if _finetuning_type(run_dir) != "lora":
+        raise PeftkitError(f"--format gguf-lora: {run_dir} is not a LoRA run; export it whole with --format gguf")
+    entry = _run_stage(run_dir)
+    if entry.head != "lm":
+        raise PeftkitError(f"--format gguf-lora: stage {entry.name} has a {entry.head} head, which llama.cpp does not run")
+    check_destination(run_dir, out, overwrite)
+    base = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    model, _ = load_for_chat(ModelArgs(name_or_path=base), str(run_dir))
+    config = model.get_base_model().config.to_dict()
+    arch_name = (config.get("architectures") or ["?"])[0]
+    tensors, alpha, modules = lora_tensors(model, arch_name, config)
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    name = "adapter-f32.gguf"
+    result: dict[str, ExportReport] = {}
+
+    def fill(tmp: Path) -> None:
+        write_gguf_lora(tmp / name, arch_name, tensors, alpha, Path(base).name)
+        reader = gguf.GGUFReader(str(tmp / name))
+        read = {t.name: np.asarray(t.data) for t in reader.tensors}
+        written_alpha = float(reader.fields[gguf.Keys.Adapter.LORA_ALPHA].parts[-1][0])
+        diff = 0.0
+        for module_name, gguf_name in modules.items():
+            a, b = read[f"{gguf_name}.lora_a"], read[f"{gguf_name}.lora_b"]
+            want = model.get_submodule(module_name).get_delta_weight("default").detach().float().numpy()
+            if ARCHITECTURES[arch_name] == "llama" and module_name.endswith(("q_proj", "k_proj")):
+                want = _permute(want, heads if module_name.endswith("q_proj") else kv_heads)
+            diff = max(diff, float(np.abs(written_alpha / a.shape[0] * (b @ a) - want).max()))
+        if diff >= GGUF_LORA_MAX_DIFF:
+            raise PeftkitError(f"export check failed: the adapter GGUF's (alpha/r)·B·A differs from peft's delta weights "
+                               f"by {diff:.3g} (limit {GGUF_LORA_MAX_DIFF:g}); nothing was written")
+        (tmp / "README.md").write_text(model_card(run_dir, "gguf-lora"), encoding="utf-8")
+        result["report"] = ExportReport("lora", diff, 0, str(out / name))
+        report = {"finetuning_type": "lora", "format": "gguf-lora", "max_delta_weight_diff": diff, "alpha": alpha,
+                  "tensors": len(tensors), "out": str(out / name)}
+        (tmp / EXPORT_MARKER).write_text(json.dumps(report, indent=2) + "\n")
+
+    with storage_errors(out, lambda: f"Kept: {out} as it was (nothing of this export was moved into place)"):
+        write_dir_atomic(out, fill)
+    logger.info("exported the LoRA adapter of %s to %s (%d tensors, max delta-weight difference %.3g)", run_dir,
+                result["report"].out, len(tensors), result["report"].max_logit_diff)
+    return result["report"]
