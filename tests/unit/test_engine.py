@@ -401,3 +401,26 @@ def test_serve_json_object_response_format(slow_app) -> None:
             "response_format": {"type": "json_object"}}
     reply = TestClient(app).post("/v1/chat/completions", json=body).json()
     assert isinstance(json.loads(reply["choices"][0]["message"]["content"]), dict)
+
+
+def test_an_engine_error_fails_the_requests_in_flight_and_the_engine_goes_on(model_and_tok) -> None:
+    model, tok = model_and_tok
+    real, calls = model.forward, {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    model.forward = flaky
+    engine = Engine(model, tok, slots=2, max_len=128)
+    engine.start()
+    try:
+        job = engine.submit(_prompts(tok)[0], Sampling(max_new_tokens=10))
+        with pytest.raises(RuntimeError, match="boom"):
+            job.result(timeout=30)
+        assert job.finish_reason == "error"
+        assert len(engine.submit(_prompts(tok)[1], Sampling(max_new_tokens=5)).result(timeout=30)) == 5
+    finally:
+        engine.close()

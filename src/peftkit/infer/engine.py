@@ -316,11 +316,13 @@ class Engine:
             try:
                 self.step()
             except Exception as e:  # noqa: BLE001 - every request in flight hears of it; the server lives on
-                for job in self.active + list(self.waiting):
+                with self.lock:
+                    failed = self.active + list(self.waiting)
+                    self.active, self.t = [], 0
+                    self.waiting.clear()
+                    self.mask.zero_()
+                for job in failed:
                     job._finish("error", e)
-                self.active, self.t = [], 0
-                self.waiting.clear()
-                self.mask.zero_()
 
     def step(self) -> None:
         """Admit waiting requests into free rows (one padded prefill), then one decode step for all rows."""
@@ -358,6 +360,8 @@ class Engine:
             return False
         p = self._prefix_len(jobs)
         w = max(len(j.prompt) for j in jobs) - p  # the part computed now
+        if p and any(p + w + j.sampling.max_new_tokens > self.max_len for j in jobs):
+            p, w = 0, w + p  # the pads between prefix and answer would not fit: a plain prefill
         width = p + w
         if self.t < width:  # room on the left for the new prompts: move the active rows right
             self._shift(width - self.t)
