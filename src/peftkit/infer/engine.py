@@ -365,7 +365,7 @@ class Engine:
         width = p + w
         if self.t < width:  # room on the left for the new prompts: move the active rows right
             self._shift(width - self.t)
-        elif self.t + 1 > self.max_len or (self.active and min(self.first[: len(self.active)]) > self.t // 2):
+        elif self._crowded():
             self._compact()
             if self.t < width:
                 self._shift(width - self.t)
@@ -415,7 +415,7 @@ class Engine:
         return self._prefix_kv
 
     def _decode(self) -> None:
-        if self.t + 1 > self.max_len or min(self.first[: len(self.active)]) > max(64, self.t // 2):
+        if self._crowded():
             self._compact()
         n, t = len(self.active), self.t
         self.mask[:n, t] = 1
@@ -583,6 +583,11 @@ class Engine:
         self.t = t + delta
         for r in range(n):
             self.first[r] += delta
+
+    def _crowded(self) -> bool:
+        """No column left for the next step, or more than half the columns read are dead (and at least 64)."""
+        dead = min(self.first[: len(self.active)]) if self.active else 0
+        return self.t + 1 > self.max_len or dead > max(64, self.t // 2)
 
     def _compact(self) -> None:
         """Drop the columns no active row uses any more on the left."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from peftkit.data.encode import render_prompt
@@ -98,7 +98,7 @@ class Service:
         try:
             for k in range(request.n):
                 seed = None if request.seed is None else request.seed + k  # n different samples, reproducible
-                jobs.append(self.engine.submit(ids, Sampling(**{**sampling.__dict__, "seed": seed})))
+                jobs.append(self.engine.submit(ids, replace(sampling, seed=seed)))
         except Exception:
             for job in jobs:
                 job.cancel()
