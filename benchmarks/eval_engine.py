@@ -73,8 +73,8 @@ def main() -> None:
     model, tok = load_for_chat(cfg.model, args.run, cfg.stage, cfg.data.template)
     model = model.merge_and_unload()  # what eval's adapters_merged does, for both paths
     records = load_messages([str(cfg.eval.dataset)], replace(cfg.data, max_samples=args.records))
-    prompts = [render_prompt(tok, m[:-1]) for m, _ in records]
-    references = [m[-1]["content"] for m, _ in records]
+    prompts = [render_prompt(tok, r.messages[:-1], r.tools) for r in records]
+    references = [r.messages[-1]["content"] for r in records]
     max_new = cfg.generate.max_new_tokens
     runs: dict[str, list[list[int]]] = {}
     rows = []

@@ -52,7 +52,7 @@ def main() -> None:
     data = DataArgs(**{**config["data"], "max_samples": args.records})
     tokenizer = AutoTokenizer.from_pretrained(run)
     records = load_messages([config["eval"]["dataset"]], data)
-    prompts = [render_prompt(tokenizer, messages[:-1]) for messages, _ in records]
+    prompts = [render_prompt(tokenizer, r.messages[:-1], r.tools) for r in records]
     gen = GenerateArgs(max_new_tokens=256)
 
     start = time.time()

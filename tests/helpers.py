@@ -50,17 +50,19 @@ MESSAGES = [
 SINGLE = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]
 
 
-def chat_ids(tokenizer, messages, gen=False) -> list[int]:
+def chat_ids(tokenizer, messages, gen=False, tools=None) -> list[int]:
     """apply_chat_template's token ids: the reference every mask test compares with."""
-    return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=gen, return_dict=False)
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, add_generation_prompt=gen,
+                                         return_dict=False)
 
 
-def expected_labels(tokenizer, messages, turns) -> list[int]:
+def expected_labels(tokenizer, messages, turns, tools=None) -> list[int]:
     """The oracle: for each supervised assistant turn k, the tokens between prompt(k) and full(k+1)."""
-    full = chat_ids(tokenizer, messages)
+    full = chat_ids(tokenizer, messages, tools=tools)
     labels = [IGNORE_INDEX] * len(full)
     for k in turns:
-        start, end = len(chat_ids(tokenizer, messages[:k], gen=True)), len(chat_ids(tokenizer, messages[: k + 1]))
+        start = len(chat_ids(tokenizer, messages[:k], gen=True, tools=tools))
+        end = len(chat_ids(tokenizer, messages[: k + 1], tools=tools))
         labels[start:end] = full[start:end]
     return labels
 

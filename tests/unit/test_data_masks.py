@@ -95,15 +95,14 @@ def test_build_dataset_reports_counts(tokenizer, alpaca_file: Path) -> None:
     assert describe_example(tokenizer, ds[0]).endswith("[[Hello!<|im_end|>\n]]")
 
 
-def test_template_that_rewrites_history_fails_loudly(tokenizer) -> None:
-    # Drops earlier assistant turns when rendering (as some "thinking" templates do): no exact labels possible.
+def test_template_whose_turn_does_not_continue_its_prompt_fails_loudly(tokenizer) -> None:
+    # The generation prompt says "assistant: " but a rendered answer opens with "bot: ": no exact labels possible.
     tokenizer.chat_template = (
-        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
-        "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}assistant: {% endif %}"
+        "{% for m in messages %}{{ ('bot' if m['role'] == 'assistant' else m['role']) + ': ' + m['content'] + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
     )
     with pytest.raises(DataError, match=r"f.json: record 3: chat template does not render turns incrementally: "
-                                        r"render\(messages\[:4\]"):
+                                        r"render\(messages\[:2\]"):
         encode_messages(tokenizer, MESSAGES, 1024, ("f.json", 3))
 
 

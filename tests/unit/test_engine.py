@@ -312,6 +312,14 @@ def test_vllm_hand_off_names_what_vllm_needs(two_adapters: dict[str, str], tmp_p
     assert any("DoRA" in b for b in blocks) and any("modules_to_save" in b for b in blocks)
     assert main(["serve", "--adapter", f"chat={two_adapters['chat']}", "--print-vllm"]) == 0
     assert f"--lora-modules chat={two_adapters['chat']}" in capsys.readouterr().out
+    # A run trained with peftkit's chatml: vLLM gets that template and the parsers for its calls and reasoning.
+    from importlib import resources
+
+    (bad / "chat_template.jinja").write_text(resources.files("peftkit.data").joinpath("templates/chatml.jinja")
+                                             .read_text())
+    command, _ = vllm_hand_off(bad, "x")
+    assert f"--chat-template {bad / 'chat_template.jinja'} --enable-auto-tool-choice --tool-call-parser hermes " \
+           "--reasoning-parser deepseek_r1" in command
 
 
 def test_a_shared_prefix_is_computed_once_and_changes_no_answer(model_and_tok) -> None:

@@ -67,3 +67,20 @@ def test_accuracy_and_macro_f1() -> None:
     assert accuracy(preds, refs) == {"accuracy": 75.0}
     # class 1: p 2/3 r 1 -> 0.8; class 0: p 1 r 1/2 -> 0.667; macro 73.33
     assert f1(preds, refs) == {"f1": 73.33}
+
+
+def test_tool_call_metric() -> None:
+    from peftkit.eval.metrics import reference_text, tool_call
+
+    ref = reference_text({"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}}]})
+    assert ref == '[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}]'
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"unit": "c", "city": "Paris"}}\n</tool_call>'  # key order
+    wrong_args = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon"}}\n</tool_call>'
+    broken = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par\n</tool_call>'
+    words = "It is sunny."
+    m = tool_call([call, wrong_args, broken, words, words, call], [ref, ref, ref, ref, words, words])
+    assert m == {"tool_name_accuracy": 50.0, "tool_arguments_exact": 25.0,  # 2 / 4 names, 1 / 4 exact
+                 "tool_call_valid_json": 75.0,  # 4 answers try to call, 3 parse
+                 "no_call_accuracy": 50.0,  # 2 answers in words expected: 1 called a tool
+                 "tool_call_records": 4, "tool_call_attempts": 4}

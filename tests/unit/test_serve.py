@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,11 +25,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model_dir: Path):
+def start_server(*args: str) -> Iterator[str]:
+    """`peftkit serve ARGS` on a free port with the test key, max tokens 64, model name tiny: its base URL
+    while it runs."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "peftkit", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+        [sys.executable, "-m", "peftkit", "serve", *args, "--port", str(port),
          "--api-key", KEY, "--max-tokens-limit", "64", "--served-model-name", "tiny"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -45,6 +47,11 @@ def server(tiny_model_dir: Path):
     yield base
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path):
+    yield from start_server("--model", str(tiny_model_dir))
 
 
 @pytest.fixture()
@@ -116,6 +123,13 @@ def test_bad_requests_get_openai_errors(client: openai.OpenAI, kwargs: dict, err
     with pytest.raises(error) as e:
         _ask(client, **kwargs)
     assert e.value.body["code"] == code and e.value.body["message"]
+
+
+def test_template_without_tools_is_a_400_not_a_500(client: openai.OpenAI) -> None:
+    # The plain server's tiny tokenizer template prints role and content only.
+    with pytest.raises(openai.BadRequestError, match="cannot show the record's `tools`"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
 
 
 def test_malformed_json_body(server: str) -> None:

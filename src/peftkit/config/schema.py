@@ -78,6 +78,10 @@ class DataArgs:
         "assistant", "Supervised tokens: every assistant turn, only the last one, or every token. "
         "A message with `train: false` is never supervised."
     )
+    reasoning: Literal["train", "mask", "drop"] = _f(
+        "train", "Assistant reasoning (`reasoning_content`, or content opening with <think>...</think>): supervised "
+        "(train), shown to the model but not supervised (mask), or removed from the text (drop)."
+    )
     packing: bool = _f(False, "Pack records into rows of cutoff_len tokens; records never attend to each other.")
     mix_strategy: Literal["concat", "interleave_under", "interleave_over"] = _f(
         "concat", "Several datasets: concatenate, or interleave until the first (under) / last (over) runs out."
@@ -143,7 +147,7 @@ class EvalArgs:
     max_samples: int | None = _f(None, "Predict on only the first N records.")
     metrics: list[str] = _f(
         ["exact_match"],
-        "Any of ner_json, exact_match, bleu, rouge, accuracy, f1 (on generated answers) and loss "
+        "Any of ner_json, exact_match, bleu, rouge, accuracy, f1, tool_call (on generated answers) and loss "
         "(eval loss and perplexity, no generation).",
     )
     batch_size: int = _f(16, "Answers generated at once: rows of the engine's running batch (infer/engine.py).")

@@ -67,7 +67,9 @@ def _check_finetuning(ft: FinetuningArgs) -> list[str]:
 def _check_eval(cfg: RunConfig) -> list[str]:
     issues: list[str] = []
     ev = cfg.eval
-    allowed = ("ner_json", "exact_match", "bleu", "rouge", "accuracy", "f1", "loss")
+    from peftkit.eval.metrics import METRICS
+
+    allowed = (*METRICS, "loss")
     for metric in ev.metrics:
         if metric not in allowed:
             issues.append(f"eval.metrics: unknown metric {metric!r}; choose from {', '.join(allowed)}")

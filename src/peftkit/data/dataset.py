@@ -10,7 +10,7 @@ import json
 import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from peftkit.config.load import dataset_specs
 from peftkit.config.schema import DataArgs, DatasetSpec
@@ -72,7 +72,7 @@ def iter_samples(spec: DatasetSpec, args: DataArgs, drops: Drops | None = None) 
             sample = convert(rename_columns(record, spec.columns), Where(file, loc), spec.tags)
             messages = sample.get("messages")
             if "chosen" not in sample and messages and messages[-1]["role"] == "assistant" \
-                    and not messages[-1]["content"].strip():
+                    and not messages[-1]["content"].strip() and not messages[-1].get("tool_calls"):
                 empty.append(f"{file}: {loc}")
             yield with_system(sample, args.system), (file, loc)
         except DataError as e:
@@ -89,19 +89,27 @@ def file_specs(paths: list[str], args: DataArgs) -> list[DatasetSpec]:
     return _specs(replace(args, train=list(paths)), "train")
 
 
-def conversations(spec: DatasetSpec, args: DataArgs, limit: int | None = None) -> list[tuple[list[Message], tuple[str, str]]]:
+class Dialogue(NamedTuple):
+    """A conversation SFT trains on, where it was read, and the tools its record lists."""
+
+    messages: list[Message]
+    where: tuple[str, str]
+    tools: list[dict[str, Any]] | None = None
+
+
+def conversations(spec: DatasetSpec, args: DataArgs, limit: int | None = None) -> list[Dialogue]:
     """The conversations SFT trains on from one dataset (documents have none), at most `limit` of them."""
     out = []
     for sample, where in iter_samples(spec, args):
         messages = sft_messages(sample)
         if messages is not None:
-            out.append((messages, where))
+            out.append(Dialogue(messages, where, sample.get("tools")))
             if len(out) == limit:
                 break
     return out
 
 
-def load_messages(paths: list[str], args: DataArgs) -> list[tuple[list[Message], tuple[str, str]]]:
+def load_messages(paths: list[str], args: DataArgs) -> list[Dialogue]:
     """Every record of the files as the conversation SFT trains on (for prediction and export checks)."""
     return [item for spec in file_specs(paths, args) for item in conversations(spec, args)]
 
@@ -115,6 +123,7 @@ class Encoding:
     stage: str = "sft"
     classes: list[str] | None = None  # cls: class names by index
     strict: bool = True  # a template error raises (on_bad_record: error) or drops the record
+    reasoning: str = "train"  # data.reasoning: train | mask | drop
 
     def __call__(self, tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, str]]) -> list[list[Encoded]]:
         return stage_of(self.stage).load("encoder")(tokenizer, samples, wheres, self)
@@ -143,7 +152,7 @@ def encode_dataset(spec: DatasetSpec, args: DataArgs, tokenizer: Any, stage: str
     from datasets import Dataset
 
     skip = args.on_bad_record == "skip"
-    encoding = Encoding(args.cutoff_len, args.mask, stage, classes, strict=not skip)
+    encoding = Encoding(args.cutoff_len, args.mask, stage, classes, strict=not skip, reasoning=args.reasoning)
     counts = DatasetCounts(spec.path, spec.format or args.format)
     samples, wheres = [], []
     for sample, where in iter_samples(spec, args, counts.drops if skip else None):
@@ -307,7 +316,8 @@ def _prepare_streaming(train_specs: list[DatasetSpec], eval_specs: list[DatasetS
         for reason, entry in drops.reasons.items():  # the stream's end: say what was left out
             logger.warning("%s: dropped %d: %s (first: %s)", spec.path, entry["count"], reason, entry["first"])
 
-    encoding = Encoding(args.cutoff_len, args.mask, stage, strict=args.on_bad_record == "error")
+    encoding = Encoding(args.cutoff_len, args.mask, stage, strict=args.on_bad_record == "error",
+                        reasoning=args.reasoning)
 
     def _kept(chunk: list[tuple[Sample, tuple[str, str]]], drops: Drops) -> Iterator[dict[str, Any]]:
         for ex, where in _encode([s for s, _ in chunk], [w for _, w in chunk], tokenizer, encoding):
@@ -356,7 +366,7 @@ def encode_records(paths: list[str], args: DataArgs, tokenizer: Any, stage: str,
     Evaluation writes one line per record, so it needs each example beside the record it came from.
     """
     items = [item for spec in file_specs(paths, args) for item in iter_samples(spec, args)]
-    encoding = Encoding(args.cutoff_len, args.mask, stage, classes)
+    encoding = Encoding(args.cutoff_len, args.mask, stage, classes, reasoning=args.reasoning)
     out = []
     for start in range(0, len(items), _CHUNK):
         part = items[start : start + _CHUNK]

@@ -1,9 +1,13 @@
 """Samples → input_ids and labels, through the tokenizer's chat template. Labels are made only here.
 
 The labels of assistant turn k are exactly the tokens between
-render(messages[:k], add_generation_prompt=True) and render(messages[:k+1]). If the first is not a
-token prefix of the second (a template that rewrites earlier turns), the record fails loudly rather
-than being mislabelled. Every text of a batch is tokenized in one call of the fast tokenizer.
+render(messages[:k], add_generation_prompt=True) and render(messages[:k+1]), the record's tools passed
+as `apply_chat_template(tools=...)` passes them. If the first is not a token prefix of the second, the
+record fails loudly rather than being mislabelled. A template that shows earlier turns differently from
+the last one (as reasoning templates that drop past thinking do) is rendered turn by turn: when the
+prompt of turn k does not continue the text so far, turn k starts a new example whose prompt is the
+history exactly as the template shows it at inference. Every text of a batch is tokenized in one call of
+the fast tokenizer.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 from peftkit.constants import IGNORE_INDEX
 from peftkit.data.formats import Message, Sample, sft_messages
-from peftkit.errors import DataError, PeftkitError
+from peftkit.errors import ConfigError, DataError, PeftkitError
 
 # Why an encoded record was dropped; the report counts each.
 FULLY_MASKED = "fully masked: no supervised message (data.mask, `train: false`)"
@@ -44,18 +48,36 @@ class Encoded:
 
 
 _VERIFIED_TEMPLATES: set[str] = set()  # templates whose fast rendering matched apply_chat_template in this process
+_TEMPLATE_KEYS = ("role", "content", "tool_calls", "reasoning_content", "tool_call_id", "name")
+REASONING = ("train", "mask", "drop")  # data.reasoning
 
 
-def _renderer(tokenizer: Any, first: list[Message] | None = None) -> Any:
-    """render(messages, add_generation_prompt) as apply_chat_template renders, without its per-call overhead.
+def template_messages(messages: list[Message], reasoning: str = "train") -> list[dict[str, Any]]:
+    """The messages as the chat template reads them (peftkit's `train` flag removed; reasoning removed when
+    data.reasoning is drop; reasoning also as `thinking`, as transformers aliases it for templates)."""
+    out = []
+    for m in messages:
+        plain: dict[str, Any] = {k: m[k] for k in _TEMPLATE_KEYS if k in m}  # type: ignore[literal-required]
+        if reasoning == "drop":
+            plain.pop("reasoning_content", None)
+        elif "reasoning_content" in plain:
+            plain = {"thinking": plain["reasoning_content"], **plain}
+        out.append(plain)
+    return out
+
+
+def _renderer(tokenizer: Any, first: list[Message] | None = None, tools: list[dict] | None = None) -> Any:
+    """render(messages, add_generation_prompt, tools=None) as apply_chat_template renders, without its per-call
+    overhead.
 
     The template is the one transformers compiles (same Jinja environment and globals) with the same
-    variables (the special tokens), through a private transformers function. So that a transformers
-    release that renders differently cannot pass unnoticed, the first conversation of each template is
-    rendered both ways once per process, and a difference raises.
+    variables (the special tokens, tools, documents), through a private transformers function. So that a
+    transformers release that renders differently cannot pass unnoticed, the first conversation of each
+    template is rendered both ways once per process, and a difference raises.
     """
-    public = lambda messages, gen: tokenizer.apply_chat_template(messages, tokenize=False,  # noqa: E731
-                                                                  add_generation_prompt=gen)
+    def public(messages: list[dict], gen: bool, tools: list[dict] | None = None) -> str:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
+
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
@@ -63,10 +85,13 @@ def _renderer(tokenizer: Any, first: list[Message] | None = None) -> Any:
         special = dict(tokenizer.special_tokens_map)
     except (ImportError, AttributeError, TypeError):  # another transformers: take the public path
         return public
-    fast = lambda messages, gen: template.render(messages=messages, add_generation_prompt=gen, **special)  # noqa: E731
+
+    def fast(messages: list[dict], gen: bool, tools: list[dict] | None = None) -> str:
+        return template.render(messages=messages, tools=tools, documents=None, add_generation_prompt=gen, **special)
+
     if first is not None and tokenizer.chat_template not in _VERIFIED_TEMPLATES:
-        plain = [{"role": m["role"], "content": m["content"]} for m in first]
-        if fast(plain, False) != public(plain, False):
+        plain = template_messages(first)
+        if fast(plain, False, tools) != public(plain, False, tools):
             raise PeftkitError("data.template: peftkit's fast chat-template rendering differs from "
                                "tokenizer.apply_chat_template for this template with this transformers version; "
                                "please report it (peftkit/data/encode.py: _renderer)")
@@ -82,33 +107,74 @@ def _tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def render_prompt(tokenizer: Any, messages: list[Message]) -> list[int]:
+def render_prompt(tokenizer: Any, messages: list[Message], tools: list[dict] | None = None,
+                  call: str | None = None) -> list[int]:
     """Token ids of the conversation so far plus the assistant's generation prompt, rendered and tokenized
-    exactly as training renders a prompt (eval, chat, serve and export's check all use this)."""
-    plain: list[Message] = [{"role": m["role"], "content": m["content"]} for m in messages]
-    return _tokenize(tokenizer, [_renderer(tokenizer, plain or None)(plain, True)])[0]
+    exactly as training renders a prompt (eval, chat, serve and export's check all use this).
+
+    `call` names a tool the answer must call: the prompt then ends with the template's own opening of that
+    call, up to where its arguments start (what a forced tool_choice generates is the arguments object)."""
+    plain = template_messages(messages)
+    render = _renderer(tokenizer, messages or None, tools)
+    check_template_shows(tokenizer.chat_template, render, [{"messages": messages, "tools": tools}])
+    text = render(plain, True, tools)
+    if call is not None:
+        probe = {"type": "function", "function": {"name": call, "arguments": {"peftkit_probe_arg": 1}}}
+        full = render([*plain, {"role": "assistant", "content": "", "tool_calls": [probe]}], False, tools)
+        start = full.find('{"peftkit_probe_arg": 1}', len(text))
+        if not full.startswith(text) or start < 0:
+            raise ConfigError(["data.template: the chat template does not write a tool call's arguments as a JSON "
+                               "object after its generation prompt, so a named tool_choice cannot be forced"])
+        text = full[:start]
+    return _tokenize(tokenizer, [text])[0]
 
 
-def _texts(render: Any, messages: list[Message]) -> list[str]:
-    """For each assistant turn: the prompt rendering, then the rendering that includes the turn."""
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+_SENTINEL = "\u2063peftkit-answer\u2063"  # marks where an answer's content starts in a rendering
+
+
+def _texts(render: Any, messages: list[Message], tools: list[dict] | None, reasoning: str,
+           where: tuple[str, int | str]) -> list[str]:
+    """For each assistant turn: the prompt rendering, the rendering that includes the turn, and (data.reasoning
+    mask, a turn with reasoning) the latter cut where the turn's content starts, else ""."""
+    plain = template_messages(messages, reasoning)
     texts = []
     for k, m in enumerate(plain):
-        if m["role"] == "assistant":
-            texts += [render(plain[:k], True), render(plain[: k + 1], False)]
+        if m["role"] != "assistant":
+            continue
+        full = render(plain[: k + 1], False, tools)
+        thought = ""
+        if reasoning == "mask" and m.get("reasoning_content"):
+            marked = render([*plain[:k], {**m, "content": _SENTINEL}], False, tools)
+            cut = marked.find(_SENTINEL)
+            if cut < 0 or full[:cut] != marked[:cut]:
+                raise DataError(where[0], where[1], None, f"data.reasoning=mask: the chat template does not render "
+                                f"assistant turn {k}'s reasoning before its content, so the reasoning cannot be told "
+                                "apart from the answer; use data.reasoning train or drop")
+            thought = full[:cut]
+        texts += [render(plain[:k], True, tools), full, thought]
     return texts
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def segment_messages(
     messages: list[Message], renders: list[list[int]], mask: str, where: tuple[str, int | str]
-) -> list[Segment]:
-    """Prompt / response segments from the token renderings of `_texts`, with supervision from `mask`."""
+) -> list[list[Segment]]:
+    """Prompt / response segments from the token renderings of `_texts`, with supervision from `mask`: one list
+    per example (one, unless the template shows the history differently from the last turn)."""
     turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-    segments: list[Segment] = []
-    done: list[int] = []
+    examples: list[list[Segment]] = []
+    done: list[int] | None = None
     for n, k in enumerate(turns):
-        prompt, full = renders[2 * n], renders[2 * n + 1]
-        if prompt[: len(done)] != done or full[: len(prompt)] != prompt:
+        prompt, full, thought = renders[3 * n], renders[3 * n + 1], renders[3 * n + 2]
+        if full[: len(prompt)] != prompt:
             raise DataError(
                 where[0], where[1], None,
                 f"{TEMPLATE}: render(messages[:{k}], add_generation_prompt=True) is not a token prefix of "
@@ -116,11 +182,17 @@ def segment_messages(
                 "template that renders turns incrementally (data.template: chatml, llama3, alpaca or yuan2) or your "
                 "own .jinja file.",
             )
+        if done is None or prompt[: len(done)] != done:  # the history shows differently now: a new example
+            examples.append([])
+            done = []
         trains = messages[k].get("train", True) and (mask != "last" or n == len(turns) - 1)
+        segments = examples[-1]
         segments.append(Segment(prompt[len(done):], supervised=mask == "all"))
-        segments.append(Segment(full[len(prompt):], supervised=bool(trains)))
+        start = max(len(prompt), _common(thought, full)) if thought else len(prompt)  # masked reasoning
+        segments.append(Segment(full[len(prompt):start], supervised=mask == "all"))
+        segments.append(Segment(full[start:], supervised=bool(trains)))
         done = full
-    return segments
+    return examples
 
 
 def _pairs(segments: list[Segment]) -> list[Segment]:
@@ -165,19 +237,23 @@ def truncate_segments(segments: list[Segment], cutoff_len: int) -> tuple[list[Se
 
 
 def _conversation(messages: list[Message], renders: list[list[int]], cutoff_len: int, mask: str,
-                  where: tuple[str, int | str]) -> Encoded:
-    pairs = _pairs(segment_messages(messages, renders, mask, where))
-    if not pairs:
-        return Encoded([], [], drop=FULLY_MASKED)
-    kept, cut = truncate_segments(pairs, cutoff_len)
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for seg in kept:
-        input_ids += seg.ids
-        labels += seg.ids if seg.supervised else [IGNORE_INDEX] * len(seg.ids)
-    if all(label == IGNORE_INDEX for label in labels):
-        return Encoded([], [], truncated=True, drop=DOES_NOT_FIT)
-    return Encoded(input_ids, labels, truncated=cut)
+                  where: tuple[str, int | str]) -> list[Encoded]:
+    out = []
+    for segments in segment_messages(messages, renders, mask, where):
+        pairs = _pairs(segments)
+        if not pairs:
+            continue  # an example with nothing supervised (mask last, `train: false`) teaches nothing
+        kept, cut = truncate_segments(pairs, cutoff_len)
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for seg in kept:
+            input_ids += seg.ids
+            labels += seg.ids if seg.supervised else [IGNORE_INDEX] * len(seg.ids)
+        if all(label == IGNORE_INDEX for label in labels):
+            out.append(Encoded([], [], truncated=True, drop=DOES_NOT_FIT))
+        else:
+            out.append(Encoded(input_ids, labels, truncated=cut))
+    return out or [Encoded([], [], drop=FULLY_MASKED)]
 
 
 def _document(ids: list[int], cutoff_len: int) -> list[Encoded]:
@@ -186,32 +262,93 @@ def _document(ids: list[int], cutoff_len: int) -> list[Encoded]:
     return [Encoded(b, list(b)) if len(b) > 1 else Encoded([], [], drop=TOO_SHORT) for b in blocks]
 
 
+_PROBE_TOOL = {"type": "function", "function": {"name": "peftkit_probe_tool", "description": "",
+                                             "parameters": {"type": "object", "properties": {}}}}
+_PROBE_CALL = {"type": "function", "function": {"name": "peftkit_probe_tool", "arguments": {"peftkit_probe_arg": 1}}}
+_PROBES: dict[str, tuple[list[dict], str, str]] = {  # what a record has: (a conversation showing it, what must show)
+    "tools": ([{"role": "user", "content": "q"}], "peftkit_probe_tool", "the record's `tools`"),
+    "tool_calls": ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]}],
+                   "peftkit_probe_arg", "assistant `tool_calls` (sharegpt function_call turns)"),
+    "tool": ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [_PROBE_CALL]},
+              {"role": "tool", "content": "peftkit_probe_result", "name": "peftkit_probe_tool"}],
+             "peftkit_probe_result", "tool results (sharegpt observation turns)"),
+    "reasoning_content": ([{"role": "user", "content": "q"},
+                           {"role": "assistant", "content": "a", "reasoning_content": "peftkit_probe_thought"}],
+                          "peftkit_probe_thought", "assistant reasoning (`reasoning_content` or <think>...</think>)"),
+}
+_SHOWN: dict[tuple[str, str], str] = {}  # (template, feature) -> "" when shown, else why not
+
+
+def _features(sample: Sample) -> set[str]:
+    found = {"tools"} if sample.get("tools") else set()
+    for m in sample.get("messages") or []:
+        found |= {k for k in ("tool_calls", "reasoning_content") if m.get(k)}
+        if m["role"] == "tool":
+            found.add("tool")
+    return found
+
+
+def check_template_shows(template: str, render: Any, samples: list[Sample], reasoning: str = "train") -> None:
+    """ConfigError when samples have tools, tool calls, tool results or reasoning that the chat template would
+    silently leave out of the text (checked once per template and feature, on a probe conversation)."""
+    needed = set().union(*(_features(s) for s in samples)) if samples else set()
+    if reasoning == "drop":
+        needed.discard("reasoning_content")
+    for feature in sorted(needed):
+        if (template, feature) not in _SHOWN:
+            messages, mark, _ = _PROBES[feature]
+            try:
+                text = render(messages, False, [_PROBE_TOOL])
+                _SHOWN[template, feature] = "" if mark in text else "it renders without them"
+            except Exception as e:  # noqa: BLE001 - a template that raises on them cannot show them
+                _SHOWN[template, feature] = f"rendering raises {type(e).__name__}: {e}"
+        if _SHOWN[template, feature]:
+            raise ConfigError([
+                f"data.template: the chat template cannot show {_PROBES[feature][2]} ({_SHOWN[template, feature]}), "
+                "so the model would never see them; use data.template: chatml or llama3 (peftkit's templates with tools "
+                "and reasoning) or a .jinja file that renders them"
+                + (", or data.reasoning: drop" if feature == "reasoning_content" else "")
+            ])
+
+
 def encode_samples(
     tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]], cutoff_len: int,
-    mask: str = "assistant", strict: bool = True,
+    mask: str = "assistant", strict: bool = True, reasoning: str = "train",
 ) -> list[list[Encoded]]:
-    """The examples of each sample (one, or several blocks for a long document; dropped ones carry a reason).
+    """The examples of each sample (one, several blocks for a long document, or one per turn under a template
+    that shows history differently; dropped ones carry a reason).
 
     strict=False turns a template error into a dropped record instead of raising it.
     """
     conversations = [sft_messages(s) for s in samples]
-    first = next((m for m in conversations if m is not None), None)
-    render = _renderer(tokenizer, first) if first is not None else None
+    first = next(((m, s.get("tools")) for m, s in zip(conversations, samples) if m is not None), None)
+    render = _renderer(tokenizer, *first) if first is not None else None
+    if render is not None:
+        check_template_shows(tokenizer.chat_template, render, samples, reasoning)
     texts: list[str] = []
     spans: list[tuple[int, int]] = []
-    for sample, messages in zip(samples, conversations):
+    failed: dict[int, DataError] = {}
+    for n, (sample, messages) in enumerate(zip(samples, conversations)):
         start = len(texts)
-        texts += _texts(render, messages) if messages is not None else [sample["text"]]
+        if messages is None:
+            texts.append(sample["text"])
+        else:
+            try:
+                texts += _texts(render, messages, sample.get("tools"), reasoning, wheres[n])
+            except DataError as e:
+                failed[n] = e
         spans.append((start, len(texts)))
     ids = _tokenize(tokenizer, texts) if texts else []
     out: list[list[Encoded]] = []
-    for messages, (start, end), where in zip(conversations, spans, wheres):
+    for n, (messages, (start, end), where) in enumerate(zip(conversations, spans, wheres)):
         if messages is None:
             eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
             out.append(_document(ids[start] + eos, cutoff_len))
             continue
         try:
-            out.append([_conversation(messages, ids[start:end], cutoff_len, mask, where)])
+            if n in failed:
+                raise failed[n]
+            out.append(_conversation(messages, ids[start:end], cutoff_len, mask, where))
         except DataError:
             if strict:
                 raise
@@ -220,10 +357,13 @@ def encode_samples(
 
 
 def encode_messages(
-    tokenizer: Any, messages: list[Message], cutoff_len: int, where: tuple[str, int | str], mask: str = "assistant"
+    tokenizer: Any, messages: list[Message], cutoff_len: int, where: tuple[str, int | str], mask: str = "assistant",
+    tools: list[dict] | None = None, reasoning: str = "train",
 ) -> tuple[dict[str, Any] | None, bool]:
-    """One conversation as {input_ids, labels}, or None when nothing supervised fits; and whether it was cut."""
-    (encoded,) = encode_samples(tokenizer, [{"messages": messages}], [where], cutoff_len, mask)[0]
+    """One conversation as {input_ids, labels}, or None when nothing supervised fits; and whether it was cut.
+    (Under a template that shows history differently, the example of the last turn.)"""
+    sample: Sample = {"messages": messages, **({"tools": tools} if tools else {})}
+    encoded = encode_samples(tokenizer, [sample], [where], cutoff_len, mask, reasoning=reasoning)[0][-1]
     if encoded.drop:
         return None, encoded.truncated
     return {"input_ids": encoded.input_ids, "labels": encoded.labels}, encoded.truncated
@@ -231,14 +371,15 @@ def encode_messages(
 
 def encode_preferences(
     tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]], cutoff_len: int, strict: bool = True,
+    reasoning: str = "train",
 ) -> list[Encoded]:
     """Preference pairs: the chosen conversation as input_ids / labels, the rejected one as rejected_*.
 
     Only the final answer is supervised (mask `last`): rm reads its score after it, dpo sums its
     log-probabilities. Each side is truncated on its own, keeping part of its answer.
     """
-    sides = [encode_samples(tokenizer, [{"messages": [*s["messages"], s[key]]} for s in samples], wheres, cutoff_len,
-                            "last", strict) for key in ("chosen", "rejected")]
+    sides = [encode_samples(tokenizer, [{**s, "messages": [*s["messages"], s[key]]} for s in samples], wheres,
+                            cutoff_len, "last", strict, reasoning) for key in ("chosen", "rejected")]
     out = []
     for (chosen,), (rejected,) in zip(*sides):
         truncated = chosen.truncated or rejected.truncated
@@ -252,6 +393,7 @@ def encode_preferences(
 
 def encode_unpaired(
     tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]], cutoff_len: int, strict: bool = True,
+    reasoning: str = "train",
 ) -> list[list[Encoded]]:
     """kto: each conversation with its final answer supervised (mask `last`) and `desirable` (1 / 0) from the
     record's `label`; a preference pair gives two examples, its chosen answer desirable, its rejected one not."""
@@ -260,7 +402,7 @@ def encode_unpaired(
     for i, (sample, where) in enumerate(zip(samples, wheres)):
         if "chosen" in sample:
             for key, side in (("chosen", 1), ("rejected", 0)):
-                conversations.append({"messages": [*sample["messages"], sample[key]]})
+                conversations.append({**sample, "messages": [*sample["messages"], sample[key]]})
                 judged.append((i, side))
             continue
         label = sample.get("desirable")
@@ -271,7 +413,8 @@ def encode_unpaired(
                             f"undesirable one), {shown}; map your field with `columns: {{label: YOUR_FIELD}}`")
         conversations.append(sample)
         judged.append((i, flag))
-    encoded = encode_samples(tokenizer, conversations, [wheres[i] for i, _ in judged], cutoff_len, "last", strict)
+    encoded = encode_samples(tokenizer, conversations, [wheres[i] for i, _ in judged], cutoff_len, "last", strict,
+                             reasoning)
     out: list[list[Encoded]] = [[] for _ in samples]
     for (example,), (i, desirable) in zip(encoded, judged):
         if desirable is None:
@@ -287,9 +430,9 @@ def encode_prompts(tokenizer: Any, samples: list[Sample], cutoff_len: int) -> li
     supervised: the answers are sampled); the last user message as `prompt` and the record's own answer as
     `reference`, for the reward functions. A prompt longer than cutoff_len is dropped."""
     conversations = [sft_messages(s) or [] for s in samples]
-    prompts: list[list[Message]] = [[{"role": m["role"], "content": m["content"]} for m in c[:-1]] for c in conversations]
-    render = _renderer(tokenizer, prompts[0] if prompts else None)
-    ids = _tokenize(tokenizer, [render(p, True) for p in prompts]) if prompts else []
+    prompts = [template_messages(c[:-1]) for c in conversations]
+    render = _renderer(tokenizer, conversations[0][:-1] if prompts else None, samples[0].get("tools") if samples else None)
+    ids = _tokenize(tokenizer, [render(p, True, s.get("tools")) for p, s in zip(prompts, samples)]) if prompts else []
     out = []
     for conversation, prompt, row in zip(conversations, prompts, ids):
         if len(row) > cutoff_len:
@@ -351,17 +494,19 @@ def encode_classification(
 # (data/dataset.py's Encoding: cutoff_len, mask, classes, strict).
 def conversation_examples(tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]],
                           options: Any) -> list[list[Encoded]]:
-    return encode_samples(tokenizer, samples, wheres, options.cutoff_len, options.mask, options.strict)
+    return encode_samples(tokenizer, samples, wheres, options.cutoff_len, options.mask, options.strict,
+                          options.reasoning)
 
 
 def preference_examples(tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]],
                         options: Any) -> list[list[Encoded]]:
-    return [[e] for e in encode_preferences(tokenizer, samples, wheres, options.cutoff_len, options.strict)]
+    return [[e] for e in encode_preferences(tokenizer, samples, wheres, options.cutoff_len, options.strict,
+                                               options.reasoning)]
 
 
 def unpaired_examples(tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]],
                       options: Any) -> list[list[Encoded]]:
-    return encode_unpaired(tokenizer, samples, wheres, options.cutoff_len, options.strict)
+    return encode_unpaired(tokenizer, samples, wheres, options.cutoff_len, options.strict, options.reasoning)
 
 
 def prompt_examples(tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]],

@@ -6,7 +6,11 @@ A sample is one of
   {"messages": [...], "chosen": msg, "rejected": msg}   a preference pair after a prompt conversation
   {"text": str}                                         a document (continued pre-training)
   {"text": str, "text_pair": str | None, "label": ...}  a classification record
-Messages are {"role", "content"} plus an optional "train": false, which is never supervised.
+Messages are {"role", "content"} plus an optional "train": false, which is never supervised, and the
+keys chat templates read for tools and reasoning (transformers' convention, so they render through
+`apply_chat_template` unchanged): an assistant's `tool_calls` [{type: function, function: {name, arguments}}]
+(arguments a dict) and `reasoning_content`; a tool result's `tool_call_id` / `name`. A conversation whose
+record lists tools carries them as `"tools"` [{type: function, function: {name, description, parameters}}].
 """
 
 from __future__ import annotations
@@ -18,12 +22,23 @@ from typing import Any, NotRequired, TypedDict
 from peftkit.errors import DataError, kind_of
 
 
+class ToolCall(TypedDict):
+    """One call as chat templates read it: {"type": "function", "function": {"name", "arguments": dict}}."""
+
+    type: str
+    function: dict[str, Any]
+
+
 class Message(TypedDict):
     """One turn of a conversation; `train: false` keeps an assistant turn out of the labels."""
 
     role: str
     content: str
     train: NotRequired[bool]
+    tool_calls: NotRequired[list[ToolCall]]
+    reasoning_content: NotRequired[str]
+    tool_call_id: NotRequired[str]
+    name: NotRequired[str]
 
 
 # One of the four shapes in the module docstring; stage encoders know which they receive.
@@ -57,10 +72,15 @@ def _text(record: dict[str, Any], key: str, at: Where, required: bool) -> str:
 
 
 def _check_turns(messages: list[Message], field: str, at: Where, final_assistant: bool = True) -> None:
-    """After an optional system message: user/tool and assistant turns alternate."""
+    """After an optional system message: user/tool and assistant turns alternate (the results of parallel
+    tool calls, consecutive tool messages, count as one turn)."""
     start = 1 if messages and messages[0]["role"] == "system" else 0
+    turn = 0
     for i, m in enumerate(messages[start:], start=start):
-        expected = ("user", "tool") if (i - start) % 2 == 0 else ("assistant",)
+        if m["role"] == "tool" and i > start and messages[i - 1]["role"] == "tool":
+            continue
+        expected = ("user", "tool") if turn % 2 == 0 else ("assistant",)
+        turn += 1
         if m["role"] not in expected:
             raise at.error(f"{field}[{i}]", f"out of role order: found {m['role']!r} where {' or '.join(expected)} "
                            "should be (an optional system message, then user and assistant turns alternating)")
@@ -70,12 +90,73 @@ def _check_turns(messages: list[Message], field: str, at: Where, final_assistant
         raise at.error(field, "the prompt of a preference pair must end with a user turn")
 
 
+def _json(value: Any, what: str) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} is not valid JSON ({e.msg} at character {e.pos}): {value[:80]!r}") from None
+
+
+def normalize_tool_calls(value: Any) -> list[ToolCall]:
+    """Calls as templates read them, from OpenAI's [{type, function: {name, arguments: str}}], sharegpt's
+    function_call value ({"name", "arguments"} as JSON text, or a list of them) or bare {name, arguments |
+    parameters}; arguments become a dict. ValueError says what is wrong."""
+    value = _json(value, "the tool call")
+    calls = value if isinstance(value, list) else [value]
+    out: list[ToolCall] = []
+    for n, call in enumerate(calls):
+        where = f"tool call {n}" if len(calls) > 1 else "the tool call"
+        if not isinstance(call, dict):
+            raise ValueError(f"{where} must be an object {{name, arguments}}, got {kind_of(call)}")
+        function = call.get("function", call)
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise ValueError(f"{where} needs a function name (a string): {{\"name\": ..., \"arguments\": {{...}}}}")
+        arguments = _json(function.get("arguments", function.get("parameters", {})), f"{where}'s arguments")
+        if not isinstance(arguments, dict):
+            raise ValueError(f"{where}'s arguments must be a JSON object, got {kind_of(arguments)}")
+        normal: ToolCall = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            normal["id"] = call["id"]  # type: ignore[typeddict-unknown-key]
+        out.append(normal)
+    if not out:
+        raise ValueError("the tool call list is empty")
+    return out
+
+
+def normalize_tools(value: Any) -> list[dict[str, Any]]:
+    """A record's or request's tools as OpenAI's [{type: function, function: {name, description, parameters}}],
+    from that form, bare function schemas (glaive) or their JSON text. ValueError says what is wrong."""
+    value = _json(value, "tools")
+    if not isinstance(value, list):
+        raise ValueError(f"tools must be a list of function schemas, got {kind_of(value)}")
+    out = []
+    for n, tool in enumerate(value):
+        function = tool.get("function", tool) if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError(f"tools[{n}] must be a function schema {{name, description, parameters}} "
+                             "(or {type: function, function: {...}})")
+        out.append({"type": "function", "function": function})
+    return out
+
+
+def split_reasoning(content: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of a content that opens with <think>...</think>; (None, content) otherwise."""
+    head = content.lstrip()
+    if head.startswith("<think>") and "</think>" in head:
+        reasoning, _, answer = head[len("<think>"):].partition("</think>")
+        return reasoning.strip(), answer.lstrip()
+    return None, content
+
+
 def _message(raw: Any, tags: dict[str, str], field: str, at: Where) -> Message:
-    """One {from, value} or {role, content} message as {role, content[, train]}."""
+    """One {from, value} or {role, content} message as {role, content[, train, tool_calls, ...]}."""
     if not isinstance(raw, dict):
         raise at.error(field, f"must be a message object, got {kind_of(raw)}")
+    calls: Any = None
     if "role" in raw:  # OpenAI style
-        role, content, allowed = raw.get("role"), raw.get("content"), _ROLES
+        role, content, calls = raw.get("role"), raw.get("content"), raw.get("tool_calls")
     else:
         role_names = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system",
                       tags["observation_tag"]: "tool", tags["function_tag"]: "assistant"}
@@ -83,18 +164,52 @@ def _message(raw: Any, tags: dict[str, str], field: str, at: Where) -> Message:
         if tag not in role_names:
             raise at.error(f"{field}.{tags['role_tag']}", f"unknown role {tag!r}; allowed: {', '.join(role_names)} "
                            "(other tag names: set data.tags, e.g. {user_tag: user, assistant_tag: assistant})")
-        role, content, allowed = role_names[tag], raw.get(tags["content_tag"]), _ROLES
-    if role not in allowed:
-        raise at.error(f"{field}.role", f"unknown role {role!r}; allowed: {', '.join(allowed)}")
+        role, content = role_names[tag], raw.get(tags["content_tag"])
+        if tag == tags["function_tag"]:  # the value is the call: {"name": ..., "arguments": {...}} (or a list)
+            calls, content = content, ""
+    if role not in _ROLES:
+        raise at.error(f"{field}.role", f"unknown role {role!r}; allowed: {', '.join(_ROLES)}")
+    if content is None and calls:
+        content = ""  # OpenAI: an assistant message that only calls tools has content null
     if not isinstance(content, str):
         raise at.error(field, f"content must be a string, got {kind_of(content)}")
     message: Message = {"role": role, "content": content}
+    _tool_fields(message, raw, calls, field, at)
+    if role == "assistant":
+        _reasoning(message, raw, field, at)
     if raw.get("train") is False:
         message["train"] = False
     return message
 
 
-def _conversation(record: dict[str, Any], at: Where, tags: dict[str, str] | None) -> list[Message]:
+def _tool_fields(message: Message, raw: dict[str, Any], calls: Any, field: str, at: Where) -> None:
+    """An assistant message's calls; a tool message's tool_call_id / name."""
+    if calls:
+        if message["role"] != "assistant":
+            raise at.error(f"{field}.tool_calls", f"only assistant messages call tools, not {message['role']!r} ones")
+        try:
+            message["tool_calls"] = normalize_tool_calls(calls)
+        except ValueError as e:
+            raise at.error(f"{field}.tool_calls" if "role" in raw else field, str(e)) from None
+    if message["role"] == "tool":
+        for key in ("tool_call_id", "name"):
+            if isinstance(raw.get(key), str):
+                message[key] = raw[key]
+
+
+def _reasoning(message: Message, raw: dict[str, Any], field: str, at: Where) -> None:
+    """An assistant message's `reasoning_content` (or `reasoning`), or the <think>...</think> its content opens with."""
+    reasoning = raw.get("reasoning_content", raw.get("reasoning"))
+    if reasoning is None:
+        reasoning, message["content"] = split_reasoning(message["content"])
+    elif not isinstance(reasoning, str):
+        raise at.error(f"{field}.reasoning_content", f"must be a string, got {kind_of(reasoning)}")
+    if reasoning:
+        message["reasoning_content"] = reasoning
+
+
+def _conversation(record: dict[str, Any], at: Where, tags: dict[str, str] | None) -> Sample:
+    """{"messages": [...]} plus {"tools": [...]} when the record lists the tools its conversation may call."""
     tags = {**DEFAULT_TAGS, **(tags or {})}
     field = "messages" if "messages" in record else "conversations"
     raw = record.get(field)
@@ -105,15 +220,13 @@ def _conversation(record: dict[str, Any], at: Where, tags: dict[str, str] | None
     system = record.get("system")
     if isinstance(system, str) and system and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
-    tools = record.get("tools")
-    if tools:  # tool-call data (glaive): the model must see the tools it may call
-        text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
-        note = f"You may call these tools (answer with a JSON call):\n{text}"
-        if messages and messages[0]["role"] == "system":
-            messages[0] = {**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}
-        else:
-            messages.insert(0, {"role": "system", "content": note})
-    return messages
+    sample: Sample = {"messages": messages}
+    if record.get("tools"):  # rendered by the chat template (apply_chat_template's `tools`), as at inference
+        try:
+            sample["tools"] = normalize_tools(record["tools"])
+        except ValueError as e:
+            raise at.error("tools", str(e)) from None
+    return sample
 
 
 def alpaca(record: dict[str, Any], at: Where, tags: dict[str, str] | None = None) -> Sample:
@@ -153,28 +266,28 @@ def _alpaca_prompt(record: dict[str, Any], at: Where) -> list[Message]:
 
 def sharegpt(record: dict[str, Any], at: Where, tags: dict[str, str] | None = None) -> Sample:
     """`conversations` of {from, value} (role tags configurable) or OpenAI `messages` of {role, content}."""
-    messages = _conversation(record, at, tags)
-    _check_turns(messages, "conversations" if "conversations" in record else "messages", at)
-    return _judged({"messages": messages}, record)
+    sample = _conversation(record, at, tags)
+    _check_turns(sample["messages"], "conversations" if "conversations" in record else "messages", at)
+    return _judged(sample, record)
 
 
 def preference(record: dict[str, Any], at: Where, tags: dict[str, str] | None = None) -> Sample:
     """A prompt (conversation, alpaca fields or a `prompt` string) with a chosen and a rejected answer."""
     if "conversations" in record or "messages" in record:
-        messages = _conversation(record, at, tags)
-        _check_turns(messages, "conversations" if "conversations" in record else "messages", at, final_assistant=False)
+        sample = _conversation(record, at, tags)
+        _check_turns(sample["messages"], "conversations" if "conversations" in record else "messages", at,
+                     final_assistant=False)
     elif "instruction" in record:
-        messages = _alpaca_prompt(record, at)
+        sample = {"messages": _alpaca_prompt(record, at)}
     else:
-        messages = [{"role": "user", "content": _text(record, "prompt", at, required=True)}]
-    sample: Sample = {"messages": messages}
+        sample = {"messages": [{"role": "user", "content": _text(record, "prompt", at, required=True)}]}
     for key in ("chosen", "rejected"):
         value = record.get(key)
         if isinstance(value, list) and value:  # TRL's conversational style: the answer is the last message
             value = value[-1]
         answer = {"role": "assistant", "content": value} if isinstance(value, str) else _message(
             value, {**DEFAULT_TAGS, **(tags or {})}, key, at)
-        if answer["role"] != "assistant" or not answer["content"].strip():
+        if answer["role"] != "assistant" or not (answer["content"].strip() or answer.get("tool_calls")):
             raise at.error(key, "must be a non-empty assistant answer (a string, or a gpt / assistant message)")
         sample[key] = answer
     return sample

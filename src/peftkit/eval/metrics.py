@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Mapping
+from typing import Any
 
 
 def _merge_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
@@ -158,6 +159,51 @@ def classification_scores(predictions: list[int], labels: list[int]) -> dict[str
     return out
 
 
+def reference_text(message: Mapping[str, Any]) -> str:
+    """A record's answer as metrics read it: its content, or its tool calls as a JSON list of {name, arguments}."""
+    calls = message.get("tool_calls")
+    if calls:
+        return json.dumps([{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls],
+                          ensure_ascii=False)
+    return str(message["content"])
+
+
+def _call_keys(calls: list[Any]) -> tuple[list[str], list[str]]:
+    names = sorted(c.name for c in calls)
+    return names, sorted(json.dumps([c.name, c.arguments], sort_keys=True) for c in calls)
+
+
+def tool_call(predictions: list[str], references: list[str]) -> dict[str, object]:
+    """Tool calling (in %), over records whose reference calls tools: the right function names
+    (`tool_name_accuracy`) and names with exactly the right arguments (`tool_arguments_exact`), call order
+    ignored; `tool_call_valid_json`: of the answers that try to call (a <tool_call> tag or a leading JSON
+    object), those whose calls parse; `no_call_accuracy`: records whose reference answers in words and whose
+    prediction calls nothing."""
+    from peftkit.infer.tools import CALL_TAG, parse_calls, parse_output
+
+    names = exact = calls = attempts = valid = quiet = plain = 0
+    for pred_text, ref_text in zip(predictions, references, strict=True):
+        _, ref = parse_calls(ref_text)
+        pred = parse_output(pred_text, tools=True).calls
+        body = parse_output(pred_text, tools=False).content.strip()
+        if CALL_TAG in body or body[:1] in "{[" and body:
+            attempts += 1
+            valid += pred is not None
+        if ref is None:
+            plain += 1
+            quiet += pred is None
+            continue
+        calls += 1
+        if pred is not None:
+            (pred_names, pred_full), (ref_names, ref_full) = _call_keys(pred), _call_keys(ref)
+            names += pred_names == ref_names
+            exact += pred_full == ref_full
+    pct = lambda n, d: round(100 * n / d, 2) if d else None  # noqa: E731
+    return {"tool_name_accuracy": pct(names, calls), "tool_arguments_exact": pct(exact, calls),
+            "tool_call_valid_json": pct(valid, attempts), "no_call_accuracy": pct(quiet, plain),
+            "tool_call_records": calls, "tool_call_attempts": attempts}
+
+
 METRICS: dict[str, Callable[[list[str], list[str]], Mapping[str, object]]] = {
     "ner_json": ner_json,
     "exact_match": exact_match,
@@ -165,4 +211,5 @@ METRICS: dict[str, Callable[[list[str], list[str]], Mapping[str, object]]] = {
     "rouge": rouge,
     "accuracy": accuracy,
     "f1": f1,
+    "tool_call": tool_call,
 }

@@ -16,7 +16,7 @@ from peftkit.constants import PREDICT_RESULTS_FILE, PREDICTIONS_FILE
 from peftkit.data.dataset import load_messages
 from peftkit.data.encode import render_prompt
 from peftkit.eval.loss import eval_loss
-from peftkit.eval.metrics import METRICS
+from peftkit.eval.metrics import METRICS, reference_text
 from peftkit.infer.engine import adapters_merged, generate_batch
 from peftkit.model.dtypes import autocast_dtype
 from peftkit.stages import stage as stage_of
@@ -51,8 +51,8 @@ def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: 
     records and settings generates only the answers that are missing (`_resumed`)."""
     data_args = replace(cfg.data, max_samples=cfg.eval.max_samples)
     records = load_messages([str(cfg.eval.dataset)], data_args)
-    prompts = [render_prompt(tokenizer, messages[:-1]) for messages, _ in records]
-    references = [messages[-1]["content"] for messages, _ in records]
+    prompts = [render_prompt(tokenizer, r.messages[:-1], r.tools) for r in records]
+    references = [reference_text(r.messages[-1]) for r in records]
     final = output_dir / PREDICTIONS_FILE.replace(".jsonl", f"{tag}.jsonl")
     partial = final.with_name(f".{final.name}.partial")
     fingerprint = hashlib.sha256(json.dumps([prompts, asdict(cfg.generate)]).encode()).hexdigest()

@@ -22,9 +22,8 @@ from peftkit.atomic import storage_errors, write_dir_atomic
 from peftkit.config.load import dataset_specs
 from peftkit.config.schema import DataArgs
 from peftkit.constants import CONFIG_FILE, FINETUNING_ARGS_FILE
-from peftkit.data.dataset import conversations
+from peftkit.data.dataset import Dialogue, conversations
 from peftkit.data.encode import encode_messages, render_prompt
-from peftkit.data.formats import Message
 from peftkit.errors import PeftkitError
 from peftkit.export.hub import model_card
 from peftkit.model.loading import saved_classes
@@ -113,7 +112,7 @@ def _logits(model: Any, prompts: list[list[int]]) -> list[Any]:
         return [model(input_ids=torch.tensor([ids])).logits[0] for ids in prompts]
 
 
-def _training_records(run_dir: Path, limit: int) -> list[tuple[list[Message], tuple[str, str]]]:
+def _training_records(run_dir: Path, limit: int) -> list[Dialogue]:
     """The first training records, read as the run read them (its config.yaml), if the files still exist."""
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
@@ -129,9 +128,9 @@ def _check_template(run_tokenizer: Any, exported: Any, records: list, cutoff_len
 
     if isinstance(exported, Path):
         exported = AutoTokenizer.from_pretrained(exported)
-    for messages, where in records:
-        a, _ = encode_messages(run_tokenizer, messages, cutoff_len, where)
-        b, _ = encode_messages(exported, messages, cutoff_len, where)
+    for messages, where, tools in records:
+        a, _ = encode_messages(run_tokenizer, messages, cutoff_len, where, tools=tools)
+        b, _ = encode_messages(exported, messages, cutoff_len, where, tools=tools)
         if a != b:
             raise PeftkitError(
                 f"export check failed: the exported tokenizer renders {where[0]} record {where[1]} differently "
@@ -175,7 +174,7 @@ class _Merged:
     stored_dtype: Any
     prompts: list[list[int]]
     reference: list[Any]  # the run's logits on `prompts` (base + adapter, before merging)
-    records: list[tuple[list[Message], tuple[str, str]]]  # training records whose rendering is re-checked
+    records: list[Dialogue]  # training records whose rendering is re-checked
 
 
 def _merged(run_dir: Path) -> _Merged:

@@ -1,5 +1,6 @@
-"""An OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions (whole or streamed, n, seed, logprobs),
-/health and /metrics, over one model or several adapters of one base (the request's `model` picks).
+"""An OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions (whole or streamed, n, seed, logprobs,
+tools and tool_choice, reasoning_content), /v1/completions, /health and /metrics, over one model or several
+adapters of one base (the request's `model` picks).
 
 Requests run concurrently in the batching engine (serve/engine.py); when `max_queue` already wait for a
 row, the next gets a 429. Every bad request gets a 4xx with an OpenAI-style error body; unexpected
@@ -22,11 +23,13 @@ from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from peftkit.data.formats import Message
+from peftkit.data.formats import Message, normalize_tool_calls, normalize_tools
+from peftkit.errors import ConfigError
 from peftkit.infer.engine import Job, QueueFull
+from peftkit.infer.tools import Call, DeltaSplitter, Parsed, parse_output
 from peftkit.serve.engine import Outcome, Request, Service
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class ApiError(Exception):
@@ -49,8 +52,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _content(m: Any, i: int) -> str:
-    """A message's text: a string, or OpenAI's list of {type: text, text} parts."""
+    """A message's text: a string, or OpenAI's list of {type: text, text} parts (null for an assistant's call)."""
     content = m.get("content") if isinstance(m, dict) else None
+    if content is None and isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls"):
+        return ""
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                                          for p in content):
         return "".join(p["text"] for p in content)
@@ -82,8 +87,53 @@ def _messages(messages: Any) -> list[Message]:
         if m.get("role") not in ROLES:
             raise ApiError(400, f"messages[{i}].role {m.get('role')!r} is not one of {', '.join(ROLES)}",
                            "invalid_role", f"messages[{i}].role")
-        clean.append({"role": m["role"], "content": content})
+        message: Message = {"role": m["role"], "content": content}
+        if m.get("tool_calls") is not None:
+            if m["role"] != "assistant":
+                raise ApiError(400, f"messages[{i}]: only assistant messages have tool_calls", "invalid_messages",
+                               f"messages[{i}].tool_calls")
+            try:  # the calls the client got back, arguments as JSON strings: the template reads them as objects
+                message["tool_calls"] = normalize_tool_calls(m["tool_calls"])
+            except ValueError as e:
+                raise ApiError(400, f"messages[{i}].tool_calls: {e}", "invalid_messages",
+                               f"messages[{i}].tool_calls") from None
+        if m["role"] == "assistant" and isinstance(m.get("reasoning_content"), str) and m["reasoning_content"]:
+            message["reasoning_content"] = m["reasoning_content"]
+        if m["role"] == "tool":
+            for key in ("tool_call_id", "name"):
+                if isinstance(m.get(key), str):
+                    message[key] = m[key]
+        clean.append(message)
     return clean
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, str | None]:
+    """(tools offered to the model, the function tool_choice forces) from `tools` and `tool_choice`:
+    auto (the default with tools), none (the model sees no tools), or {"type": "function", "function": {"name"}}."""
+    choice = body.get("tool_choice")
+    if body.get("tools") is None:
+        if choice not in (None, "none"):
+            raise ApiError(400, "tool_choice needs tools", "invalid_tool_choice", "tool_choice")
+        return None, None
+    try:
+        tools = normalize_tools(body["tools"])
+    except ValueError as e:
+        raise ApiError(400, str(e), "invalid_tools", "tools") from None
+    names = [t["function"]["name"] for t in tools]
+    if choice in (None, "auto"):
+        return tools or None, None
+    if choice == "none":
+        return None, None
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+        and isinstance(choice.get("function"), dict) else None
+    if not isinstance(name, str):
+        raise ApiError(400, "tool_choice must be \"auto\", \"none\" or {\"type\": \"function\", \"function\": "
+                       "{\"name\": ...}} (\"required\" is not supported: name the function)", "invalid_tool_choice",
+                       "tool_choice")
+    if name not in names:
+        raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools ({', '.join(names)})",
+                       "invalid_tool_choice", "tool_choice")
+    return tools, name
 
 
 def _logprobs_asked(body: dict) -> int | None:
@@ -147,9 +197,13 @@ def _parse(body: Any, models: dict[str, str | None], max_tokens_limit: int,
                        "invalid_stream_options", "stream_options")
     if stream and logprobs is not None:
         raise ApiError(400, "logprobs are returned with stream: false only", "invalid_logprobs", "logprobs")
+    tools, call = _tools(body) if chat else (None, None)
+    if tools and fmt == {"type": "json_object"}:
+        raise ApiError(400, "response_format json_object cannot be combined with tools", "invalid_response_format",
+                       "response_format")
     request = Request(clean, max_tokens, sampling["temperature"], sampling["top_p"], stop, seed=seed, n=n or 1,
                       logprobs=logprobs, adapter=models[body["model"]], json=fmt == {"type": "json_object"},
-                      prompt=prompt)
+                      prompt=prompt, tools=tools, call=call)
     return request, stream, bool(options.get("include_usage", False))
 
 
@@ -221,7 +275,7 @@ def create_app(service: Service, models: str | dict[str, str | None], api_key: s
         try:
             body = await _read_json(http, max_body_bytes)
             request, stream, include_usage = _parse(body, served, max_tokens_limit, chat)
-            ids = await asyncio.to_thread(service.prompt_ids, request)  # off the event loop
+            ids = await asyncio.to_thread(_prompt_ids, service, request)  # off the event loop
             prompt_len = len(ids)
             if prompt_len + request.max_tokens > service.context_window:
                 raise ApiError(400, f"This model's context window is {service.context_window} tokens; the prompt has "
@@ -255,6 +309,14 @@ def create_app(service: Service, models: str | dict[str, str | None], api_key: s
     return app
 
 
+def _prompt_ids(service: Service, request: Request) -> list[int]:
+    try:
+        return service.prompt_ids(request)
+    except ConfigError as e:  # the chat template cannot show the tools / calls / reasoning asked for
+        raise ApiError(400, f"this model cannot take the request: {'; '.join(e.issues)}", "unsupported_by_template",
+                       "tools") from None
+
+
 async def _read_json(http: HttpRequest, max_body_bytes: int) -> Any:
     """The request body parsed; ApiError 413 past `max_body_bytes` (counted as it arrives: a chunked body has
     no content-length), 400 when it is not JSON."""
@@ -278,8 +340,19 @@ def _completion(service: Service, request: Request, texts: list[str], outcomes: 
     """A chat.completion (or text_completion) body: one choice per answer, with logprobs when asked."""
     choices = []
     for k, (text, o) in enumerate(zip(texts, outcomes)):
-        answer = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
-        choice: dict[str, Any] = {"index": k, **answer, "finish_reason": o.finish_reason}
+        answer: dict[str, Any] = {"text": text, "logprobs": None}
+        finish = o.finish_reason
+        if chat:
+            parsed = _answer(request, text)
+            message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+            if parsed.reasoning is not None:
+                message["reasoning_content"] = parsed.reasoning
+            if parsed.calls:
+                message["content"] = parsed.content or None
+                message["tool_calls"] = [_tool_call(c) for c in parsed.calls]
+                finish = "tool_calls" if finish == "stop" else finish
+            answer = {"message": message}
+        choice: dict[str, Any] = {"index": k, **answer, "finish_reason": finish}
         if request.logprobs is not None:
             choice["logprobs"] = {"content": _logprobs(service.tokenizer, o)}
         choices.append(choice)
@@ -288,6 +361,24 @@ def _completion(service: Service, request: Request, texts: list[str], outcomes: 
             "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                       "total_tokens": prompt_tokens + completion}}
+
+
+def _answer(request: Request, text: str) -> Parsed:
+    """The answer's reasoning, content and tool calls; a forced call's text is its arguments object."""
+    if request.call is None:
+        return parse_output(text, request.tools is not None)
+    try:
+        arguments = json.loads(text)
+    except json.JSONDecodeError:  # cut short by max_tokens: the text as it is
+        return Parsed(text)
+    return Parsed("", None, [Call(request.call, arguments)]) if isinstance(arguments, dict) else Parsed(text)
+
+
+def _tool_call(call: Call, index: int | None = None) -> dict[str, Any]:
+    """OpenAI's tool call: an id, and the arguments as a JSON string."""
+    out: dict[str, Any] = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                           "function": {"name": call.name, "arguments": json.dumps(call.arguments, ensure_ascii=False)}}
+    return out if index is None else {"index": index, **out}
 
 
 def _logprobs(tokenizer: Any, outcome: Outcome) -> list[dict[str, Any]]:
@@ -338,11 +429,31 @@ def _sse(service: Service, request: Request, jobs: list[Job], ident: str, create
     outcomes = [Outcome() for _ in jobs]
     try:
         for k, (job, outcome) in enumerate(zip(jobs, outcomes)):
-            if chat:
-                yield chunk(k, {"role": "assistant", "content": ""})
+            if not chat:
+                for text in service.stream(request, job, outcome, cancel):
+                    yield chunk(k, {"content": text})
+                yield chunk(k, {}, outcome.finish_reason)
+                continue
+            yield chunk(k, {"role": "assistant", "content": ""})
+            if request.call is not None:  # a forced call: its arguments stream as they are generated
+                head = _tool_call(Call(request.call, {}), 0)
+                head["function"]["arguments"] = ""
+                yield chunk(k, {"tool_calls": [head]})
+                for text in service.stream(request, job, outcome, cancel):
+                    yield chunk(k, {"tool_calls": [{"index": 0, "function": {"arguments": text}}]})
+                yield chunk(k, {}, "tool_calls" if outcome.finish_reason == "stop" else outcome.finish_reason)
+                continue
+            splitter = DeltaSplitter(request.tools is not None)
             for text in service.stream(request, job, outcome, cancel):
-                yield chunk(k, {"content": text})
-            yield chunk(k, {}, outcome.finish_reason)
+                for delta in splitter.feed(text):
+                    yield chunk(k, delta)
+            deltas, calls = splitter.finish()
+            for delta in deltas:
+                yield chunk(k, delta)
+            for i, call in enumerate(calls or []):  # each call whole: OpenAI clients join the deltas either way
+                yield chunk(k, {"tool_calls": [_tool_call(call, i)]})
+            finish = "tool_calls" if calls and outcome.finish_reason == "stop" else outcome.finish_reason
+            yield chunk(k, {}, finish)
     except Exception as e:  # noqa: BLE001 - report in-band; the response has already started
         yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
         return

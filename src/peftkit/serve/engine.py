@@ -30,6 +30,8 @@ class Request:
     adapter: str | None = None  # which adapter answers (None: the base model)
     json: bool = False  # response_format json_object: the answer is constrained to a JSON object
     prompt: str | None = None  # /v1/completions: raw text continued as it is (no chat template); messages unused
+    tools: list[dict[str, Any]] | None = None  # offered to the model (tool_choice auto or a named function)
+    call: str | None = None  # tool_choice names this function: the answer is its arguments (JSON mode)
 
 
 @dataclass
@@ -88,12 +90,13 @@ class Service:
         """The chat template's rendering of the messages, or a completion's raw prompt tokenized as it is."""
         if request.prompt is not None:
             return list(self.tokenizer(request.prompt)["input_ids"])
-        return render_prompt(self.tokenizer, request.messages)
+        return render_prompt(self.tokenizer, request.messages, request.tools, request.call)
 
     def submit(self, request: Request, ids: list[int]) -> list[Job]:
         """The request's n jobs, queued (QueueFull when the queue is full; then none is queued)."""
         sampling = Sampling(max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-                            seed=request.seed, logprobs=request.logprobs, adapter=request.adapter, json=request.json)
+                            seed=request.seed, logprobs=request.logprobs, adapter=request.adapter,
+                            json=request.json or request.call is not None)
         jobs: list[Job] = []
         try:
             for k in range(request.n):

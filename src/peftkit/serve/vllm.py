@@ -14,6 +14,24 @@ from peftkit.errors import PeftkitError
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 
 
+def _template_flags(run: Path) -> list[str]:
+    """The run's chat template (what it trained with) and, when it writes tool calls or reasoning, vLLM's
+    parsers for that format: hermes for <tool_call> blocks, llama3_json for Llama 3.1's JSON calls,
+    deepseek_r1 for <think>...</think>."""
+    template_file = run / "chat_template.jinja"
+    if not template_file.is_file():
+        return []
+    template = template_file.read_text(encoding="utf-8")
+    flags = ["--chat-template", shlex.quote(str(template_file))]
+    if "<tool_call>" in template:
+        flags += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    elif "ipython" in template and "tools" in template:
+        flags += ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"]
+    if "<think>" in template:
+        flags += ["--reasoning-parser", "deepseek_r1"]
+    return flags
+
+
 def vllm_hand_off(run: str | Path, name: str | None = None) -> tuple[str, list[str]]:
     """(the `vllm serve` command line, what blocks the adapter in vLLM: empty when nothing does)."""
     run = Path(run)
@@ -31,6 +49,7 @@ def vllm_hand_off(run: str | Path, name: str | None = None) -> tuple[str, list[s
         flags += ["--max-lora-rank", str(rank)]
     if config.get("bias", "none") != "none":
         flags.append("--enable-lora-bias")
+    flags += _template_flags(run)
     blocks = []
     if config.get("peft_type", "LORA") != "LORA":
         blocks.append(f"peft_type {config['peft_type']}: vLLM loads LoRA adapters only")
