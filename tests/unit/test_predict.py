@@ -61,3 +61,23 @@ def _write_config(tmp_path: Path) -> Path:
 def test_unknown_metric_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["eval", str(_write_config(tmp_path)), "train.output_dir=x", "eval.metrics=[bleu, meteor]"]) == 2
     assert "eval.metrics: unknown metric 'meteor'" in capsys.readouterr().err
+
+
+def test_peftkit_eval_scores_tool_calls_with_the_tools_in_the_prompt(tiny_model_dir: Path, tmp_path: Path) -> None:
+    heldout = Path(__file__).resolve().parents[2] / "data/demo/glaive_toolcall_heldout.json"
+    out = tmp_path / "out"
+    config = tmp_path / "eval.yaml"
+    config.write_text("data: {format: sharegpt, template: chatml}\n")
+    assert main(["eval", str(config), f"model.name_or_path={tiny_model_dir}", f"eval.dataset={heldout}",
+                 f"train.output_dir={out}", "eval.max_samples=4", "eval.metrics=[tool_call]",
+                 "generate.max_new_tokens=4"]) == 0
+    out = out / "eval" / heldout.stem
+    results = json.loads((out / "predict_results.json").read_text())
+    calls = [r for r in json.loads(heldout.read_text())[:4] if r["conversations"][-1]["from"] == "function_call"]
+    assert results["tool_call_records"] == len(calls) > 0
+    assert results["tool_name_accuracy"] == 0.0  # a random model with 4 tokens calls nothing
+    lines = [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    has_tools = [bool(json.loads(r.get("tools") or "[]")) for r in json.loads(heldout.read_text())[:4]]
+    assert ["<tools>" in line["prompt"] for line in lines] == has_tools and any(has_tools)  # rendered by the template
+    first_call = next(line["label"] for line in lines if line["label"].startswith("[{"))
+    assert json.loads(first_call)[0]["name"] == json.loads(calls[0]["conversations"][-1]["value"])["name"]

@@ -178,3 +178,10 @@ def test_glaive_demo_builds_with_chatml(tokenizer, tmp_path: Path) -> None:
              if any(t["from"] == "function_call" for t in r["conversations"])]
     text = tokenizer.decode(ds[[i for i, r in enumerate(json.loads(path.read_text())[:40]) if r in calls][0]]["input_ids"])
     assert "<tool_call>" in text and "<tool_response>" in text and "<tools>" in text
+
+
+@pytest.mark.parametrize("template", ["alpaca", "yuan2"])
+def test_shipped_templates_without_tools_refuse_tool_records(tokenizer, template: str) -> None:
+    apply_template(tokenizer, template)
+    with pytest.raises(ConfigError, match="cannot show"):
+        encode_messages(tokenizer, SINGLE_CALL, 4096, ("f", 0), tools=TOOLS)
