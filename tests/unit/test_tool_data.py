@@ -185,3 +185,18 @@ def test_shipped_templates_without_tools_refuse_tool_records(tokenizer, template
     apply_template(tokenizer, template)
     with pytest.raises(ConfigError, match="cannot show"):
         encode_messages(tokenizer, SINGLE_CALL, 4096, ("f", 0), tools=TOOLS)
+
+
+def test_preference_pairs_with_tools_render_each_side_once(tokenizer) -> None:
+    from peftkit.data.encode import encode_preferences, encode_unpaired
+
+    apply_template(tokenizer, "chatml")
+    chosen = {"role": "assistant", "content": "", "tool_calls": [call("Paris")]}
+    rejected = {"role": "assistant", "content": "I cannot check the weather."}
+    sample = {"messages": SINGLE_CALL[:1], "chosen": chosen, "rejected": rejected, "tools": TOOLS}
+    (pair,) = encode_preferences(tokenizer, [sample], [("f", 0)], 4096)
+    assert pair.input_ids == chat_ids(tokenizer, [*SINGLE_CALL[:1], chosen], tools=TOOLS)
+    assert pair.extra["rejected_input_ids"] == chat_ids(tokenizer, [*SINGLE_CALL[:1], rejected], tools=TOOLS)
+    (good, bad), = encode_unpaired(tokenizer, [sample], [("f", 0)], 4096)
+    assert (good.input_ids, good.extra, bad.input_ids, bad.extra) == \
+        (pair.input_ids, {"desirable": 1}, pair.extra["rejected_input_ids"], {"desirable": 0})

@@ -369,6 +369,11 @@ def encode_messages(
     return {"input_ids": encoded.input_ids, "labels": encoded.labels}, encoded.truncated
 
 
+def _with_answer(sample: Sample, answer: Message) -> Sample:
+    """One side of a preference pair as a conversation (with the record's tools)."""
+    return {"messages": [*sample["messages"], answer], **({"tools": sample["tools"]} if sample.get("tools") else {})}
+
+
 def encode_preferences(
     tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, int | str]], cutoff_len: int, strict: bool = True,
     reasoning: str = "train",
@@ -378,7 +383,7 @@ def encode_preferences(
     Only the final answer is supervised (mask `last`): rm reads its score after it, dpo sums its
     log-probabilities. Each side is truncated on its own, keeping part of its answer.
     """
-    sides = [encode_samples(tokenizer, [{**s, "messages": [*s["messages"], s[key]]} for s in samples], wheres,
+    sides = [encode_samples(tokenizer, [_with_answer(s, s[key]) for s in samples], wheres,
                             cutoff_len, "last", strict, reasoning) for key in ("chosen", "rejected")]
     out = []
     for (chosen,), (rejected,) in zip(*sides):
@@ -402,7 +407,7 @@ def encode_unpaired(
     for i, (sample, where) in enumerate(zip(samples, wheres)):
         if "chosen" in sample:
             for key, side in (("chosen", 1), ("rejected", 0)):
-                conversations.append({**sample, "messages": [*sample["messages"], sample[key]]})
+                conversations.append(_with_answer(sample, sample[key]))
                 judged.append((i, side))
             continue
         label = sample.get("desirable")
