@@ -89,6 +89,11 @@ def _cmd_data(args: argparse.Namespace) -> int:
     apply_template(tokenizer, cfg.data.template, cfg.stage)
     data = prepare_data(cfg.data, tokenizer, cfg.stage)
     print(data.report.summary())
+    from peftkit.model.quantization import estimate_memory
+
+    estimate = estimate_memory(cfg.model)  # from config.json, on the meta device
+    if estimate is not None:
+        print(estimate.line())
     shown = 0
     for row in data.train:
         for example in unpack_row(row) if "position_ids" in row else [row]:

@@ -311,12 +311,16 @@ def trackers(train: dict[str, Any]) -> list[str]:
     return [report_to] if isinstance(report_to, str) else list(report_to or [])
 
 
-def build_training_arguments(train: dict[str, Any], stage: str = "sft") -> Any:
+def build_training_arguments(train: dict[str, Any], stage: str = "sft", quantized: bool = False) -> Any:
     """Seq2SeqTrainingArguments from the `train` section as written, less peftkit's own keys, with what the
-    stage needs (an objective's collator reads columns such as rejected_*, which Trainer would otherwise drop)."""
+    stage needs (an objective's collator reads columns such as rejected_*, which Trainer would otherwise drop).
+    A quantized base (QLoRA) gets gradient checkpointing unless the section says otherwise, as peft's k-bit
+    preparation and every QLoRA recipe do."""
     from transformers import Seq2SeqTrainingArguments
 
     args = {k: v for k, v in train.items() if k not in TrainExtras.__dataclass_fields__}
+    if quantized:
+        args.setdefault("gradient_checkpointing", True)
     if "swanlab" in trackers(train):  # swanlab's own callback instead of transformers' (train/run.py: build_trainer)
         args["report_to"] = [t for t in trackers(train) if t != "swanlab"] or "none"
     if train.get("early_stopping_patience"):

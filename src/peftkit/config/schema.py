@@ -27,6 +27,15 @@ class ModelArgs:
     )
     attn_implementation: str | None = _f(None, "eager, sdpa or flash_attention_2; None lets transformers choose.")
     trust_remote_code: bool = _f(False, "Allow model code from the checkpoint folder (e.g. Yuan2).")
+    quantization_bit: int | None = _f(
+        None, "Load the base quantized with bitsandbytes for QLoRA: 4 (nf4 / fp4) or 8 (LLM.int8); LoRA only. "
+        "None: not quantized. A checkpoint that is already quantized (GPTQ, AWQ, bnb) loads as it is without it."
+    )
+    quantization_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type (quantization_bit 4).")
+    double_quantization: bool = _f(True, "Quantize the 4-bit block scales too (~0.4 bits per parameter saved).")
+    quantization_compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "dtype quantized layers compute in; auto: bfloat16 on a GPU that has it, else model.dtype."
+    )
 
 
 FORMAT_NAMES = ("alpaca", "sharegpt", "messages", "preference", "text", "pairs")

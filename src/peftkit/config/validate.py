@@ -38,6 +38,9 @@ def validate(cfg: RunConfig) -> list[str]:
     issues += _check_data_options(d, len(train_specs), cfg.train) + _check_finetuning(ft) + _check_eval(cfg)
     issues += _check_stage(cfg, train_specs + dataset_specs(d, "eval")[0])
     issues += _check_training_arguments(cfg.train, cfg.stage)
+    from peftkit.model.quantization import check_quantization
+
+    issues += check_quantization(cfg.model, ft.finetuning_type)
     return issues
 
 

@@ -27,6 +27,7 @@ from peftkit.data.encode import encode_messages, render_prompt
 from peftkit.errors import PeftkitError
 from peftkit.export.hub import model_card
 from peftkit.model.loading import saved_classes
+from peftkit.model.quantization import prequantized
 from peftkit.stages import Stage
 from peftkit.stages import stage as stage_of
 
@@ -81,6 +82,13 @@ def _load_run(run_dir: Path, finetuning_type: str, entry: Stage, pad_token_id: i
         from peft import PeftConfig, PeftModel
 
         path = PeftConfig.from_pretrained(str(run_dir)).base_model_name_or_path
+        method = prequantized(path)
+        if method:  # a QLoRA run with model.quantization_bit has an unquantized base on disk: that one merges
+            raise PeftkitError(
+                f"{run_dir}: its base {path} is a quantized checkpoint ({method}); merging LoRA into quantized "
+                "weights would round much of the update away, so the export is refused. Serve the adapter on that "
+                "base as it is (peftkit serve --adapter, or vLLM), or point adapter_config.json's "
+                "base_model_name_or_path at the unquantized original and export again")
     else:
         path = str(run_dir)
     stored = AutoConfig.from_pretrained(path).dtype

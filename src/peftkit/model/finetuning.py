@@ -11,6 +11,7 @@ from peftkit.config.load import adapter_paths
 from peftkit.config.schema import FinetuningArgs
 from peftkit.constants import VALUE_HEAD_FILE
 from peftkit.errors import ConfigError
+from peftkit.model.quantization import is_quantized, prepare_quantized
 from peftkit.model.value_head import (
     HEAD,
     ensure_value_head,
@@ -28,14 +29,20 @@ CLASSIFIER_HEADS = ("classifier", "score")
 POOLERS = ("pooler",)
 
 
-def prepare_for_training(model: Any, args: FinetuningArgs, stage: str = "sft") -> Any:
+def prepare_for_training(model: Any, args: FinetuningArgs, stage: str = "sft", gradient_checkpointing: bool = False,
+                         checkpointing_kwargs: dict | None = None) -> Any:
     """The model ready to train under `args.finetuning_type`; a PeftModel for lora.
 
     rm trains the value head in full (attached here if the model has none; restored from
     adapter_name_or_path when it has one); cls trains the classification head in full under
-    every finetuning_type.
+    every finetuning_type. A quantized base goes through peft's k-bit preparation first (QLoRA).
     """
     head = stage_of(stage).head
+    if is_quantized(model):
+        if args.finetuning_type != "lora":
+            raise ConfigError([f"finetuning.finetuning_type={args.finetuning_type}: the base is quantized; only LoRA "
+                               "trains on quantized weights"])
+        model = prepare_quantized(model, gradient_checkpointing, checkpointing_kwargs)
     if args.finetuning_type == "lora":
         model = _apply_lora(model, args, head)
     elif args.finetuning_type == "freeze":

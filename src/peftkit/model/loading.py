@@ -18,6 +18,9 @@ logger = logging.getLogger("peftkit")
 def _from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
     try:
         return loader.from_pretrained(name, **kwargs)
+    except ImportError as e:  # a quantized checkpoint (GPTQ, AWQ, ...) or quantization_bit without its library
+        raise ModelError(f"model.name_or_path={name!r}: loading the {what} needs a package that is not installed: "
+                         f"{str(e).splitlines()[0]}") from e
     except (OSError, ValueError) as e:  # transformers raises both for missing or unreadable checkpoints
         if Path(name).exists():
             raise ModelError(f"model.name_or_path={name!r}: could not load the {what} from this folder: {e}") from e
@@ -54,6 +57,10 @@ def load_model(args: ModelArgs, classes: list[str] | None = None, pad_token_id: 
     kwargs["dtype"] = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
+    if args.quantization_bit is not None:
+        from peftkit.model.quantization import bnb_config
+
+        kwargs["quantization_config"] = bnb_config(args)
     if classes is None:
         return _from_pretrained(AutoModelForCausalLM, path, "model", **kwargs)
     model = _from_pretrained(AutoModelForSequenceClassification, path, "model", num_labels=len(classes),

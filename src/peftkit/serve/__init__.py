@@ -26,7 +26,8 @@ def named_adapters(specs: list[str]) -> dict[str, str]:
 def load_served(spec: tuple[Any, list[str], str, str | None]) -> tuple[Any, Any, dict[str, str | None]]:
     """(model, tokenizer, served name → peft adapter name) for `spec` (load_for_chat's arguments, with a list
     of adapters). One adapter is merged into the weights in memory (the run is untouched): one matmul per
-    projection. Several are loaded side by side, unmerged; each request's model picks its adapter."""
+    projection; on a quantized base it stays unmerged. Several are loaded side by side, unmerged; each
+    request's model picks its adapter."""
     from peft import PeftModel
 
     from peftkit.infer.chat import load_for_chat
@@ -36,7 +37,9 @@ def load_served(spec: tuple[Any, list[str], str, str | None]) -> tuple[Any, Any,
     first = next(iter(named.values()), None)
     model, tokenizer = load_for_chat(model_args, first, stage, template)
     if len(named) <= 1:
-        if isinstance(model, PeftModel):
+        from peftkit.model.quantization import is_quantized
+
+        if isinstance(model, PeftModel) and not is_quantized(model):  # merging would requantize a quantized base
             model = model.merge_and_unload()
         name = next(iter(named), None) or Path(model_args.name_or_path).name
         return model, tokenizer, {name: None}

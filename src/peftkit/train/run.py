@@ -64,7 +64,9 @@ def train(cfg: RunConfig, resume_command: str = "peftkit train CONFIG.yaml train
     `resume_command` is the shell command that resumes this very run, printed when it is interrupted.
     Only the main process writes, and it holds the output_dir's RunLock for the whole run.
     """
-    args = build_training_arguments(cfg.train, cfg.stage)
+    from peftkit.model.quantization import quantized_base
+
+    args = build_training_arguments(cfg.train, cfg.stage, quantized=quantized_base(cfg.model))
     with RunLock(Path(args.output_dir)) if args.should_save else contextlib.nullcontext():
         return _train(cfg, args, resume_command)
 
@@ -115,9 +117,15 @@ def _prepare_model(cfg: RunConfig, args: Any, tokenizer: Any, data: PreparedData
                    resume: Path | None) -> tuple[Any, dict[str, Any]]:
     """The model with the stage's head, scored before training if asked, then made trainable."""
     output_dir = Path(args.output_dir)
+    from peftkit.model.quantization import estimate_memory
+
+    estimate = estimate_memory(cfg.model)
+    if estimate is not None:
+        logger.info(estimate.line())
     model = load_stage_model(cfg.model, cfg.stage, data.report.classes, tokenizer.pad_token_id)
     summary: dict[str, Any] = {"output_dir": str(output_dir), "stage": cfg.stage}
-    model = prepare_for_training(model, cfg.finetuning, cfg.stage)
+    model = prepare_for_training(model, cfg.finetuning, cfg.stage, args.gradient_checkpointing,
+                                 args.gradient_checkpointing_kwargs)
     if cfg.eval.dataset and cfg.eval.before_training and args.should_save and resume is None:
         # after the adapters of finetuning.adapter_name_or_path are loaded: "before" is the model training starts
         # from (a new LoRA adapter starts at B = 0, so it is the base model's output)

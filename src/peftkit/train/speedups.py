@@ -5,9 +5,10 @@ it applies; outside those versions one warning, and the plain path. off: transfo
 own code only. What each changes:
 
 - fused LoRA (train/fused_lora.py): LoRA's update added into the projection's output in place. Same
-  sum, different order of float additions (equal to 1e-6 in tests/unit/test_fused_lora.py); not under torch.compile.
-- one cast per activation (train/precision.py, bf16 / fp16 only): the normalised activation is cast
-  once for all its consumers, and peft's up-cast of LoRA inputs is off. The forward is bit-identical;
+  sum, different order of float additions (equal to 1e-6 in tests/unit/test_fused_lora.py); not under torch.compile;
+  only over plain nn.Linear bases (a quantized layer keeps peft's own forward).
+- one cast per activation (train/precision.py, bf16 / fp16 only, not on a quantized base): the normalised
+  activation is cast once for all its consumers, and peft's up-cast of LoRA inputs is off. The forward is bit-identical;
   the gradient reaching the norm sums its consumers' contributions in bf16 instead of float32.
 - chunked loss (train/loss.py, `train.chunked_loss` unset): the output layer is skipped in the forward
   and the cross-entropy runs over supervised positions a chunk at a time. Same value and gradients to
@@ -70,6 +71,8 @@ def training_speedups(model: Any, mode: str, autocast: bool, compiled: bool) -> 
         return stack
     if not compiled:
         stack.enter_context(fused_lora_forward(model))
-    if autocast:
+    from peftkit.model.quantization import is_quantized
+
+    if autocast and not is_quantized(model):  # bitsandbytes layers cast their input themselves
         stack.enter_context(one_cast_per_activation(model))
     return stack
