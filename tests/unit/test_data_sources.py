@@ -39,10 +39,13 @@ def test_sharegpt_with_tool_roles_and_openai_messages() -> None:
     record = {"system": "S", "conversations": [
         {"from": "human", "value": "weather?"}, {"from": "function_call", "value": "{\"name\": \"w\"}"},
         {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "It is sunny."}]}
-    assert [m["role"] for m in sharegpt(record, AT)["messages"]] == ["system", "user", "assistant", "tool", "assistant"]
+    messages = sharegpt(record, AT)["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert messages[2]["tool_calls"] == [{"type": "function", "function": {"name": "w", "arguments": {}}}]
     glaive = json.loads((REPO / "data/demo/glaive_toolcall_en_demo.json").read_text())[0]
-    first = sharegpt(glaive, AT)["messages"][0]
-    assert first["role"] == "system" and json.loads(glaive["tools"])[0]["name"] in first["content"]
+    sample = sharegpt(glaive, AT)  # the tools stay structured, for the chat template to render
+    assert sample["tools"][0]["function"]["name"] == json.loads(glaive["tools"])[0]["name"]
+    assert sample["messages"][0]["role"] == "user"
     openai = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "train": False},
                            {"role": "user", "content": "again"}, {"role": "assistant", "content": "yo!"}]}
     assert sharegpt(openai, AT)["messages"][1] == {"role": "assistant", "content": "yo", "train": False}

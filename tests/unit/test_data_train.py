@@ -13,7 +13,7 @@ from tests.helpers import REPO
 
 FORMATS = {
     "alpaca": ("data/demo/alpaca_en_demo.json", []),
-    "sharegpt": ("data/demo/glaive_toolcall_en_demo.json", []),
+    "sharegpt": ("data/demo/glaive_toolcall_en_demo.json", ["data.template=chatml"]),  # a template that shows tools
     "preference": ("data/demo/dpo_en_demo.json", []),
     "text": ("data/demo/wiki_demo.txt", []),
     "pairs": ("data/mrpc/train.tsv", ['data.columns={text: "#1 String", text_pair: "#2 String", label: Quality}']),
