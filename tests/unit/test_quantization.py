@@ -16,7 +16,7 @@ from peftkit.config import load_config
 from peftkit.config.schema import FinetuningArgs, ModelArgs
 from peftkit.errors import ConfigError, PeftkitError
 from peftkit.export import export
-from peftkit.model import load_model, prepare_for_training
+from peftkit.model import count_parameters, load_model, prepare_for_training
 from peftkit.model.quantization import estimate_memory, is_quantized
 from peftkit.train.run import train
 from tests.helpers import tiny_run
@@ -70,6 +70,8 @@ def test_quantized_base_gets_lora_on_its_quantized_linears(tiny_model_dir: Path,
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt)
     assert type(model.lm_head) is torch.nn.Linear  # the output layer stays a plain Linear (bitsandbytes skips it)
+    plain = load_model(ModelArgs(name_or_path=str(tiny_model_dir)))
+    assert count_parameters(model)[1] == count_parameters(plain)[1]  # 4-bit values counted, not packed bytes
     model = prepare_for_training(model, FinetuningArgs(lora_rank=4), gradient_checkpointing=True)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -164,17 +166,6 @@ def test_qlora_best_model_at_end(tiny_model_dir: Path, alpaca_file: Path, tmp_pa
     assert summary["output_dir"] == str(out)
 
 
-def test_export_into_a_prequantized_base_is_refused(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    train(load_config(None, tiny_run(tiny_model_dir, run, data=alpaca_file, max_steps=1, batch_size=2)))
-    config = json.loads((run / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(_prequantized_copy(tiny_model_dir, tmp_path))
-    (run / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(PeftkitError, match=r"is a quantized checkpoint \(gptq\); merging LoRA into quantized weights"):
-        export(run, tmp_path / "merged")
-    assert not (tmp_path / "merged").exists()
-
-
 def test_memory_estimate_of_a_llama3_8b_config(tmp_path: Path) -> None:
     # Llama-3-8B's published shape: 8.03B parameters, 6.98B of them in the decoder's linear layers.
     (tmp_path / "config.json").write_text(json.dumps({
@@ -190,3 +181,23 @@ def test_memory_estimate_of_a_llama3_8b_config(tmp_path: Path) -> None:
     assert (round(bf16.weight_bytes / gib, 2), round(nf4.weight_bytes / gib, 2), round(int8.weight_bytes / gib, 2)) == \
         (14.96, 7.27, 10.42)  # embeddings and head (1.05B) stay in float32 after peft's k-bit preparation
     assert "4-bit nf4 + double quantization" in nf4.line()
+
+
+def test_prequantized_checkpoints_load_as_they_are(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
+    """A bnb 4-bit checkpoint trains LoRA as it is; a GPTQ one without its library is an error naming it."""
+    from peftkit.errors import ModelError
+
+    saved = tmp_path / "nf4_model"
+    load_model(ModelArgs(name_or_path=str(tiny_model_dir), quantization_bit=4)).save_pretrained(saved)
+    shutil.copy(tiny_model_dir / "tokenizer.json", saved)
+    shutil.copy(tiny_model_dir / "tokenizer_config.json", saved)
+    shutil.copy(tiny_model_dir / "chat_template.jinja", saved)
+    assert json.loads((saved / "config.json").read_text())["quantization_config"]["load_in_4bit"]
+    run = tmp_path / "run"
+    train(load_config(None, tiny_run(saved, run, data=alpaca_file, max_steps=2, batch_size=2)))
+    assert (run / "adapter_model.safetensors").is_file()
+    assert json.loads((run / "training_args.json").read_text())["gradient_checkpointing"] is True
+    with pytest.raises(PeftkitError, match=r"is a quantized checkpoint \(bitsandbytes\)"):
+        export(run, tmp_path / "merged")
+    with pytest.raises(ModelError, match=r"needs a package that is not installed"):
+        load_model(ModelArgs(name_or_path=str(_prequantized_copy(tiny_model_dir, tmp_path))))

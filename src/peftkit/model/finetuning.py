@@ -83,14 +83,16 @@ def save_initial_adapter(model: Any, folder: Path) -> None:
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
-    """(trainable, total) parameter counts, counting tied weights once."""
+    """(trainable, total) parameter counts, counting tied weights once and a 4-bit weight by its values
+    (bitsandbytes packs two per byte of its storage dtype)."""
     seen, trainable, total = set(), 0, 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
+        count = p.numel() * 2 * p.element_size() if type(p).__name__ == "Params4bit" else p.numel()
+        total += count
+        trainable += count if p.requires_grad else 0
     return trainable, total
 
 
