@@ -49,7 +49,6 @@ class Encoded:
 
 _VERIFIED_TEMPLATES: set[str] = set()  # templates whose fast rendering matched apply_chat_template in this process
 _TEMPLATE_KEYS = ("role", "content", "tool_calls", "reasoning_content", "tool_call_id", "name")
-REASONING = ("train", "mask", "drop")  # data.reasoning
 
 
 def template_messages(messages: list[Message], reasoning: str = "train") -> list[dict[str, Any]]:

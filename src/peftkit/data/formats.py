@@ -27,6 +27,7 @@ class ToolCall(TypedDict):
 
     type: str
     function: dict[str, Any]
+    id: NotRequired[str]  # OpenAI's call id, kept for templates that render it
 
 
 class Message(TypedDict):
@@ -118,7 +119,7 @@ def normalize_tool_calls(value: Any) -> list[ToolCall]:
             raise ValueError(f"{where}'s arguments must be a JSON object, got {kind_of(arguments)}")
         normal: ToolCall = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
         if isinstance(call.get("id"), str):
-            normal["id"] = call["id"]  # type: ignore[typeddict-unknown-key]
+            normal["id"] = call["id"]
         out.append(normal)
     if not out:
         raise ValueError("the tool call list is empty")
