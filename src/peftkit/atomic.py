@@ -39,12 +39,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _host() -> str:
+    """A short tag of this machine: on a file system shared by several nodes, a pid means something only
+    on the host that wrote it."""
+    import hashlib
+    import socket
+
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _remove_orphans(target: Path) -> None:
-    """Remove temporary siblings of `target` left by a killed process of this host (its pid is in the name)."""
+    """Remove temporary siblings of `target` left by a killed process of this host (its pid and host are in
+    the name; another node's writes in progress are left alone)."""
     prefix = f".{target.name}.tmp-"
     for p in target.parent.glob(f"{prefix}*"):
-        pid = p.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        pid, host = (p.name[len(prefix):].split("-") + ["", ""])[:2]
+        if pid.isdigit() and host == _host() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
@@ -61,7 +71,7 @@ def write_dir_atomic(target: Path, fill: Callable[[Path], None], marker: str | N
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_orphans(target)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{_host()}-{secrets.token_hex(4)}")
     tmp.mkdir()
     try:
         fill(tmp)

@@ -23,7 +23,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from peftkit.config import load_config
     from peftkit.train.run import train
 
-    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+    if (args.nproc > 1 or args.nnodes > 1) and "LOCAL_RANK" not in os.environ:
         return _torchrun(args)
     cfg = load_config(args.config, args.overrides)  # every process checks it: errors show before any launch
     summary = train(cfg, resume_command=resume_command(args)).summary
@@ -38,19 +38,35 @@ def resume_command(args: argparse.Namespace) -> str:
 
     keep = [o for o in args.overrides if o.partition("=")[0] not in ("train.resume_from_checkpoint",
                                                                        "train.overwrite_output_dir")]
-    nproc = [f"--nproc={args.nproc}"] if args.nproc > 1 else []
-    words = ["peftkit", "train", *nproc, args.config, *keep, "train.resume_from_checkpoint=true"]
+    words = ["peftkit", "train", *_launch_flags(args), args.config, *keep, "train.resume_from_checkpoint=true"]
     return " ".join(shlex.quote(w) for w in words)
 
 
+def _launch_flags(args: argparse.Namespace) -> list[str]:
+    """peftkit train's own launch flags, as given (for the resume command)."""
+    flags = [f"--nproc={args.nproc}"] if args.nproc > 1 else []
+    if args.nnodes > 1:
+        flags += [f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
+                  f"--master-port={args.master_port}"]
+    return flags
+
+
 def _torchrun(args: argparse.Namespace) -> int:
-    """`--nproc N`: hand over to torchrun (never a launcher of peftkit's own); it forwards signals."""
+    """`--nproc N` (and `--nnodes`): hand over to torchrun (never a launcher of peftkit's own); it forwards
+    signals. One node: --standalone. Several: a static rendezvous at --master-addr:--master-port, the
+    command run on every node with its own --node-rank (what `torchrun --nnodes` documents)."""
     import os
 
     from peftkit.config import load_config
 
+    if args.nnodes > 1 and (not args.master_addr or not 0 <= args.node_rank < args.nnodes):
+        raise PeftkitError(f"--nnodes {args.nnodes} needs --master-addr (the address of node 0, reachable from every "
+                           f"node) and --node-rank from 0 to {args.nnodes - 1} (this node's; got {args.node_rank})")
     load_config(args.config, args.overrides)  # fail here, once, rather than in N processes
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+    nodes = ["--standalone"] if args.nnodes == 1 else [
+        f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
+        f"--master-port={args.master_port}"]
+    command = [sys.executable, "-m", "torch.distributed.run", *nodes, f"--nproc_per_node={args.nproc}",
                "-m", "peftkit", "train", args.config, *args.overrides]
     logger.info("running: %s", " ".join(command[1:]))
     os.execv(sys.executable, command)
@@ -263,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=2")
     p.add_argument("--nproc", type=int, default=1,
                    help="processes (GPUs) on this machine: runs torchrun --standalone --nproc_per_node N")
+    p.add_argument("--nnodes", type=int, default=1,
+                   help="machines taking part; run the same command on each with its --node-rank (torchrun --nnodes)")
+    p.add_argument("--node-rank", type=int, default=0, help="this machine's rank, 0 to nnodes - 1")
+    p.add_argument("--master-addr", default=None, help="address of node 0, reachable from every node")
+    p.add_argument("--master-port", type=int, default=29500, help="a free port on node 0 (default 29500)")
     p.set_defaults(func=_cmd_train)
     p = sub.add_parser("data", help="show what the data engine makes of a config's data, without loading the model")
     p.add_argument("config")

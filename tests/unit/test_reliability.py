@@ -137,6 +137,17 @@ def test_resume_hint_keeps_every_override_quoted() -> None:
                                       "train.resume_from_checkpoint=false"])
     assert resume_command(args) == ("peftkit train 'my conf.yaml' 'train.output_dir=runs/a b' train.max_steps=3 "
                                     "train.resume_from_checkpoint=true")
+    nodes = build_parser().parse_args(["train", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
+                                       "--nproc", "4", "c.yaml"])
+    assert resume_command(nodes) == ("peftkit train --nproc=4 --nnodes=2 --node-rank=1 --master-addr=10.0.0.1 "
+                                     "--master-port=29500 c.yaml train.resume_from_checkpoint=true")
+
+
+def test_several_nodes_need_the_address_of_node_0(capsys) -> None:
+    from peftkit.cli import main
+
+    assert main(["train", "--nnodes", "2", "c.yaml"]) == 2
+    assert "--nnodes 2 needs --master-addr" in capsys.readouterr().err
 
 
 def test_resuming_with_a_different_config_is_refused(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path) -> None:
@@ -312,16 +323,19 @@ def test_config_path_messages(tmp_path: Path, capsys) -> None:
 
 
 def test_orphaned_temporary_folders_of_killed_writers_are_removed(tmp_path: Path) -> None:
-    from peftkit.atomic import write_dir_atomic
+    from peftkit.atomic import _host, write_dir_atomic
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    orphan = tmp_path / f".model.tmp-{dead.stdout.strip()}-abcd1234"
+    orphan = tmp_path / f".model.tmp-{dead.stdout.strip()}-{_host()}-abcd1234"
     orphan.mkdir()
     (orphan / "shard.safetensors").write_bytes(b"0" * 1000)
-    mine = tmp_path / f".model.tmp-{os.getpid()}-live"  # a live process's write is left alone
+    mine = tmp_path / f".model.tmp-{os.getpid()}-{_host()}-live"  # a live process's write is left alone
     mine.mkdir()
+    # another node's write in progress on a shared file system: its pid means nothing here
+    elsewhere = tmp_path / f".model.tmp-{dead.stdout.strip()}-0therh0s-abcd1234"
+    elsewhere.mkdir()
     write_dir_atomic(tmp_path / "model", lambda p: (p / "a.txt").write_text("a"))
-    assert not orphan.exists() and mine.exists() and (tmp_path / "model" / "a.txt").is_file()
+    assert not orphan.exists() and mine.exists() and elsewhere.exists() and (tmp_path / "model" / "a.txt").is_file()
 
 
 def test_empty_answers_are_kept_and_reported(tmp_path: Path, caplog) -> None:

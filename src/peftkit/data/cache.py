@@ -121,5 +121,11 @@ def save_cache(key: str, splits: dict[str, Any], report: dict[str, Any]) -> Path
         (tmp / "data_report.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
         (tmp / _CHECKSUMS).write_text(json.dumps(_digests(tmp), indent=1), encoding="utf-8")
 
-    with storage_errors(cache_dir(key), lambda: "Kept: no cache entry (a partial one is never written)"):
-        return write_dir_atomic(cache_dir(key), fill, COMPLETE_MARKER)
+    target = cache_dir(key)
+    try:
+        with storage_errors(target, lambda: "Kept: no cache entry (a partial one is never written)"):
+            return write_dir_atomic(target, fill, COMPLETE_MARKER)
+    except OSError:
+        if (target / COMPLETE_MARKER).is_file():  # another node wrote the same entry at the same moment
+            return target
+        raise
