@@ -42,8 +42,16 @@ def resume_command(args: argparse.Namespace) -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
+_LAUNCH_ENV = "PEFTKIT_LAUNCH_FLAGS"  # the launch flags, passed to the processes torchrun starts
+
+
 def _launch_flags(args: argparse.Namespace) -> list[str]:
-    """peftkit train's own launch flags, as given (for the resume command)."""
+    """peftkit train's own launch flags, as given (for the resume command); in a process torchrun started
+    for them, as its launcher passed them on."""
+    import os
+
+    if "LOCAL_RANK" in os.environ and os.environ.get(_LAUNCH_ENV):
+        return os.environ[_LAUNCH_ENV].split()
     flags = [f"--nproc={args.nproc}"] if args.nproc > 1 else []
     if args.nnodes > 1:
         flags += [f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
@@ -68,6 +76,7 @@ def _torchrun(args: argparse.Namespace) -> int:
         f"--master-port={args.master_port}"]
     command = [sys.executable, "-m", "torch.distributed.run", *nodes, f"--nproc_per_node={args.nproc}",
                "-m", "peftkit", "train", args.config, *args.overrides]
+    os.environ[_LAUNCH_ENV] = " ".join(_launch_flags(args))  # for the workers' resume hint
     logger.info("running: %s", " ".join(command[1:]))
     os.execv(sys.executable, command)
     return 0  # not reached

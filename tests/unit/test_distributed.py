@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,20 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows if r["event"] == "log"]
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
+def _single_process(tiny_model_dir: Path, tmp_path: Path, max_steps: int, save_steps: int) -> tuple[list[str], Path]:
+    """The overrides every launch shares, and the output of one process with global batch 4 under them."""
     common = [f"model.name_or_path={tiny_model_dir}", f"data.train={REPO / 'data/demo/alpaca_en_demo.json'}",
-              "data.max_samples=48", "data.cutoff_len=128", "train.max_steps=5", "train.logging_steps=1",
+              "data.max_samples=48", "data.cutoff_len=128", f"train.max_steps={max_steps}", "train.logging_steps=1",
               "train.learning_rate=1e-2", "train.seed=0", "train.disable_tqdm=true", "train.save_strategy=steps",
-              "train.save_steps=5"]
+              f"train.save_steps={save_steps}"]
     single = tmp_path / "single"
     train(load_config(None, [*common, f"train.output_dir={single}", "train.per_device_train_batch_size=4"]))
+    return common, single
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    common, single = _single_process(tiny_model_dir, tmp_path, max_steps=5, save_steps=5)
 
     config = tmp_path / "config.yaml"
     config.write_text("finetuning: {finetuning_type: lora}\n")
@@ -56,33 +63,55 @@ def test_two_processes_match_one_with_the_same_global_batch(tiny_model_dir: Path
         torch.testing.assert_close(weight, b[name], rtol=0, atol=1e-4, msg=name)
 
 
-@pytest.mark.slow
-def test_two_nodes_on_one_machine_match_one_process(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """`peftkit train --nnodes 2 --node-rank R --master-addr 127.0.0.1` twice (one process each, gloo): the
-    losses of one process with the same global batch; only global rank 0 writes the run folder."""
+def _two_nodes(tmp_path: Path, common: list[str], out: Path, fault: str = "none",
+               *extra: str) -> list[tuple[int, str, str]]:
+    """`peftkit train --nnodes 2 --node-rank R --master-addr 127.0.0.1` for R = 0, 1 (one gloo process each,
+    one shared $PEFTKIT_HOME); node 1 runs with `fault` injected (tests/assets/fault_train.py under torchrun).
+    (returncode, stdout, stderr) of each node."""
     import socket
-
-    common = [f"model.name_or_path={tiny_model_dir}", f"data.train={REPO / 'data/demo/alpaca_en_demo.json'}",
-              "data.max_samples=48", "data.cutoff_len=128", "train.max_steps=4", "train.logging_steps=1",
-              "train.learning_rate=1e-2", "train.seed=0", "train.disable_tqdm=true"]
-    single = tmp_path / "single"
-    train(load_config(None, [*common, f"train.output_dir={single}", "train.per_device_train_batch_size=4"]))
 
     config = tmp_path / "config.yaml"
     config.write_text("finetuning: {finetuning_type: lora}\n")
-    nodes = tmp_path / "nodes"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PEFTKIT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}  # one shared cache
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "peftkit", "train", "--nnodes", "2", "--node-rank", str(rank), "--master-addr",
-         "127.0.0.1", "--master-port", str(port), str(config), *common, f"train.output_dir={nodes}",
-         "train.per_device_train_batch_size=2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO) for rank in (0, 1)]
+    nodes = ["--nnodes=2", "--master-addr=127.0.0.1", f"--master-port={port}"]
+    args = [str(config), *common, f"train.output_dir={out}", "train.per_device_train_batch_size=2", *extra]
+    env = {**os.environ, "PEFTKIT_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    commands = [[sys.executable, "-m", "peftkit", "train", *nodes, "--node-rank=0", *args],
+                [sys.executable, "-m", "torch.distributed.run", *nodes, "--node-rank=1", "--nproc_per_node=1",
+                 str(REPO / "tests/assets/fault_train.py"), fault, *args]]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+             for c in commands]
     outputs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
-    assert outputs[0][0].count("training loss:") == 1 and "training loss:" not in outputs[1][0]  # rank 0 reports
-    assert _losses(nodes) == pytest.approx(_losses(single), abs=1e-4)
-    rows = [json.loads(line) for line in (nodes / "trainer_log.jsonl").read_text().splitlines()]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_match_one_process_and_resume_after_a_node_dies(tiny_model_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """Two nodes on 127.0.0.1 train like one process with the same global batch; when node 1's process is
+    SIGKILLed at step 5, node 0 stops at once naming the checkpoint and the command that resumes it, and
+    both nodes started again finish with the adapter of the uninterrupted run."""
+    common, single = _single_process(tiny_model_dir, tmp_path, max_steps=6, save_steps=2)
+
+    whole = tmp_path / "whole"
+    (rc0, out0, err0), (rc1, out1, err1) = _two_nodes(tmp_path, common, whole)
+    assert (rc0, rc1) == (0, 0), err0[-2000:] + err1[-2000:]
+    assert out0.count("training loss:") == 1 and "training loss:" not in out1  # only global rank 0 reports
+    assert _losses(whole) == pytest.approx(_losses(single), abs=1e-4)
+    rows = [json.loads(line) for line in (whole / "trainer_log.jsonl").read_text().splitlines()]
     assert rows[0]["world_size"] == 2 and sum(r["event"] == "train_begin" for r in rows) == 1
+
+    run = tmp_path / "run"
+    started = time.time()
+    (rc0, _, err0), (rc1, _, _) = _two_nodes(tmp_path, common, run, "kill_in_step:5")
+    assert rc0 == 1 and rc1 != 0 and time.time() - started < 120  # no hang: gloo sees the peer go at once
+    assert "another process of this run stopped" in err0 and f"the last complete checkpoint is {run / 'checkpoint-4'}" in err0
+    assert "Start every node again with: peftkit train --nnodes=2 --node-rank=0 --master-addr=127.0.0.1" in err0
+    (rc0, _, err0), (rc1, _, err1) = _two_nodes(tmp_path, common, run, "none", "train.resume_from_checkpoint=true")
+    assert (rc0, rc1) == (0, 0), err0[-2000:] + err1[-2000:]
+    expected = load_file(whole / "adapter_model.safetensors")
+    for name, weight in load_file(run / "adapter_model.safetensors").items():
+        torch.testing.assert_close(weight, expected[name], rtol=0, atol=1e-6, msg=name)
+    assert _losses(run) == pytest.approx(_losses(whole), abs=1e-6)

@@ -43,7 +43,7 @@ logger = logging.getLogger("peftkit")
 
 
 class Interrupted(PeftkitError):
-    """Training stopped on SIGINT / SIGTERM after saving a checkpoint."""
+    """Training stopped on SIGINT / SIGTERM after saving a checkpoint, or because another rank went away."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
@@ -154,6 +154,11 @@ def _fit(trainer: PeftTrainer, resume: Path | None, resume_command: str) -> Any:
             status = "aborted" if isinstance(e, KeyboardInterrupt) else "error"
             with contextlib.suppress(OSError):  # the disk may be what failed: keep the original error
                 log.write(trainer.state, "error", status=status, message=f"{type(e).__name__}: {e}"[:1000])
+            if _peer_failure(e, trainer.args.world_size):
+                raise Interrupted(
+                    f"another process of this run stopped (a node or process failed: {str(e).splitlines()[0][-160:]}) "
+                    f"at step {trainer.state.global_step}; the last complete checkpoint is "
+                    f"{latest_complete(output_dir)}. Start every node again with: {resume_command}", 1) from e
             raise
     if stop.signal is not None:
         raise Interrupted(
@@ -165,6 +170,20 @@ def _fit(trainer: PeftTrainer, resume: Path | None, resume_command: str) -> Any:
         trainer.save_model()
         trainer.save_state()
     return result
+
+
+def _peer_failure(e: BaseException, world_size: int) -> bool:
+    """Whether a collective failed because another rank went away (gloo / NCCL report it as a RuntimeError):
+    this process then stops with the resume command instead of a traceback."""
+    import torch.distributed as dist
+
+    if world_size < 2:
+        return False
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in ("Connection reset by peer", "Connection closed by peer",
+                                                                   "NCCL communicator was aborted", "gloo"))
 
 
 def _finish(cfg: RunConfig, args: Any, model: Any, tokenizer: Any, summary: dict[str, Any], start: float) -> TrainResult:
