@@ -200,3 +200,15 @@ def test_preference_pairs_with_tools_render_each_side_once(tokenizer) -> None:
     (good, bad), = encode_unpaired(tokenizer, [sample], [("f", 0)], 4096)
     assert (good.input_ids, good.extra, bad.input_ids, bad.extra) == \
         (pair.input_ids, {"desirable": 1}, pair.extra["rejected_input_ids"], {"desirable": 0})
+
+
+def test_the_heldout_split_is_reproducible() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_toolcall_heldout", REPO / "scripts/prepare_toolcall_heldout.py")
+    prep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prep)
+    records = json.loads((REPO / "data/demo/glaive_toolcall_en_demo.json").read_text(encoding="utf-8"))
+    heldout = prep.heldout(records)
+    assert heldout == json.loads((REPO / "data/demo/glaive_toolcall_heldout.json").read_text(encoding="utf-8"))
+    assert len(heldout) == 50 and sum(r["conversations"][-1]["from"] == "function_call" for r in heldout) == 28
