@@ -81,21 +81,28 @@ def one_by_one(model, examples: list[dict]) -> tuple[float, dict[str, Any]]:
     total = sum(sum(1 for t in ex["labels"][1:] if t != IGNORE_INDEX) for ex in examples)
     value = 0.0
     for ex in examples:
-        ids, labels = torch.tensor([ex["input_ids"]]), torch.tensor([ex["labels"]])
+        ids, labels = torch.tensor([ex["input_ids"]], device=model.device), torch.tensor([ex["labels"]], device=model.device)
         logits = model(input_ids=ids, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=IGNORE_INDEX,
+                                                 reduction="sum")
         (loss / total).backward()
         value += loss.item() / total
     return value, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_packed_equals_one_by_one(model, tokenizer, examples: list[dict], cutoff_len: int) -> None:
+def assert_packed_equals_one_by_one(model, tokenizer, examples: list[dict], cutoff_len: int, flatten: bool = False,
+                                    tolerance: tuple[float, float] = (1e-5, 1e-4)) -> None:
+    """Packed rows (or one flattened row) give the loss and gradients of the records run one by one, to
+    (atol, rtol) `tolerance`."""
     rows = pack_examples(examples, cutoff_len)
     assert len(rows) < len(examples)  # records really share rows
-    batch = build_collator(tokenizer, packing=True)(rows)
+    batch = build_collator(tokenizer, packing=True, flatten=flatten)(rows)
     assert "attention_mask" not in batch and batch["use_cache"] is False
+    assert (batch["input_ids"].shape[0] == 1) == flatten
+    batch = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     packed_loss, packed_grads = _loss_and_grads(model, batch)
     ref_loss, ref_grads = one_by_one(model, examples)
-    assert packed_loss == pytest.approx(ref_loss, abs=1e-5)
+    atol, rtol = tolerance
+    assert packed_loss == pytest.approx(ref_loss, abs=atol, rel=rtol)
     for name, grad in ref_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(packed_grads[name], grad, atol=atol, rtol=rtol, msg=name)

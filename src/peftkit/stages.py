@@ -30,7 +30,7 @@ class Stage:
     formats: tuple[str, ...] | None
     # (tokenizer, samples, wheres, Encoding) -> the examples of each sample (data/encode.py).
     encoder: Target
-    # (tokenizer, packing, fixed_shape) -> a collator (data/collate.py).
+    # (tokenizer, packing, fixed_shape, flatten) -> a collator (data/collate.py).
     collator: Target
     # lm: the causal LM's own head; value: a value head beside it (model/value_head.py);
     # classifier: AutoModelForSequenceClassification with the training data's classes.

@@ -123,3 +123,20 @@ def test_cpu_training_keeps_freed_memory(monkeypatch: pytest.MonkeyPatch, tiny_m
                                         f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1",
                                         "train.disable_tqdm=true"]))
     assert calls == [1]
+
+
+@pytest.mark.parametrize(("device", "mode", "patched"), [("cpu", "auto", True), ("meta", "auto", False),
+                                                         ("meta", "on", True), ("cpu", "off", False)])
+def test_cpu_measured_patches_stay_off_on_other_devices_unless_asked(device: str, mode: str, patched: bool,
+                                                                     tiny_model_dir: Path) -> None:
+    """auto applies the fused LoRA and the one cast where they were measured (CPU); `on` anywhere."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.train.speedups import training_speedups
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(device)
+    model = prepare_for_training(model, FinetuningArgs(finetuning_type="lora"))
+    norm = model.base_model.model.model.layers[0].input_layernorm
+    with training_speedups(model, mode, autocast=True, compiled=False):
+        assert bool(norm._forward_hooks) == patched
+    assert not norm._forward_hooks

@@ -163,8 +163,8 @@ def _check_train(train: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
             continue
         if value is False and key.endswith("_strategy"):  # YAML 1.1 reads a bare `no` as false
             value = "no"
-        if value is False and key == "peftkit_speedups":  # and a bare `off` as false
-            value = "off"
+        if isinstance(value, bool) and key == "peftkit_speedups":  # and a bare `off` / `on` as false / true
+            value = "on" if value else "off"
         if key == "fsdp" and isinstance(value, bool):  # transformers 5 style: fsdp: true + fsdp_config
             checked[key] = value
             continue

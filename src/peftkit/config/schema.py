@@ -22,10 +22,14 @@ class ModelArgs:
         "smollm2-135m-instruct",
         "`smollm2-135m-instruct` (the embedded default), a local folder, or a hub id.",
     )
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = _f(
-        "float32", "Weight dtype; `auto` takes the checkpoint's. Mixed precision is train.bf16 / train.fp16."
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = _f(
+        None, "Weight dtype; `auto` takes the checkpoint's. None: float32, except training with train.bf16 / fp16 on "
+        "CUDA: frozen weights in that dtype, trainable ones in float32. Mixed precision is train.bf16 / train.fp16."
     )
-    attn_implementation: str | None = _f(None, "eager, sdpa or flash_attention_2; None lets transformers choose.")
+    attn_implementation: str | None = _f(
+        None, "eager, sdpa, flash_attention_2, flex_attention or torch_varlen; None: sdpa, or for packed training "
+        "on CUDA flash_attention_2 / torch_varlen (model/attention.py)."
+    )
     trust_remote_code: bool = _f(False, "Allow model code from the checkpoint folder (e.g. Yuan2).")
     quantization_bit: int | None = _f(
         None, "Load the base quantized with bitsandbytes for QLoRA: 4 (nf4 / fp4) or 8 (LLM.int8); LoRA only. "
@@ -217,9 +221,10 @@ class TrainExtras:
         None, "Cross-entropy over supervised tokens in chunks, never the whole batch's logits at once; "
         "None: on wherever it is exact (and train.peftkit_speedups allows)."
     )
-    peftkit_speedups: Literal["auto", "off"] = _f(
+    peftkit_speedups: Literal["auto", "on", "off"] = _f(
         "auto", "auto: peftkit's patches of peft / transformers internals for memory and speed (fused LoRA, one bf16 "
-        "cast per activation, chunked loss), for the library versions they were tested against; off: none of them."
+        "cast per activation, chunked loss), for the library versions they were tested against, where measured to "
+        "help (the first two: CPU only); on: all of them on any device; off: none of them."
     )
 
 

@@ -163,7 +163,8 @@ def _check_training_arguments(train: dict[str, Any], stage: str) -> list[str]:
     if not train.get("output_dir"):
         return ["train.output_dir: missing — where checkpoints and logs go, e.g. train.output_dir=outputs/my_run"]
     issues = []
-    for key, package, extra in (("deepspeed", "deepspeed", "pip install deepspeed"),):
+    for key, package, extra in (("deepspeed", "deepspeed", "pip install deepspeed"),
+                                ("use_liger_kernel", "liger_kernel", "pip install liger-kernel; its kernels need CUDA")):
         if train.get(key) and importlib.util.find_spec(package) is None:
             return [f"train.{key}: the {package} package is not installed ({extra})"]
     try:

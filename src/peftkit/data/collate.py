@@ -12,29 +12,59 @@ class PackedCollator:
 
     No attention_mask, so transformers derives the per-record mask from position_ids, and
     `use_cache=False`: a forward that builds a cache silently ignores that mask.
+    `flatten` (an attention that runs varlen sequences, model/attention.py): the rows go in as one
+    row with no padding, plus the sequence boundaries (cu_seq_lens_q / _k, max_length_q / _k) that
+    transformers' flash path and torch_varlen read, as DataCollatorWithFlattening sends them.
     """
 
-    def __init__(self, pad_token_id: int, fixed_shape: tuple[int, int] | None = None) -> None:
+    def __init__(self, pad_token_id: int, fixed_shape: tuple[int, int] | None = None, flatten: bool = False) -> None:
         self.pad_token_id = pad_token_id
         self.fixed_shape = fixed_shape  # (rows, length): every batch the same shape, so torch.compile never recompiles
+        self.flatten = flatten
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
+        if self.flatten:
+            batch = self._flattened(rows)
+        else:
+            batch = self._padded_rows(rows)
+        out: dict[str, Any] = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+        if self.flatten:
+            starts = [i for i, p in enumerate(batch["position_ids"][0]) if p == 0] + [len(batch["position_ids"][0])]
+            cu = torch.tensor(starts, dtype=torch.int32)
+            longest = int((cu[1:] - cu[:-1]).max())
+            out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        out["use_cache"] = False
+        return out
+
+    def _padded_rows(self, rows: list[dict[str, Any]]) -> dict[str, list[list[int]]]:
         width = max(len(r["input_ids"]) for r in rows)
         if self.fixed_shape:
             n_rows, width = self.fixed_shape
             empty: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
             rows = list(rows) + [empty] * (n_rows - len(rows))  # all-padding rows carry no label
-        batch: dict[str, Any] = {"input_ids": [], "labels": [], "position_ids": []}
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": []}
         for r in rows:
             pad = width - len(r["input_ids"])
             batch["input_ids"].append(list(r["input_ids"]) + [self.pad_token_id] * pad)
             batch["labels"].append(list(r["labels"]) + [IGNORE_INDEX] * pad)
             batch["position_ids"].append(list(r["position_ids"]) + list(range(pad)))
-        out: dict[str, Any] = {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-        out["use_cache"] = False
-        return out
+        return batch
+
+    def _flattened(self, rows: list[dict[str, Any]]) -> dict[str, list[list[int]]]:
+        """One row; with fixed_shape (rows, length) padded to rows x length by padding records of at most length."""
+        flat: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for r in rows:
+            for k in flat:
+                flat[k] += list(r[k])
+        if self.fixed_shape:
+            n_rows, width = self.fixed_shape
+            pad = n_rows * width - len(flat["input_ids"])
+            flat["input_ids"] += [self.pad_token_id] * pad
+            flat["labels"] += [IGNORE_INDEX] * pad
+            flat["position_ids"] += [i % width for i in range(pad)]
+        return {k: [v] for k, v in flat.items()}
 
 
 class PairCollator:
@@ -111,38 +141,46 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 # The stage table's collators (peftkit/stages.py).
-def token_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None) -> Any:
-    """sft / pt: packed rows, or single records padded to the longest with labels padded by IGNORE_INDEX."""
+def token_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None,
+                   flatten: bool = False) -> Any:
+    """sft / pt: packed rows (flattened into one for a varlen attention), or single records padded to the
+    longest with labels padded by IGNORE_INDEX."""
     if packing:
-        return PackedCollator(_pad_id(tokenizer), fixed_shape)
+        return PackedCollator(_pad_id(tokenizer), fixed_shape, flatten)
     from transformers import DataCollatorForSeq2Seq
 
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
 
 
-def pair_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None) -> Any:
+def pair_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None,
+                  flatten: bool = False) -> Any:
     return PairCollator(_pad_id(tokenizer))
 
 
-def unpaired_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None) -> Any:
+def unpaired_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None,
+                      flatten: bool = False) -> Any:
     return UnpairedCollator(_pad_id(tokenizer))
 
 
-def prompt_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None) -> Any:
+def prompt_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None,
+                    flatten: bool = False) -> Any:
     return PromptCollator(_pad_id(tokenizer))
 
 
-def class_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None) -> Any:
+def class_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None,
+                   flatten: bool = False) -> Any:
     from transformers import DataCollatorWithPadding
 
     return DataCollatorWithPadding(tokenizer)
 
 
-def build_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None, stage: str = "sft") -> Any:
+def build_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None, stage: str = "sft",
+                   flatten: bool = False) -> Any:
     """The collator of the stage (and `data.packing`).
 
-    `fixed_shape` (rows, cutoff_len) pads every packed batch to one shape, for torch.compile.
+    `fixed_shape` (rows, cutoff_len) pads every packed batch to one shape, for torch.compile; `flatten`
+    (model/attention.py's flattens) sends packed rows as one row.
     """
     from peftkit.stages import stage as stage_of
 
-    return stage_of(stage).load("collator")(tokenizer, packing, fixed_shape)
+    return stage_of(stage).load("collator")(tokenizer, packing, fixed_shape, flatten)

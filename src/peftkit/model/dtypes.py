@@ -23,3 +23,24 @@ def autocast(device_type: str, dtype: str | None) -> contextlib.AbstractContextM
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type, dtype=getattr(torch, dtype))
+
+
+def training_dtype(model_dtype: str | None, train: Mapping[str, Any], on_cuda: bool) -> str | None:
+    """The weight dtype a training run loads: model.dtype as set; unset, float32, except mixed precision on CUDA,
+    where the frozen weights load in the autocast dtype (half the memory, no per-step cast) as LLaMA-Factory and
+    TRL users expect; upcast_trainable then keeps the trained ones in float32."""
+    if model_dtype is not None or not on_cuda:
+        return model_dtype
+    return autocast_dtype(train)
+
+
+def upcast_trainable(model: Any) -> int:
+    """Trainable parameters in float32 (the optimizer's master weights); returns how many were cast."""
+    import torch
+
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+            cast += 1
+    return cast

@@ -10,6 +10,7 @@ from typing import Any
 from peftkit.config.schema import ModelArgs
 from peftkit.constants import DATA_REPORT_FILE
 from peftkit.errors import ModelError
+from peftkit.model.attention import VARLEN, register_varlen
 from peftkit.model.resolve import resolve_model
 
 logger = logging.getLogger("peftkit")
@@ -54,8 +55,10 @@ def load_model(args: ModelArgs, classes: list[str] | None = None, pad_token_id: 
 
     path = resolve_model(args.name_or_path)
     kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
-    kwargs["dtype"] = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    kwargs["dtype"] = "auto" if args.dtype == "auto" else getattr(torch, args.dtype or "float32")
     if args.attn_implementation:
+        if args.attn_implementation == VARLEN:
+            register_varlen()
         kwargs["attn_implementation"] = args.attn_implementation
     if args.quantization_bit is not None:
         from peftkit.model.quantization import bnb_config

@@ -163,7 +163,7 @@ def estimate_memory(args: ModelArgs) -> MemoryEstimate | None:
                 linear += p.numel()
     dtype_bytes = 2 if args.dtype in ("bfloat16", "float16") else 4
     if args.quantization_bit is None:
-        return MemoryEstimate(total, 0, total * dtype_bytes, f"in {args.dtype}")
+        return MemoryEstimate(total, 0, total * dtype_bytes, f"in {args.dtype or 'float32'}")
     per = _QUANTIZED_BYTES[args.quantization_bit, args.double_quantization]
     # peft's k-bit preparation keeps the rest (embeddings, norms, head) in float32
     name = f"{args.quantization_type}" if args.quantization_bit == 4 else "int8"

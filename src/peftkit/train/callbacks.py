@@ -40,6 +40,15 @@ def peak_memory_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
+def peak_reserved_mb() -> float | None:
+    """Peak CUDA memory the caching allocator reserved (what nvidia-smi shows, less the context); None off CUDA."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return round(torch.cuda.max_memory_reserved() / 2**20, 1)
+    return None
+
+
 class LogCallback(TrainerCallback):
     """Writes trainer_log.jsonl.
 
@@ -127,6 +136,9 @@ class LogCallback(TrainerCallback):
             "peak_memory_mb": peak_memory_mb(),
             "time": round(time.time(), 3),
         }
+        reserved = peak_reserved_mb()
+        if reserved is not None:
+            line["peak_reserved_mb"] = reserved
         line.update({k: v for k, v in fields.items() if v is not None or k not in line})
         if line.get("real_tokens_seen") is not None and elapsed > 0:
             line["tokens_per_second"] = round((line["real_tokens_seen"] - self.tokens_at_start) / elapsed, 1)

@@ -23,6 +23,8 @@ from peftkit.data import PreparedData, apply_template, build_collator, prepare_d
 from peftkit.errors import PeftkitError
 from peftkit.eval.predict import predict
 from peftkit.model import load_stage_model, load_tokenizer, prepare_for_training
+from peftkit.model.attention import choose_attention, flattens
+from peftkit.model.dtypes import training_dtype, upcast_trainable
 from peftkit.model.finetuning import (
     CONVERTED_INITS,
     LORA_INIT_DIR,
@@ -122,10 +124,18 @@ def _prepare_model(cfg: RunConfig, args: Any, tokenizer: Any, data: PreparedData
     estimate = estimate_memory(cfg.model)
     if estimate is not None:
         logger.info(estimate.line())
-    model = load_stage_model(cfg.model, cfg.stage, data.report.classes, tokenizer.pad_token_id)
+    on_cuda = args.device.type == "cuda"
+    attn = choose_attention(cfg.model.attn_implementation, cfg.data.packing and stage_of(cfg.stage).packing, on_cuda)
+    load_args = replace(cfg.model, attn_implementation=attn,
+                        dtype=training_dtype(cfg.model.dtype, cfg.train, on_cuda))  # type: ignore[arg-type]
+    model = load_stage_model(load_args, cfg.stage, data.report.classes, tokenizer.pad_token_id)
     summary: dict[str, Any] = {"output_dir": str(output_dir), "stage": cfg.stage}
     model = prepare_for_training(model, cfg.finetuning, cfg.stage, args.gradient_checkpointing,
                                  args.gradient_checkpointing_kwargs)
+    if load_args.dtype != cfg.model.dtype:
+        upcast_trainable(model)
+        logger.info("weights: frozen in %s, trained in float32; attention: %s", load_args.dtype,
+                    model.config._attn_implementation)
     if cfg.eval.dataset and cfg.eval.before_training and args.should_save and resume is None:
         # after the adapters of finetuning.adapter_name_or_path are loaded: "before" is the model training starts
         # from (a new LoRA adapter starts at B = 0, so it is the base model's output)
@@ -248,7 +258,8 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, tokenizer: Any, data: P
         args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
-        data_collator=build_collator(tokenizer, cfg.data.packing, fixed_shape, cfg.stage),
+        data_collator=build_collator(tokenizer, cfg.data.packing, fixed_shape, cfg.stage,
+                                     flatten=cfg.data.packing and flattens(model.config._attn_implementation)),
         processing_class=tokenizer,
         callbacks=callbacks,
         compute_metrics=metrics if has_eval else None,

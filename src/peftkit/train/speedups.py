@@ -1,8 +1,10 @@
 """`train.peftkit_speedups`: the patches of peft / transformers internals that make training leaner, behind one switch.
 
 auto (default): on for the library versions they were written and tested against, each only where
-it applies; outside those versions one warning, and the plain path. off: transformers' and peft's
-own code only. What each changes:
+it applies and was measured to help; outside those versions one warning, and the plain path. The
+fused LoRA and the one cast were measured on the CPU only, so on CUDA auto leaves them off (`on`
+turns them on anywhere, for benchmarks/gpu_speed.py to measure). off: transformers' and peft's own
+code only. What each changes:
 
 - fused LoRA (train/fused_lora.py): LoRA's update added into the projection's output in place. Same
   sum, different order of float additions (equal to 1e-6 in tests/unit/test_fused_lora.py); not under torch.compile;
@@ -49,7 +51,7 @@ def untested_versions() -> list[str]:
 
 
 def speedups_enabled(mode: str) -> bool:
-    """Whether `train.peftkit_speedups` (auto | off) turns the patches on here; warns once when versions rule them out."""
+    """Whether `train.peftkit_speedups` (auto | on | off) turns the patches on here; warns once when versions rule them out."""
     if mode == "off":
         return False
     untested = untested_versions()
@@ -68,6 +70,9 @@ def training_speedups(model: Any, mode: str, autocast: bool, compiled: bool) -> 
     """What PeftTrainer.train runs inside; the model is back as it was after."""
     stack = ExitStack()
     if not speedups_enabled(mode):
+        return stack
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if mode == "auto" and not on_cpu:  # measured on the CPU only (see the module docstring)
         return stack
     if not compiled:
         stack.enter_context(fused_lora_forward(model))

@@ -118,15 +118,17 @@ class PeftTrainer(Seq2SeqTrainer):
         return self.optimizer
 
     def _use_chunked_loss(self, requested: bool | None) -> bool:
-        """By default on where it is exact and train.peftkit_speedups allows; never with a label smoother or a custom loss."""
+        """By default on where it is exact and train.peftkit_speedups allows; never with a label smoother, a custom
+        loss or Liger's kernels (their fused linear cross-entropy does the same)."""
         lm = causal_lm(self.accelerator.unwrap_model(self.model))
         possible = (self.objective is None and supports_chunked_loss(lm) and self.label_smoother is None
-                    and self.compute_loss_func is None
+                    and self.compute_loss_func is None and not self.args.use_liger_kernel
                     and (self.args.world_size == 1 or not lm.get_output_embeddings().weight.requires_grad))
         if requested and not possible:
             raise PeftkitError("train.chunked_loss=true: not exact for this model or setup (a scaled or soft-capped "
-                               "output layer, a label smoother, a trained output layer across processes, or a stage "
-                               "whose loss is not next-token cross-entropy: rm, dpo, cls)")
+                               "output layer, a label smoother, a trained output layer across processes, a stage "
+                               "whose loss is not next-token cross-entropy: rm, dpo, cls) or not needed (train."
+                               "use_liger_kernel: Liger's fused linear cross-entropy never builds the logits either)")
         return possible and speedups_enabled(self.speedups) if requested is None else bool(requested)
 
     @override
