@@ -163,3 +163,16 @@ def test_half_precision_frozen_weights_only_where_asked_and_on_cuda(tiny_model_d
     model.lm_head.requires_grad_(True)
     assert upcast_trainable(model) == 1
     assert model.lm_head.weight.dtype == torch.float32 and model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_a_kernel_error_names_the_way_out(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftkit.errors import ModelError
+
+    def refuses(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                enable_gqa=False):
+        raise RuntimeError("FlashAttention only supports head dimension at most 256\nmore")
+
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: refuses)
+    model = _model(tiny_model_dir, attention.VARLEN)
+    with pytest.raises(ModelError, match="head dimension at most 256.*model.attn_implementation: sdpa"):
+        model(input_ids=torch.tensor([[5, 6, 7]]))

@@ -86,7 +86,11 @@ def _call_varlen(query: Any, key: Any, value: Any, cu_seq: Any, max_len: int, sc
         else:
             repeat = query.shape[1] // key.shape[1]
             key, value = key.repeat_interleave(repeat, dim=1), value.repeat_interleave(repeat, dim=1)
-    return kernel(query, key, value, cu_seq, cu_seq, max_len, max_len, **kwargs)
+    try:
+        return kernel(query, key, value, cu_seq, cu_seq, max_len, max_len, **kwargs)
+    except RuntimeError as e:  # e.g. a head size or dtype the kernel does not take
+        raise ModelError(f"torch_varlen attention failed on this model ({str(e).splitlines()[0][:200]}): set "
+                         "model.attn_implementation: sdpa") from e
 
 
 def _boundaries(position_ids: Any, batch: int, length: int, device: Any) -> tuple[Any, int]:
