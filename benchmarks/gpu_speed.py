@@ -64,7 +64,12 @@ APPROACHES = {
     "peftkit_liger": "peftkit + train.use_liger_kernel",
     "peftkit_speedups_on": "peftkit + train.peftkit_speedups=on (the CPU-measured patches)",
     "peftkit_flex": "peftkit, model.attn_implementation=flex_attention",
+    "peftkit_fsdp2": "peftkit under FSDP2 (one GPU, world size 1)",
+    "peftkit_zero2": "peftkit under DeepSpeed ZeRO-2 (one GPU)",
+    "peftkit_zero3": "peftkit under DeepSpeed ZeRO-3 (one GPU)",
+    "peftkit_zero3_offload": "peftkit under DeepSpeed ZeRO-3, optimizer and parameters offloaded to CPU",
 }
+SCALE = ("peftkit_fsdp2", "peftkit_zero2", "peftkit_zero3", "peftkit_zero3_offload")
 
 # (arch, tuning, cutoff, rows per step, approaches): the plan of one full run, about 6 minutes on an H200.
 PLAN = [
@@ -72,6 +77,9 @@ PLAN = [
     ("smollm2-135m", "lora", 2048, 32, ["classic", "peftkit", "peftkit_speedups_on"]),
     ("qwen2.5-0.5b", "full", 2048, 8, ["classic", "peftkit"]),
     ("qwen2.5-0.5b", "lora", 2048, 16, ["peftkit", "peftkit_flex"]),
+    # issue 19: the engines against plain single-GPU training, same run (last: skipped first when time runs out)
+    ("qwen2.5-0.5b", "lora", 2048, 8, ["peftkit", *SCALE]),
+    ("qwen2.5-0.5b", "full", 2048, 8, ["peftkit", *SCALE]),
 ]
 DRY_PLAN = [("tiny", "lora", 256, 4, ["classic", "trl", "peftkit", "peftkit_rows"]),
             ("tiny", "full", 256, 4, ["classic", "peftkit"])]
@@ -228,7 +236,11 @@ def run_trl(a: argparse.Namespace, out: str) -> dict:
 
 PEFTKIT_EXTRA = {"peftkit": [], "peftkit_rows": ["model.attn_implementation=sdpa"],
                  "peftkit_liger": ["train.use_liger_kernel=true"], "peftkit_speedups_on": ["train.peftkit_speedups=on"],
-                 "peftkit_flex": ["model.attn_implementation=flex_attention"]}
+                 "peftkit_flex": ["model.attn_implementation=flex_attention"],
+                 "peftkit_fsdp2": ["train.fsdp=true", "train.fsdp_config={version: 2, auto_wrap_policy: "
+                                   "TRANSFORMER_BASED_WRAP, transformer_layer_cls_to_wrap: [Qwen2DecoderLayer]}"],
+                 **{f"peftkit_{z}": [f"train.deepspeed={REPO}/examples/deepspeed_{z}.json"]
+                    for z in ("zero2", "zero3", "zero3_offload")}}
 
 
 def run_peftkit(a: argparse.Namespace, out: str, name: str) -> dict:
@@ -393,8 +405,10 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--out", str(out), "--scratch", str(scratch), "--run", name, "--model",
                    str(model), "--tuning", tuning, "--cutoff", str(cutoff), "--rows", str(rows),
                    "--steps", str(a.steps), "--warmup", str(a.warmup), *(["--dry-run"] if a.dry_run else [])]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                                  env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+            if name in SCALE:  # a process group of one, as torchrun would set it up
+                env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             if proc.returncode != 0:
                 results[name] = {"error": f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1][:200]}"
                                  if proc.stderr.strip() else f"failed (exit {proc.returncode})"}

@@ -37,20 +37,6 @@ def test_speedups_change_the_first_loss_by_rounding_only(wide_model_dir: Path, a
     assert first["auto"] == pytest.approx(first["off"], rel=1e-2)  # bf16 rounding, not a different loss
 
 
-@pytest.fixture(scope="module")
-def wide_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
-    """The tiny model with head_dim 64 (flash and flex kernels want real head sizes), same tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig.from_pretrained(tiny_model_dir)
-    config.hidden_size, config.intermediate_size = 256, 512
-    out = tmp_path_factory.mktemp("wide_llama")
-    LlamaForCausalLM(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
 def _log_rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
 

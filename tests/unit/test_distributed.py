@@ -115,3 +115,40 @@ def test_two_nodes_on_one_machine_match_one_process_and_resume_after_a_node_dies
     for name, weight in load_file(run / "adapter_model.safetensors").items():
         torch.testing.assert_close(weight, expected[name], rtol=0, atol=1e-6, msg=name)
     assert _losses(run) == pytest.approx(_losses(whole), abs=1e-6)
+
+
+def test_fsdp_on_cpus_is_refused_instead_of_silently_running_ddp(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """accelerate 1.15 enables FSDP only for accelerator process groups: on CPUs (gloo) `fsdp: true` would train
+    plain DDP (measured: Trainer.is_fsdp_enabled False, the model wrapped in DistributedDataParallel). Exit 2 instead."""
+    out = tmp_path / "fsdp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftkit", "train", str(REPO / "examples/fsdp_lora.yaml"), f"model.name_or_path={tiny_model_dir}",
+         f"train.output_dir={out}", "data.max_samples=8"],
+        capture_output=True, text=True, cwd=REPO, timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "FSDP runs on GPUs" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (out / "trainer_log.jsonl").exists()
+
+
+def test_the_slurm_example_starts_one_peftkit_launch_per_node_with_its_rank(tmp_path: Path) -> None:
+    """examples/slurm/train_multinode.sbatch under stand-ins for srun / scontrol / peftkit: the command each node runs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stubs = {
+        "scontrol": 'echo gpu-node-07; echo gpu-node-08',
+        # srun runs its command once per node, as SLURM sets SLURM_NODEID for each task
+        "srun": 'shift; for n in 0 1; do SLURM_NODEID=$n "$@"; done',
+        "peftkit": f'echo "$*" >> {tmp_path}/launches.txt',
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "gpu-node-[07-08]",
+           "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4", "PEFTKIT_HOME": str(tmp_path / "home")}
+    proc = subprocess.run(["bash", str(REPO / "examples/slurm/train_multinode.sbatch"), "examples/deepspeed_zero3_lora.yaml",
+                           "train.max_steps=10"], capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr
+    launches = (tmp_path / "launches.txt").read_text().splitlines()
+    assert launches == [f"train --nnodes 2 --node-rank {r} --master-addr gpu-node-07 --master-port 29500 --nproc 4 "
+                        "examples/deepspeed_zero3_lora.yaml train.resume_from_checkpoint=true train.max_steps=10"
+                        for r in (0, 1)]

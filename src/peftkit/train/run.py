@@ -20,7 +20,7 @@ from peftkit.config import RunConfig, build_training_arguments, dump_config
 from peftkit.config.load import to_dict, trackers, train_extras
 from peftkit.constants import CONFIG_FILE, DATA_REPORT_FILE, RUN_SUMMARY_FILE
 from peftkit.data import PreparedData, apply_template, build_collator, prepare_data
-from peftkit.errors import PeftkitError
+from peftkit.errors import ConfigError, PeftkitError
 from peftkit.eval.predict import predict
 from peftkit.model import load_stage_model, load_tokenizer, prepare_for_training
 from peftkit.model.attention import choose_attention, flattens
@@ -42,6 +42,13 @@ from peftkit.train.signals import GracefulStop
 from peftkit.train.trainer import PeftTrainer, preprocess_logits_for_accuracy
 
 logger = logging.getLogger("peftkit")
+
+
+# accelerate (1.15) switches to FSDP only for accelerator process groups (AcceleratorState: MULTI_GPU / NPU / XPU ...,
+# not MULTI_CPU): on CPUs a run with train.fsdp would silently be DDP, every process holding the whole model.
+FSDP_ON_CPU = ("train.fsdp: FSDP runs on GPUs (or other accelerators) only; on CPUs accelerate silently trains with DDP "
+               "instead (each process holds the whole model). Remove train.fsdp / fsdp_config to run DDP on CPUs "
+               "(peftkit train --nproc N), or run on GPUs")
 
 
 class Interrupted(PeftkitError):
@@ -69,6 +76,8 @@ def train(cfg: RunConfig, resume_command: str = "peftkit train CONFIG.yaml train
     from peftkit.model.quantization import quantized_base
 
     args = build_training_arguments(cfg.train, cfg.stage, quantized=quantized_base(cfg.model))
+    if args.fsdp and args.device.type == "cpu":
+        raise ConfigError([FSDP_ON_CPU])
     with RunLock(Path(args.output_dir)) if args.should_save else contextlib.nullcontext():
         return _train(cfg, args, resume_command)
 
