@@ -226,6 +226,43 @@ def test_n_seed_and_logprobs(slow_app) -> None:
     assert first["usage"]["completion_tokens"] == 12
 
 
+def _events(client, url: str, body: dict) -> list[dict]:
+    with client.stream("POST", url, json=body) as response:
+        assert response.status_code == 200
+        lines = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_logprobs_stream_chunk_by_chunk_and_equal_the_whole_answers(slow_app) -> None:
+    """Streamed logprobs (chat and completions) add up to the non-streamed ones, token for token (greedy)."""
+    from fastapi.testclient import TestClient
+
+    app, _ = slow_app
+    client = TestClient(app)
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2}
+    whole = client.post("/v1/chat/completions", json=chat).json()["choices"][0]["logprobs"]["content"]
+    chunks = _events(client, "/v1/chat/completions", {**chat, "stream": True})
+    streamed = [e for c in chunks for e in ((c["choices"][0].get("logprobs") or {}).get("content") or [])]
+    assert len(whole) == 7 and [e["token"] for e in streamed] == [e["token"] for e in whole]
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in whole], abs=1e-5)
+    assert all(len(e["top_logprobs"]) == 2 for e in streamed)
+
+    plain = {"model": "tiny", "prompt": "hello there", "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    done = client.post("/v1/completions", json=plain).json()["choices"][0]
+    lp = done["logprobs"]
+    assert "".join(lp["tokens"]) == done["text"] and len(lp["tokens"]) == 6
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(6)]  # from the completion's start
+    assert all(v <= 0 for v in lp["token_logprobs"]) and all(1 <= len(t) <= 3 for t in lp["top_logprobs"])
+    assert all(max(t.values()) >= v - 1e-6 for t, v in zip(lp["top_logprobs"], lp["token_logprobs"]))
+    pieces = [c["choices"][0] for c in _events(client, "/v1/completions", {**plain, "stream": True})]
+    joined = {k: [x for p in pieces if p["logprobs"] for x in p["logprobs"][k]] for k in lp}
+    assert joined["tokens"] == lp["tokens"] and joined["text_offset"] == lp["text_offset"]
+    assert joined["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-5)
+    assert "".join(p["text"] for p in pieces) == done["text"]
+
+
 def test_the_request_model_picks_the_adapter(tiny_model_dir: Path, two_adapters: dict[str, str]) -> None:
     from fastapi.testclient import TestClient
 

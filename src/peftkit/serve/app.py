@@ -1,4 +1,4 @@
-"""An OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions (whole or streamed, n, seed, logprobs,
+"""An OpenAI-compatible HTTP API: /v1/models, /v1/chat/completions (whole or streamed, n, seed, logprobs (also streamed),
 tools and tool_choice, reasoning_content), /v1/completions, /health and /metrics, over one model or several
 adapters of one base (the request's `model` picks).
 
@@ -161,9 +161,7 @@ def _parse(body: Any, models: dict[str, str | None], max_tokens_limit: int,
         raise ApiError(400, "prompt must be a non-empty string", "invalid_prompt", "prompt")
     n = _int_in(body, "n", 1, MAX_N, 1)
     seed = _int_in(body, "seed", -(2**63), 2**63 - 1, None)
-    logprobs = _logprobs_asked(body) if chat else None
-    if not chat and body.get("logprobs") is not None:
-        raise ApiError(400, "logprobs are returned by /v1/chat/completions only", "invalid_logprobs", "logprobs")
+    logprobs = _logprobs_asked(body) if chat else _int_in(body, "logprobs", 0, MAX_TOP_LOGPROBS, None)
     fmt = body.get("response_format")
     if fmt is not None and fmt not in ({"type": "text"}, {"type": "json_object"}):
         raise ApiError(400, "response_format: {\"type\": \"text\"} or {\"type\": \"json_object\"} (json_schema is not "
@@ -195,8 +193,6 @@ def _parse(body: Any, models: dict[str, str | None], max_tokens_limit: int,
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise ApiError(400, "stream_options must be an object such as {\"include_usage\": true}",
                        "invalid_stream_options", "stream_options")
-    if stream and logprobs is not None:
-        raise ApiError(400, "logprobs are returned with stream: false only", "invalid_logprobs", "logprobs")
     tools, call = _tools(body) if chat else (None, None)
     if tools and fmt == {"type": "json_object"}:
         raise ApiError(400, "response_format json_object cannot be combined with tools", "invalid_response_format",
@@ -354,7 +350,7 @@ def _completion(service: Service, request: Request, texts: list[str], outcomes: 
             answer = {"message": message}
         choice: dict[str, Any] = {"index": k, **answer, "finish_reason": finish}
         if request.logprobs is not None:
-            choice["logprobs"] = {"content": _logprobs(service.tokenizer, o)}
+            choice["logprobs"] = _logprobs(service.tokenizer, o.logprobs, chat)
         choices.append(choice)
     completion = sum(o.completion_tokens for o in outcomes)
     return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created, "model": name,
@@ -381,13 +377,29 @@ def _tool_call(call: Call, index: int | None = None) -> dict[str, Any]:
     return out if index is None else {"index": index, **out}
 
 
-def _logprobs(tokenizer: Any, outcome: Outcome) -> list[dict[str, Any]]:
-    """OpenAI's chat logprobs: each token's text, bytes and log-probability, and the most likely alternatives."""
-    def entry(token: int, logprob: float) -> dict[str, Any]:
-        text = tokenizer.decode([token])
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+def _logprobs(tokenizer: Any, entries: list[tuple[int, float, list[tuple[int, float]]]], chat: bool,
+              offset: int = 0) -> dict[str, Any]:
+    """OpenAI's logprobs of `entries` (token, log-probability, alternatives): chat's {content: [{token, logprob,
+    bytes, top_logprobs}]}, or the completions API's {tokens, token_logprobs, top_logprobs, text_offset} with
+    offsets counted from `offset` characters into the completion."""
+    def text(token: int) -> str:
+        return tokenizer.decode([token])
 
-    return [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]} for t, lp, top in outcome.logprobs]
+    if chat:
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            return {"token": text(token), "logprob": logprob, "bytes": list(text(token).encode())}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]} for t, lp, top in entries]}
+    def alternatives(top: list[tuple[int, float]]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for token, logprob in top:  # most likely first: two tokens of one text keep the likelier
+            out.setdefault(text(token), logprob)
+        return out
+
+    tokens = [text(t) for t, _, _ in entries]
+    offsets = [offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [alternatives(top) for _, _, top in entries], "text_offset": offsets}
 
 
 async def _until_disconnect(events: Generator[str, None, None], cancel: threading.Event,
@@ -420,13 +432,22 @@ def _sse(service: Service, request: Request, jobs: list[Job], ident: str, create
     """Server-sent events in OpenAI's chunk format, choice by choice, ending with `data: [DONE]`."""
     kind = "chat.completion.chunk" if chat else "text_completion"
 
+    outcomes = [Outcome() for _ in jobs]
+    reported = [0] * len(jobs)  # each answer's tokens whose logprobs a chunk has carried
+    texts = [0] * len(jobs)  # characters of each completion sent (the completions API's text_offset)
+
     def chunk(index: int, delta: dict, finish: str | None = None) -> str:
-        choice = {"index": index, "delta": delta} if chat else {"index": index, "text": delta.get("content", "")}
+        choice: dict[str, Any] = {"index": index, "delta": delta} if chat else {"index": index,
+                                                                                "text": delta.get("content", "")}
+        if request.logprobs is not None:  # the tokens generated since the last chunk (the finish chunk: the rest)
+            pending = outcomes[index].logprobs[reported[index]:]
+            reported[index] += len(pending)
+            choice["logprobs"] = _logprobs(service.tokenizer, pending, chat, texts[index]) if pending else None
+        texts[index] += len(choice.get("text", ""))
         data: dict[str, Any] = {"id": ident, "object": kind, "created": created, "model": model_name,
                                 "choices": [{**choice, "finish_reason": finish}]}
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
-    outcomes = [Outcome() for _ in jobs]
     try:
         for k, (job, outcome) in enumerate(zip(jobs, outcomes)):
             if not chat:

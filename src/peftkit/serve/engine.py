@@ -122,6 +122,8 @@ class Service:
             for new in job.stream(deadline=deadline):
                 if cancel is not None and cancel.is_set():
                     break
+                if request.logprobs is not None:  # appended with each token by the engine: ready as it arrives
+                    outcome.logprobs += [(t, *job.logprobs[i]) for i, t in enumerate(new, start=len(tokens))]
                 tokens += new
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
                 if text.endswith("\ufffd"):  # a character cut between tokens: wait for the rest
@@ -140,7 +142,6 @@ class Service:
             yield tail
         outcome.completion_tokens = len(tokens)
         outcome.finish_reason = "stop" if scanner.stopped or job.finish_reason == "stop" else "length"
-        outcome.logprobs = [(t, lp, top) for t, (lp, top) in zip(tokens, job.logprobs)]
 
     def metrics(self) -> dict[str, float]:
         """What /metrics reports."""
