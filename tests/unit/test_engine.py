@@ -469,3 +469,37 @@ def test_an_engine_error_fails_the_requests_in_flight_and_the_engine_goes_on(mod
         assert len(engine.submit(_prompts(tok)[1], Sampling(max_new_tokens=5)).result(timeout=30)) == 5
     finally:
         engine.close()
+
+
+def test_serve_caches_the_template_opening_and_answers_as_without_it(tiny_model_dir: Path) -> None:
+    """The keys / values of what every request starts with (the default system prompt) are computed once; answers
+    (greedy) equal a server without the cache, for requests with and without their own system message."""
+    from fastapi.testclient import TestClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.serve.app import create_app
+    from peftkit.serve.engine import Service, template_opening
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.chat_template = ("{% if messages[0].role != 'system' %}<|im_start|>system\nYou are a helpful assistant named "
+                         "Tiny, made for the tests of peftkit<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>"
+                         "{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
+                         "<|im_start|>assistant\n{% endif %}")
+    answers = {}
+    for cached in (True, False):
+        service = Service(model, tok, 512, slots=4)
+        if cached:
+            assert service.engine.prefix == template_opening(tok) and len(service.engine.prefix) >= 8
+        else:
+            service.engine.set_prefix([])
+        client = TestClient(create_app(service, "tiny"))
+        out = []
+        for messages in ([{"role": "user", "content": "Name a colour."}], [{"role": "user", "content": "Count."}],
+                         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]):
+            body = {"model": "tiny", "messages": messages, "max_tokens": 8, "temperature": 0}
+            out.append(client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"])
+        answers[cached] = out
+        assert (service.engine._prefix_kv is not None) == cached  # the cached path really ran
+        service.close()
+    assert answers[True] == answers[False]

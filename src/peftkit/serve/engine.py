@@ -14,7 +14,7 @@ from typing import Any
 
 from peftkit.data.encode import render_prompt
 from peftkit.data.formats import Message
-from peftkit.infer.engine import Engine, Job, Sampling
+from peftkit.infer.engine import PREFIX_MIN_TOKENS, Engine, Job, Sampling
 
 
 @dataclass
@@ -42,6 +42,21 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+
+
+def template_opening(tokenizer: Any) -> list[int]:
+    """The tokens every chat request without its own system message starts with (the template's default system
+    prompt and the user turn's opening): what two different one-message conversations share; [] without a template."""
+    try:
+        a, b = (render_prompt(tokenizer, [Message(role="user", content=c)]) for c in ("a", "b"))
+    except Exception:  # noqa: BLE001 - no chat template (completions only): no shared opening
+        return []
+    common: list[int] = []
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        common.append(x)
+    return common
 
 
 class StopScanner:
@@ -83,6 +98,9 @@ class Service:
         self.tokenizer, self.context_window, self.request_timeout = tokenizer, context_window, request_timeout
         self.engine = Engine(model, tokenizer, slots=slots, max_len=context_window, dtype=dtype, max_queue=max_queue,
                              adapters=adapters)
+        opening = template_opening(tokenizer)
+        if len(opening) >= PREFIX_MIN_TOKENS:  # the keys / values of the template's opening, computed once
+            self.engine.set_prefix(opening)  # (single-model engines only: an adapter changes them)
         self.engine.start()
         self.started = time.time()
 
