@@ -221,6 +221,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 print(f"  ! {line}")
         return 0
     api_key = args.api_key or os.environ.get("PEFTKIT_API_KEY")
+    if args.engine == "vllm":
+        return _exec_vllm(args, api_key)
     loopback = is_loopback(args.host)
     if not loopback and not api_key:
         logger.warning("serving on %s without --api-key: anyone who reaches this address can use the model", args.host)
@@ -228,6 +230,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     serve((model, adapters or [], stage, template), args.host, args.port, api_key, args.max_tokens_limit,
           args.served_model_name, slots=args.slots, max_queue=args.max_queue, request_timeout=args.request_timeout)
     return 0
+
+
+def _exec_vllm(args: argparse.Namespace, api_key: str | None) -> int:
+    """`peftkit serve --engine vllm`: the checked `vllm serve` command replaces this process (GPU users)."""
+    import os
+    import shutil
+
+    from peftkit.serve import named_adapters
+    from peftkit.serve.vllm import vllm_argv
+
+    runs = named_adapters(args.adapter) if args.adapter else {args.served_model_name or "model": args.model or ""}
+    if not all(runs.values()):
+        raise PeftkitError("--engine vllm needs --adapter RUN (or --model FOLDER)")
+    argv = vllm_argv(runs, args.host, args.port, api_key)
+    if shutil.which("vllm") is None:
+        raise PeftkitError("--engine vllm: vllm is not installed (pip install vllm; it needs a GPU). The command "
+                           "would be: " + " ".join(argv))
+    print(" ".join(argv), flush=True)
+    os.execvp("vllm", argv)
+    return 0  # not reached
 
 
 def _cmd_board(args: argparse.Namespace) -> int:
@@ -335,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row; more get 429")
     p.add_argument("--request-timeout", type=float, default=600,
                    help="seconds a request may take, waiting included; then it ends with what it has (finish_reason length)")
+    p.add_argument("--engine", choices=("peftkit", "vllm"), default="peftkit",
+                   help="vllm: hand the run(s) to `vllm serve` (installed, on a GPU) with the checked flags")
     p.add_argument("--print-vllm", action="store_true",
                    help="print the `vllm serve` command for --adapter (or --model) and what vLLM would refuse, then exit")
     p.set_defaults(func=_cmd_serve)

@@ -359,6 +359,33 @@ def test_vllm_hand_off_names_what_vllm_needs(two_adapters: dict[str, str], tmp_p
            "--reasoning-parser deepseek_r1" in command
 
 
+def test_serve_engine_vllm_execs_one_checked_vllm_server_for_every_adapter(two_adapters: dict[str, str],
+                                                                        tmp_path: Path) -> None:
+    """`peftkit serve --engine vllm` replaces itself with `vllm serve` (a stand-in here: vLLM needs a GPU)."""
+    import os
+    import subprocess
+    import sys
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "vllm").write_text(f"#!/bin/bash\necho \"$@\" > {tmp_path}/argv.txt\n")
+    (fake / "vllm").chmod(0o755)
+    adapters = [f"{n}={p}" for n, p in two_adapters.items()]
+    cmd = [sys.executable, "-m", "peftkit", "serve", "--engine", "vllm", "--port", "8123",
+           *[a for spec in adapters for a in ("--adapter", spec)]]
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    argv = (tmp_path / "argv.txt").read_text().split()
+    config = json.loads((Path(two_adapters["ner"]) / "adapter_config.json").read_text())
+    assert argv[:2] == ["serve", config["base_model_name_or_path"]]
+    at = argv.index("--lora-modules")
+    assert argv[at + 1:at + 3] == adapters and argv[-4:] == ["--host", "127.0.0.1", "--port", "8123"]
+    missing = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120,
+                             env={**os.environ, "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
+    assert missing.returncode == 2 and "vllm is not installed" in missing.stderr and "Traceback" not in missing.stderr
+
+
 def test_a_shared_prefix_is_computed_once_and_changes_no_answer(model_and_tok) -> None:
     model, tok = model_and_tok
     system = [{"role": "system", "content": "You extract entities from resumes and answer in JSON only."}]

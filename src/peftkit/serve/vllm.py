@@ -60,3 +60,28 @@ def vllm_hand_off(run: str | Path, name: str | None = None) -> tuple[str, list[s
     if blocks:
         blocks.append(f"serve a merged export instead: peftkit export --adapter {run} --out MERGED, then vllm serve MERGED")
     return f"vllm serve {shlex.quote(str(base))} " + " ".join(flags), blocks
+
+
+def vllm_argv(runs: dict[str, str], host: str, port: int, api_key: str | None) -> list[str]:
+    """`vllm serve` arguments for one model folder, or for LoRA runs of one base served side by side under their
+    names (`peftkit serve --engine vllm`); PeftkitError when vLLM would refuse an adapter or the bases differ."""
+    commands = {name: vllm_hand_off(run, name) for name, run in runs.items()}
+    blocked = [f"{name}: {line}" for name, (_, blocks) in commands.items() for line in blocks]
+    if blocked:
+        raise PeftkitError("--engine vllm: vLLM cannot serve this as it is:\n  " + "\n  ".join(blocked))
+    argvs = [shlex.split(command) for command, _ in commands.values()]
+    bases = {argv[2] for argv in argvs}
+    if len(bases) > 1:
+        raise PeftkitError(f"--engine vllm: the adapters are of different base models ({', '.join(sorted(bases))}); "
+                           "one vLLM server serves adapters of one base")
+    argv = argvs[0]
+    if "--lora-modules" in argv:  # one --lora-modules naming every adapter; the largest rank
+        at = argv.index("--lora-modules") + 1
+        argv[at:at + 1] = [a[a.index("--lora-modules") + 1] for a in argvs]
+        ranks = [int(a[a.index("--max-lora-rank") + 1]) for a in argvs if "--max-lora-rank" in a]
+        if "--max-lora-rank" in argv:
+            argv[argv.index("--max-lora-rank") + 1] = str(max(ranks))
+        elif ranks:
+            argv += ["--max-lora-rank", str(max(ranks))]
+    argv += ["--host", host, "--port", str(port)]
+    return argv + (["--api-key", api_key] if api_key else [])
