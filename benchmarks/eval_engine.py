@@ -2,10 +2,13 @@
 static batches of `model.generate` peftkit used before, side by side in one run on the same records.
 
     .venv/bin/python benchmarks/eval_engine.py RUN_DIR [--records 463] [--slots 64 128] [--legacy-batch 64]
+    .venv/bin/python benchmarks/eval_engine.py RUN_DIR --records 100 --slots 64 --legacy-batch 0 --bf16  # agreement
 
 RUN_DIR is a finished LoRA run of examples/resume_ner_lora.yaml (the demo adapter). Both paths get the
 adapter merged in memory (as eval does), greedy decoding, the config's max_new_tokens; the table gives
 records/s, generated tokens/s, entity F1 and how many answers are token-identical to the legacy path.
+`--bf16` adds the engine under bf16 autocast (what eval runs with train.bf16) and how many of its answers are
+token-identical to the fp32 engine's: the bf16 agreement rate.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--legacy-batch", type=int, default=64, help="0: skip the legacy path")
     parser.add_argument("--legacy-answers", help="a JSON file: written with the legacy answers, or read when it is skipped")
+    parser.add_argument("--bf16", action="store_true", help="also the engine under bf16 autocast, against fp32")
     args = parser.parse_args()
 
     cfg = load_config(args.config, [])
@@ -79,14 +83,14 @@ def main() -> None:
     runs: dict[str, list[list[int]]] = {}
     rows = []
 
-    def measure(name: str, fn: Any) -> None:
+    def measure(name: str, fn: Any, against: str = "legacy") -> None:
         start = time.time()
         answers = fn()
         seconds = time.time() - start
         runs[name] = answers
         texts = [tok.decode(a, skip_special_tokens=True) for a in answers]
         score = METRICS["ner_json"](texts, references)
-        base = runs.get("legacy")
+        base = runs.get(against)
         same = sum(a == b for a, b in zip(answers, base)) if base is not None else None
         rows.append({"path": name, "seconds": round(seconds, 1), "records_per_s": round(len(prompts) / seconds, 2),
                      "tokens_per_s": round(sum(map(len, answers)) / seconds, 1), "f1": score["f1"],
@@ -101,8 +105,13 @@ def main() -> None:
         runs["legacy"] = json.loads(Path(args.legacy_answers).read_text())
     for slots in args.slots:
         measure(f"engine {slots} rows", lambda s=slots: generate_batch(model, tok, prompts, cfg.generate, slots=s))
+    if args.bf16:  # identical-to column: against the fp32 engine of the first --slots
+        slots = args.slots[0]
+        measure(f"engine {slots} rows, bf16 autocast", lambda: generate_batch(model, tok, prompts, cfg.generate,
+                                                                              dtype="bfloat16", slots=slots),
+                against=f"engine {slots} rows")
     print(f"\n{len(prompts)} records, {sum(map(len, prompts))} prompt tokens, max_new_tokens {max_new}\n")
-    print("| path | s | records/s | generated tokens/s | F1 | invalid JSON | token-identical to legacy |")
+    print("| path | s | records/s | generated tokens/s | F1 | invalid JSON | token-identical to legacy (bf16: to fp32) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['path']} | {r['seconds']} | {r['records_per_s']} | {r['tokens_per_s']} | {r['f1']} | "
