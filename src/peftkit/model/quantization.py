@@ -31,16 +31,19 @@ def prequantized(path: str | Path) -> str | None:
     return str(quant.get("quant_method", "unknown")) if isinstance(quant, dict) else None
 
 
-def quantized_base(args: ModelArgs) -> bool:
-    """Whether training will see a quantized base: quantization_bit set, or a pre-quantized checkpoint."""
-    if args.quantization_bit is not None:
-        return True
+def _prequantized_model(args: ModelArgs) -> str | None:
+    """prequantized() of model.name_or_path; None for a name that does not resolve (reported when the model loads)."""
     from peftkit.model.resolve import resolve_model
 
     try:
-        return prequantized(resolve_model(args.name_or_path)) is not None
+        return prequantized(resolve_model(args.name_or_path))
     except Exception:  # noqa: BLE001 - an unresolvable name is reported when the model loads
-        return False
+        return None
+
+
+def quantized_base(args: ModelArgs) -> bool:
+    """Whether training will see a quantized base: quantization_bit set, or a pre-quantized checkpoint."""
+    return args.quantization_bit is not None or _prequantized_model(args) is not None
 
 
 def is_quantized(model: Any) -> bool:
@@ -65,12 +68,7 @@ def check_quantization(model: ModelArgs, finetuning_type: str) -> list[str]:
     elif not _cuda() and platform.machine().lower() not in _CPU_MACHINES:
         issues.append(f"{key}: bitsandbytes runs on CUDA GPUs and on x86-64 / ARM64 CPUs, not on this "
                       f"{platform.machine()} machine without CUDA")
-    from peftkit.model.resolve import resolve_model
-
-    try:
-        method = prequantized(resolve_model(model.name_or_path))
-    except Exception:  # noqa: BLE001 - an unresolvable name is reported when the model loads
-        method = None
+    method = _prequantized_model(model)
     if method:
         issues.append(f"{key}: {model.name_or_path} is already quantized ({method}); drop model.quantization_bit "
                       "to train LoRA on it as it is")
