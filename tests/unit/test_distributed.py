@@ -135,7 +135,8 @@ def test_the_slurm_example_starts_one_peftkit_launch_per_node_with_its_rank(tmp_
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stubs = {
-        "scontrol": 'echo gpu-node-07; echo gpu-node-08',
+        # more host names than a pipe holds: a reader that stops at the first line would SIGPIPE the script
+        "scontrol": "seq -f 'gpu-node-%02g' 7 30000",
         # srun runs its command once per node, as SLURM sets SLURM_NODEID for each task
         "srun": 'shift; for n in 0 1; do SLURM_NODEID=$n "$@"; done',
         "peftkit": f'echo "$*" >> {tmp_path}/launches.txt',
