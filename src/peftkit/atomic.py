@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import secrets
@@ -39,6 +40,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@functools.cache
 def _host() -> str:
     """A short tag of this machine: on a file system shared by several nodes, a pid means something only
     on the host that wrote it."""

@@ -52,11 +52,13 @@ def _launch_flags(args: argparse.Namespace) -> list[str]:
 
     if "LOCAL_RANK" in os.environ and os.environ.get(_LAUNCH_ENV):
         return os.environ[_LAUNCH_ENV].split()
-    flags = [f"--nproc={args.nproc}"] if args.nproc > 1 else []
-    if args.nnodes > 1:
-        flags += [f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
-                  f"--master-port={args.master_port}"]
-    return flags
+    return ([f"--nproc={args.nproc}"] if args.nproc > 1 else []) + (_node_flags(args) if args.nnodes > 1 else [])
+
+
+def _node_flags(args: argparse.Namespace) -> list[str]:
+    """--nnodes / --node-rank / --master-addr / --master-port: spelled alike by peftkit train and torchrun."""
+    return [f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
+            f"--master-port={args.master_port}"]
 
 
 def _torchrun(args: argparse.Namespace) -> int:
@@ -71,9 +73,7 @@ def _torchrun(args: argparse.Namespace) -> int:
         raise PeftkitError(f"--nnodes {args.nnodes} needs --master-addr (the address of node 0, reachable from every "
                            f"node) and --node-rank from 0 to {args.nnodes - 1} (this node's; got {args.node_rank})")
     load_config(args.config, args.overrides)  # fail here, once, rather than in N processes
-    nodes = ["--standalone"] if args.nnodes == 1 else [
-        f"--nnodes={args.nnodes}", f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
-        f"--master-port={args.master_port}"]
+    nodes = ["--standalone"] if args.nnodes == 1 else _node_flags(args)
     command = [sys.executable, "-m", "torch.distributed.run", *nodes, f"--nproc_per_node={args.nproc}",
                "-m", "peftkit", "train", args.config, *args.overrides]
     os.environ[_LAUNCH_ENV] = " ".join(_launch_flags(args))  # for the workers' resume hint

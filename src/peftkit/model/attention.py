@@ -17,6 +17,7 @@ process against a plain per-sequence attention on random inputs; a mismatch or e
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from typing import Any
@@ -60,11 +61,17 @@ def reference_varlen_attn(query: Any, key: Any, value: Any, cu_seq: Any, max_len
     return torch.cat(out)
 
 
+@functools.lru_cache(maxsize=4)
+def _parameters(kernel: Any) -> frozenset[str]:
+    """The kernel's parameter names, read once (the attention runs per layer and step)."""
+    return frozenset(inspect.signature(kernel).parameters)
+
+
 def _call_varlen(query: Any, key: Any, value: Any, cu_seq: Any, max_len: int, scale: float,
                  window: int | None) -> Any:
     """varlen_attn with causal masking and GQA, across the signatures torch has shipped (checked by name)."""
     kernel = varlen_kernel()
-    params = inspect.signature(kernel).parameters
+    params = _parameters(kernel)
     kwargs: dict[str, Any] = {}
     if "is_causal" in params:
         kwargs["is_causal"] = True

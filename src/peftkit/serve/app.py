@@ -10,6 +10,7 @@ failures get a 500 body. The server never crashes on input.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import secrets
 import threading
@@ -387,7 +388,8 @@ def _logprobs(tokenizer: Any, entries: list[tuple[int, float, list[tuple[int, fl
 
     if chat:
         def entry(token: int, logprob: float) -> dict[str, Any]:
-            return {"token": text(token), "logprob": logprob, "bytes": list(text(token).encode())}
+            piece = text(token)
+            return {"token": piece, "logprob": logprob, "bytes": list(piece.encode())}
 
         return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in top]} for t, lp, top in entries]}
     def alternatives(top: list[tuple[int, float]]) -> dict[str, float]:
@@ -397,7 +399,7 @@ def _logprobs(tokenizer: Any, entries: list[tuple[int, float, list[tuple[int, fl
         return out
 
     tokens = [text(t) for t, _, _ in entries]
-    offsets = [offset + sum(map(len, tokens[:i])) for i in range(len(tokens))]
+    offsets = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))[: len(tokens)]
     return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
             "top_logprobs": [alternatives(top) for _, _, top in entries], "text_offset": offsets}
 

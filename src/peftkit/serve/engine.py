@@ -6,6 +6,7 @@ Stop strings are found in the decoded text (a stop may span tokens) and never em
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -51,12 +52,7 @@ def template_opening(tokenizer: Any) -> list[int]:
         a, b = (render_prompt(tokenizer, [Message(role="user", content=c)]) for c in ("a", "b"))
     except Exception:  # noqa: BLE001 - no chat template (completions only): no shared opening
         return []
-    common: list[int] = []
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        common.append(x)
-    return common
+    return list(os.path.commonprefix([a, b]))
 
 
 class StopScanner:

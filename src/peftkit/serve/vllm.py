@@ -22,7 +22,7 @@ def _template_flags(run: Path) -> list[str]:
     if not template_file.is_file():
         return []
     template = template_file.read_text(encoding="utf-8")
-    flags = ["--chat-template", shlex.quote(str(template_file))]
+    flags = ["--chat-template", str(template_file)]
     if "<tool_call>" in template:
         flags += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
     elif "ipython" in template and "tools" in template:
@@ -34,16 +34,21 @@ def _template_flags(run: Path) -> list[str]:
 
 def vllm_hand_off(run: str | Path, name: str | None = None) -> tuple[str, list[str]]:
     """(the `vllm serve` command line, what blocks the adapter in vLLM: empty when nothing does)."""
-    run = Path(run)
+    argv, blocks = _serve_argv(Path(run), name)
+    return shlex.join(argv), blocks
+
+
+def _serve_argv(run: Path, name: str | None) -> tuple[list[str], list[str]]:
+    """`vllm serve` arguments for one run (["vllm", "serve", MODEL, flags...]) and what blocks it."""
     config_file = run / "adapter_config.json"
     if not config_file.is_file():
         if not (run / "config.json").is_file():
             raise PeftkitError(f"{run}: neither a LoRA run (adapter_config.json) nor a model folder (config.json)")
-        return f"vllm serve {shlex.quote(str(run))}", []  # a merged export or a full / freeze run: a plain model
+        return ["vllm", "serve", str(run)], []  # a merged export or a full / freeze run: a plain model
     config = json.loads(config_file.read_text(encoding="utf-8"))
     name = name or run.name
     base = config.get("base_model_name_or_path") or "BASE_MODEL"
-    flags = ["--enable-lora", "--lora-modules", shlex.quote(f"{name}={run}")]
+    flags = ["--enable-lora", "--lora-modules", f"{name}={run}"]
     rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
     if rank > VLLM_DEFAULT_MAX_LORA_RANK:
         flags += ["--max-lora-rank", str(rank)]
@@ -59,17 +64,17 @@ def vllm_hand_off(run: str | Path, name: str | None = None) -> tuple[str, list[s
         blocks.append(f"modules_to_save {config['modules_to_save']}: vLLM's LoRA loader refuses fully trained modules")
     if blocks:
         blocks.append(f"serve a merged export instead: peftkit export --adapter {run} --out MERGED, then vllm serve MERGED")
-    return f"vllm serve {shlex.quote(str(base))} " + " ".join(flags), blocks
+    return ["vllm", "serve", str(base), *flags], blocks
 
 
 def vllm_argv(runs: dict[str, str], host: str, port: int, api_key: str | None) -> list[str]:
     """`vllm serve` arguments for one model folder, or for LoRA runs of one base served side by side under their
     names (`peftkit serve --engine vllm`); PeftkitError when vLLM would refuse an adapter or the bases differ."""
-    commands = {name: vllm_hand_off(run, name) for name, run in runs.items()}
+    commands = {name: _serve_argv(Path(run), name) for name, run in runs.items()}
     blocked = [f"{name}: {line}" for name, (_, blocks) in commands.items() for line in blocks]
     if blocked:
         raise PeftkitError("--engine vllm: vLLM cannot serve this as it is:\n  " + "\n  ".join(blocked))
-    argvs = [shlex.split(command) for command, _ in commands.values()]
+    argvs = [argv for argv, _ in commands.values()]  # ["vllm", "serve", MODEL, ...]: execvp's argv as it is
     bases = {argv[2] for argv in argvs}
     if len(bases) > 1:
         raise PeftkitError(f"--engine vllm: the adapters are of different base models ({', '.join(sorted(bases))}); "
