@@ -35,9 +35,16 @@ def test_bundled_records_are_reproducible(tmp_path: Path) -> None:
         made = json.loads((tmp_path / f"{split}.json").read_text(encoding="utf-8"))
         bundled = json.loads((REPO / f"data/resume_ner/{split}.json").read_text(encoding="utf-8"))
         assert made == bundled
-    first = bundled[0]
-    assert first["instruction"] == prep.COMPACT_INSTRUCTION
-    assert json.loads(first["output"])  # answers are JSON objects
+    first = json.loads((REPO / "data/resume_ner/train.json").read_text(encoding="utf-8"))[0]
+    assert first == {"instruction": "高勇：男，中国国籍，无境外居留权，", "output": '{"姓名": ["高勇"], "国籍": ["中国国籍"]}'}
+
+
+def test_every_split_present_is_converted_in_the_chosen_style(tmp_path: Path) -> None:
+    (tmp_path / "test.char.bmes").write_text("高 B-NAME\n勇 E-NAME\n\n", encoding="utf-8")
+    assert prep.main(["--src-dir", str(tmp_path), "--out-dir", str(tmp_path), "--prompt", "compact"]) == 0
+    made = json.loads((tmp_path / "test_compact.json").read_text(encoding="utf-8"))
+    assert made == [{"instruction": prep.COMPACT_INSTRUCTION, "input": "高勇", "output": '{"姓名": ["高勇"]}'}]
+    assert prep.main(["--src-dir", str(tmp_path / "none"), "--out-dir", str(tmp_path)]) == 2
 
 
 def test_tutorial_prompt_has_example_and_restated_task() -> None:

@@ -38,7 +38,7 @@ logger = logging.getLogger("peftkit")
 # would make a 1e-4 limit a coin toss; in float64 what remains is the export's own rounding.
 MAX_LOGIT_DIFF = 1e-4
 EXPORT_MARKER = "export_report.json"  # written last into every export: a folder that has it may be replaced
-_CHECK_PROMPTS = ["Hello! Who are you?", "抽取简历实体，以JSON回答。\n高勇：男，中国国籍，无境外居留权，"]
+_CHECK_PROMPTS = ["Hello! Who are you?", "高勇：男，中国国籍，无境外居留权，"]
 
 
 @dataclass
