@@ -31,12 +31,11 @@ def test_malformed_line_is_skipped(tmp_path: Path) -> None:
 
 def test_bundled_records_are_reproducible(tmp_path: Path) -> None:
     assert prep.main(["--src-dir", str(REPO / "data/resume_ner"), "--out-dir", str(tmp_path)]) == 0
-    for split in ("train", "dev"):
-        made = json.loads((tmp_path / f"{split}.json").read_text(encoding="utf-8"))
-        bundled = json.loads((REPO / f"data/resume_ner/{split}.json").read_text(encoding="utf-8"))
-        assert made == bundled
-    first = json.loads((REPO / "data/resume_ner/train.json").read_text(encoding="utf-8"))[0]
-    assert first == {"instruction": "高勇：男，中国国籍，无境外居留权，", "output": '{"姓名": ["高勇"], "国籍": ["中国国籍"]}'}
+    bundled = {split: json.loads((REPO / f"data/resume_ner/{split}.json").read_text(encoding="utf-8"))
+               for split in ("train", "dev")}
+    for split, records in bundled.items():
+        assert json.loads((tmp_path / f"{split}.json").read_text(encoding="utf-8")) == records
+    assert bundled["train"][0] == {"instruction": "高勇：男，中国国籍，无境外居留权，", "output": '{"姓名": ["高勇"], "国籍": ["中国国籍"]}'}
 
 
 def test_every_split_present_is_converted_in_the_chosen_style(tmp_path: Path) -> None:
