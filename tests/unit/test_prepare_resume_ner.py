@@ -35,7 +35,8 @@ def test_bundled_records_are_reproducible(tmp_path: Path) -> None:
                for split in ("train", "dev")}
     for split, records in bundled.items():
         assert json.loads((tmp_path / f"{split}.json").read_text(encoding="utf-8")) == records
-    assert bundled["train"][0] == {"instruction": "高勇：男，中国国籍，无境外居留权，", "output": '{"姓名": ["高勇"], "国籍": ["中国国籍"]}'}
+    assert bundled["train"][0] == {"instruction": "高勇：男，中国国籍，无境外居留权，",
+                                   "output": '{"姓名": ["高勇"], "国籍": ["中国国籍"]}'}
 
 
 def test_every_split_present_is_converted_in_the_chosen_style(tmp_path: Path) -> None:
