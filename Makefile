@@ -27,8 +27,10 @@ $(STAMP): pyproject.toml | $(PY)
 setup: $(STAMP)
 	$(VENV)/bin/peftkit model
 
+# DEMO_ARGS: key=value overrides, e.g. `make demo DEMO_ARGS="train.max_steps=1200"` where a GPU has minutes to spare.
+DEMO_ARGS ?=
 demo: setup
-	$(VENV)/bin/peftkit train examples/resume_ner_lora.yaml
+	$(VENV)/bin/peftkit train examples/resume_ner_lora.yaml $(DEMO_ARGS)
 
 # Lint and types first (seconds), then every test tier this machine can run (gpu tests skip without CUDA).
 test: setup lint
