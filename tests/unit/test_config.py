@@ -147,6 +147,22 @@ def test_resolved_config_round_trips(tmp_path: Path, alpaca_file: Path) -> None:
     assert load_config(tmp_path / "resolved.yaml") == cfg
 
 
+@pytest.mark.parametrize(("forced", "bf16"), [("0", False), ("1", True)])
+def test_bf16_auto_follows_the_cpu_switch(tmp_path: Path, alpaca_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                          forced: str, bf16: bool) -> None:
+    """$PEFTKIT_CPU_BF16 makes either kind of CPU resolve `bf16: auto` as the other does (README "Tests")."""
+    monkeypatch.setenv("PEFTKIT_CPU_BF16", forced)
+    assert load_config(_cfg(tmp_path, alpaca_file, "  bf16: auto\n")).train["bf16"] is bf16
+
+
+def test_bf16_cpu_switch_with_another_value_is_a_config_error(tmp_path: Path, alpaca_file: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PEFTKIT_CPU_BF16", "yes")
+    assert _issues(_cfg(tmp_path, alpaca_file, "  bf16: auto\n")) == [
+        "$PEFTKIT_CPU_BF16='yes': must be 0 or 1 (what train.bf16: auto means on this CPU), or unset to follow the "
+        "CPU's flags"]
+
+
 def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path, alpaca_file: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["train", str(_cfg(tmp_path, alpaca_file)), "finetuning.lora_rank=0", "train.learning_rat=1"])
     err = capsys.readouterr().err

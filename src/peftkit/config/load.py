@@ -179,6 +179,11 @@ def _check_train(train: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return checked, issues
 
 
+# Set to 0 or 1, `train.bf16: auto` on a CPU reads it instead of the CPU's flags: a developer on either kind of
+# CPU runs the suite as it runs on the other (README "Tests").
+CPU_BF16_ENV = "PEFTKIT_CPU_BF16"
+
+
 def bf16_is_fast() -> bool:
     """`train.bf16: auto`: bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with
     AVX512-BF16 or AMX). Elsewhere bf16 is emulated: on a 2-core AVX-512 CPU without them, bf16 autocast
@@ -189,6 +194,12 @@ def bf16_is_fast() -> bool:
         return torch.cuda.is_bf16_supported()
     if _has_accelerator():
         return False
+    forced = os.environ.get(CPU_BF16_ENV, "")
+    if forced:
+        if forced not in ("0", "1"):
+            raise ConfigError([f"${CPU_BF16_ENV}={forced!r}: must be 0 or 1 (what train.bf16: auto means on this "
+                               "CPU), or unset to follow the CPU's flags"])
+        return forced == "1"
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -64,12 +64,17 @@ def load_model(args: ModelArgs, classes: list[str] | None = None, pad_token_id: 
         from peftkit.model.quantization import bnb_config
 
         kwargs["quantization_config"] = bnb_config(args)
+    from peftkit.model.quantization import keep_unpacked_4bit
+
     if classes is None:
-        return _from_pretrained(AutoModelForCausalLM, path, "model", **kwargs)
-    model = _from_pretrained(AutoModelForSequenceClassification, path, "model", num_labels=len(classes),
-                             id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)}, **kwargs)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = pad_token_id
+        model = _from_pretrained(AutoModelForCausalLM, path, "model", **kwargs)
+    else:
+        model = _from_pretrained(AutoModelForSequenceClassification, path, "model", num_labels=len(classes),
+                                 id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)},
+                                 **kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_token_id
+    keep_unpacked_4bit(model)  # bnb-quantized bases (quantization_bit or a pre-quantized bnb checkpoint)
     return model
 
 

@@ -52,6 +52,25 @@ def is_quantized(model: Any) -> bool:
     return bool(getattr(base, "is_quantized", False) or getattr(base, "hf_quantizer", None) is not None)
 
 
+def keep_unpacked_4bit(model: Any) -> int:
+    """Keeps every bitsandbytes 4-bit layer in its ordinary weight layout on every CPU; returns how many were switched.
+
+    bitsandbytes 0.49-0.50 on a CPU with AVX512-BF16 (`support_avx512bf16_for_cpu`) repacks a Linear4bit's weight
+    in place for a bf16 kernel the first time the layer runs in eval mode without gradients. Measured with 0.50.2
+    on an AVX512-BF16 CPU: the repack needs out_features % 32 == 0 and in_features % blocksize (64) == 0, else a
+    reshape error (`shape '[32, 0]' is invalid`); once repacked, a training forward goes through that kernel, which
+    has no backward (a TypeError in backward; with a bias, an in-place error), so training after an evaluation
+    dies; the absmax is kept in bf16, so saving re-quantizes it; and eval computes in bf16 while training computes
+    in the compute dtype (0.005 apart on a 128 -> 64 layer). With the flag off, any layer width works and this CPU
+    runs the same 4-bit path as one without AVX512-BF16. A version without the attribute is left as it is."""
+    switched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            switched += 1
+    return switched
+
+
 def check_quantization(model: ModelArgs, finetuning_type: str) -> list[str]:
     """Problems with model.quantization_bit here, before any model loads."""
     if model.quantization_bit is None:
