@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers import ASSETS, REPO
 
-_TIERS = ("integration", "browser", "gpu")
+_TIERS = ("integration", "families", "browser", "gpu")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

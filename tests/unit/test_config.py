@@ -175,3 +175,28 @@ def test_cli_reports_config_errors_with_exit_code_2(tmp_path: Path, alpaca_file:
 def test_cli_missing_config_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_is_passed_under_its_current_name(tmp_path: Path) -> None:
+    """transformers 5.24 renamed it activation_checkpointing (the old name warns on every run); peftkit passes the
+    users' familiar key under the new name, and QLoRA's default too."""
+    import warnings
+
+    from peftkit.config.load import build_training_arguments
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = build_training_arguments({"output_dir": str(tmp_path), "gradient_checkpointing": True})
+        qlora = build_training_arguments({"output_dir": str(tmp_path)}, quantized=True)
+    assert not [w for w in caught if "checkpointing" in str(w.message)]
+    assert written.gradient_checkpointing is True and qlora.gradient_checkpointing is True
+
+
+def test_importing_peftkit_and_peft_prints_no_bitsandbytes_kernels_line() -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes logs a kernels-community line at import (peftkit/libraries.py)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import peftkit, peft, bitsandbytes"], capture_output=True, text=True,
+                          check=True)
+    assert "kernels-community" not in done.stderr + done.stdout

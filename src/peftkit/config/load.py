@@ -330,8 +330,14 @@ def build_training_arguments(train: dict[str, Any], stage: str = "sft", quantize
     from transformers import Seq2SeqTrainingArguments
 
     args = {k: v for k, v in train.items() if k not in TrainExtras.__dataclass_fields__}
+    fields = Seq2SeqTrainingArguments.__dataclass_fields__
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+    if checkpointing != "gradient_checkpointing":  # transformers >= 5.24 renamed it (the old name warns, same effect)
+        for old, new in (("gradient_checkpointing", checkpointing), ("gradient_checkpointing_kwargs", f"{checkpointing}_kwargs")):
+            if old in args and new not in args:
+                args[new] = args.pop(old)
     if quantized:
-        args.setdefault("gradient_checkpointing", True)
+        args.setdefault(checkpointing, True)
     if "swanlab" in trackers(train):  # swanlab's own callback instead of transformers' (train/run.py: build_trainer)
         args["report_to"] = [t for t in trackers(train) if t != "swanlab"] or "none"
     if train.get("early_stopping_patience"):

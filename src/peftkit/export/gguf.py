@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
+from peftkit.model.families import GGUF_ARCHITECTURES
 
-# transformers architecture → GGUF architecture (the ones transformers can also read back to check).
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "llama"}
 QUANTS = ("f16", "bf16", "q8_0")
 
 
@@ -71,10 +70,10 @@ def write_gguf(model_dir: Path, path: Path, quant: str, tokenizer: Any, chat_tem
 
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     hf_arch = (config.get("architectures") or ["?"])[0]
-    if hf_arch not in ARCHITECTURES:
-        raise PeftkitError(f"--format gguf: {hf_arch} is not supported (supported: {', '.join(ARCHITECTURES)}); "
+    if hf_arch not in GGUF_ARCHITECTURES:
+        raise PeftkitError(f"--format gguf: {hf_arch} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)}); "
                            "export a transformers folder and convert it with llama.cpp's convert_hf_to_gguf.py")
-    arch = ARCHITECTURES[hf_arch]
+    arch = GGUF_ARCHITECTURES[hf_arch]
     qtype = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[quant]
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
@@ -164,9 +163,9 @@ def lora_tensors(model: Any, arch_name: str, config: dict[str, Any]) -> tuple[di
     if refused:
         raise PeftkitError(f"--format gguf-lora: llama.cpp's LoRA cannot apply {', '.join(refused)}; export the merged "
                            "model instead (--format gguf)")
-    arch = ARCHITECTURES.get(arch_name)
+    arch = GGUF_ARCHITECTURES.get(arch_name)
     if arch is None:
-        raise PeftkitError(f"--format gguf-lora: {arch_name} is not supported (supported: {', '.join(ARCHITECTURES)})")
+        raise PeftkitError(f"--format gguf-lora: {arch_name} is not supported (supported: {', '.join(GGUF_ARCHITECTURES)})")
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), config["num_hidden_layers"])
@@ -195,7 +194,7 @@ def write_gguf_lora(path: Path, arch_name: str, tensors: dict[str, Any], alpha: 
     `--lora`, the layout of llama.cpp's convert_lora_to_gguf.py; returns the tensor count."""
     import gguf
 
-    writer = gguf.GGUFWriter(str(path), ARCHITECTURES[arch_name])
+    writer = gguf.GGUFWriter(str(path), GGUF_ARCHITECTURES[arch_name])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)

@@ -26,6 +26,7 @@ from peftkit.data.dataset import Dialogue, conversations
 from peftkit.data.encode import encode_messages, render_prompt
 from peftkit.errors import PeftkitError
 from peftkit.export.hub import model_card
+from peftkit.model.families import GGUF_ARCHITECTURES, float64_load_kwargs, gguf_refusal
 from peftkit.model.loading import saved_classes
 from peftkit.model.quantization import prequantized
 from peftkit.stages import Stage
@@ -73,15 +74,31 @@ def _auto_class(entry: Stage) -> Any:
     return AutoModelForSequenceClassification if entry.head == "classifier" else AutoModelForCausalLM
 
 
+def _weights_path(run_dir: Path, finetuning_type: str) -> str:
+    """Where the run's full weights are: the base model of a LoRA run, the run itself otherwise."""
+    if finetuning_type != "lora":
+        return str(run_dir)
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(str(run_dir)).base_model_name_or_path
+
+
+def _model_config(run_dir: Path, finetuning_type: str) -> Any:
+    """The transformers config of the model the run's weights make (the base's for a LoRA run)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(_weights_path(run_dir, finetuning_type))
+
+
 def _load_run(run_dir: Path, finetuning_type: str, entry: Stage, pad_token_id: int | None) -> tuple[Any, Any]:
     """The run in float64 (base + adapter for lora), and the dtype its weights are stored in."""
     import torch
     from transformers import AutoConfig
 
     if finetuning_type == "lora":
-        from peft import PeftConfig, PeftModel
+        from peft import PeftModel
 
-        path = PeftConfig.from_pretrained(str(run_dir)).base_model_name_or_path
+        path = _weights_path(run_dir, finetuning_type)
         method = prequantized(path)
         if method:  # a QLoRA run with model.quantization_bit has an unquantized base on disk: that one merges
             raise PeftkitError(
@@ -91,12 +108,12 @@ def _load_run(run_dir: Path, finetuning_type: str, entry: Stage, pad_token_id: i
                 "base_model_name_or_path at the unquantized original and export again")
     else:
         path = str(run_dir)
-    stored = AutoConfig.from_pretrained(path).dtype
-    stored = getattr(torch, str(stored).replace("torch.", "")) if stored else torch.float32
-    kwargs: dict[str, Any] = {}
+    config = AutoConfig.from_pretrained(path)
+    stored = getattr(torch, str(config.dtype).replace("torch.", "")) if config.dtype else torch.float32
+    kwargs: dict[str, Any] = float64_load_kwargs(config)
     if entry.head == "classifier":  # the run's classes, as training built the head
         classes = saved_classes(run_dir)
-        kwargs = {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
+        kwargs |= {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
                   "label2id": {c: i for i, c in enumerate(classes)}}
     model = _auto_class(entry).from_pretrained(path, dtype=torch.float64, **kwargs)
     if model.config.pad_token_id is None:  # a decoder classifier reads its score at the last non-pad token
@@ -228,7 +245,8 @@ def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB", ov
         for extra in ("value_head.safetensors",):  # carried along where a stage saved one
             if (run_dir / extra).is_file():
                 shutil.copy2(run_dir / extra, tmp / extra)
-        diff = _max_diff(run.reference, _auto_class(run.entry).from_pretrained(tmp, dtype=torch.float64), run.prompts)
+        reloaded = _auto_class(run.entry).from_pretrained(tmp, dtype=torch.float64, **float64_load_kwargs(model.config))
+        diff = _max_diff(run.reference, reloaded, run.prompts)
         if diff >= MAX_LOGIT_DIFF:
             raise PeftkitError(
                 f"export check failed: reloaded logits differ from the run's by {diff:.2e} (limit {MAX_LOGIT_DIFF:g}); "
@@ -270,12 +288,16 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overw
     run_dir, out = Path(run_dir), Path(out)
     if quant not in QUANTS:
         raise PeftkitError(f"--quant {quant}: one of {', '.join(QUANTS)}")
-    _finetuning_type(run_dir)
+    finetuning_type = _finetuning_type(run_dir)
+    entry = _run_stage(run_dir)
+    if entry.head != "lm":
+        raise PeftkitError(f"--format gguf: stage {entry.name} has a {entry.head} head, which llama.cpp "
+                           "does not run; export it as a transformers folder (the default --format hf)")
+    refusal = gguf_refusal(_model_config(run_dir, finetuning_type))  # before any merging
+    if refusal:
+        raise PeftkitError(refusal)
     check_destination(run_dir, out, overwrite)
     run = _merged(run_dir)
-    if run.entry.head != "lm":
-        raise PeftkitError(f"--format gguf: stage {run.entry.name} has a {run.entry.head} head, which llama.cpp "
-                           "does not run; export it as a transformers folder (the default --format hf)")
     model = run.model.to(torch.float32)
     name = f"model-{quant}.gguf"
     result: dict[str, ExportReport] = {}
@@ -320,7 +342,7 @@ def export_gguf_lora(run_dir: str | Path, out: str | Path, overwrite: bool = Fal
     import numpy as np
 
     from peftkit.config.schema import ModelArgs
-    from peftkit.export.gguf import ARCHITECTURES, _permute, lora_tensors, write_gguf_lora
+    from peftkit.export.gguf import _permute, lora_tensors, write_gguf_lora
     from peftkit.infer.chat import load_for_chat
 
     run_dir, out = Path(run_dir), Path(out)
@@ -329,6 +351,9 @@ def export_gguf_lora(run_dir: str | Path, out: str | Path, overwrite: bool = Fal
     entry = _run_stage(run_dir)
     if entry.head != "lm":
         raise PeftkitError(f"--format gguf-lora: stage {entry.name} has a {entry.head} head, which llama.cpp does not run")
+    refusal = gguf_refusal(_model_config(run_dir, "lora"))
+    if refusal:
+        raise PeftkitError(refusal.replace("--format gguf:", "--format gguf-lora:", 1))
     check_destination(run_dir, out, overwrite)
     base = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
     model, _ = load_for_chat(ModelArgs(name_or_path=base), str(run_dir))
@@ -349,7 +374,7 @@ def export_gguf_lora(run_dir: str | Path, out: str | Path, overwrite: bool = Fal
         for module_name, gguf_name in modules.items():
             a, b = read[f"{gguf_name}.lora_a"], read[f"{gguf_name}.lora_b"]
             want = model.get_submodule(module_name).get_delta_weight("default").detach().float().numpy()
-            if ARCHITECTURES[arch_name] == "llama" and module_name.endswith(("q_proj", "k_proj")):
+            if GGUF_ARCHITECTURES[arch_name] == "llama" and module_name.endswith(("q_proj", "k_proj")):
                 want = _permute(want, heads if module_name.endswith("q_proj") else kv_heads)
             diff = max(diff, float(np.abs(written_alpha / a.shape[0] * (b @ a) - want).max()))
         if diff >= GGUF_LORA_MAX_DIFF:

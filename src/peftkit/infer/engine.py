@@ -31,6 +31,7 @@ from peftkit.config.schema import GenerateArgs
 from peftkit.data.template import stop_token_ids
 from peftkit.errors import PeftkitError
 from peftkit.model.dtypes import autocast
+from peftkit.model.families import sliding_window, stateful_layers
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 JSON_CANDIDATES = 64  # JSON mode looks for a valid token among this many most likely ones
@@ -221,6 +222,18 @@ class Engine:
         self._token_texts: list[str] | None = None
         self._encoded: dict[str, list[int]] = {}
         self._prefix_kv: list[tuple[Any, Any]] | None = None
+        # A row with a cached prefix holds masked padding between the prefix and the rest of its prompt, and a
+        # sliding window counts cache columns, so the padding would use up the window (Gemma 2 / 3, Mistral gave
+        # non-greedy tokens): a windowed model prefills each prompt whole, its tokens in contiguous columns.
+        window = sliding_window(model.config)
+        self._prefix_allowed = adapters is None and (window is None or window >= max_len)
+        # Linear-attention, convolution and state-space layers (Qwen3.5, Qwen3-Next, LFM2, Mamba hybrids) keep a
+        # running state that the slot cache cannot hold, pad or shift: such a model generates one request at a
+        # time on transformers' own cache for its layer types (exact, without batching).
+        self._stateful = stateful_layers(model.config) is not None
+        self._own_cache: Any = None
+        if self._stateful:
+            self.slots, self._prefix_allowed = 1, False
 
     # ---- submitting ---------------------------------------------------------------------------------------
 
@@ -358,6 +371,8 @@ class Engine:
         jobs = self._take()
         if not jobs:
             return False
+        if self._stateful:
+            return self._admit_alone(jobs[0])
         p = self._prefix_len(jobs)
         w = max(len(j.prompt) for j in jobs) - p  # the part computed now
         if p and any(p + w + j.sampling.max_new_tokens > self.max_len for j in jobs):
@@ -391,11 +406,28 @@ class Engine:
         self._emit(range(a, b), logits)
         return True
 
+    def _admit_alone(self, job: Job) -> bool:
+        """A stateful model's one row: its prompt prefilled into a fresh transformers cache for its layer types."""
+        import torch
+        from transformers import DynamicCache
+
+        self._own_cache = DynamicCache(config=self.model.config)
+        self.active.append(job)
+        self._emit(range(1), self._forward_alone(torch.tensor([job.prompt], device=self.device)))
+        return True
+
+    def _forward_alone(self, ids: Any) -> Any:
+        extra: dict[str, Any] = {}
+        if self.adapters is not None:
+            extra["adapter_names"] = [self.active[0].sampling.adapter or BASE_ADAPTER]
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: self._own_cache}, **extra)
+        return out.logits[:, -1].float()
+
     def set_prefix(self, ids: list[int]) -> None:
         """Tokens many prompts start with (a system prompt, an instruction): their keys and values are computed
         once, then copied into each new row whose prompt starts with them. Single-model engines only (an
-        adapter changes the keys)."""
-        if self.adapters is None:
+        adapter changes the keys) whose attention is not windowed."""
+        if self._prefix_allowed:
             self.prefix, self._prefix_kv = list(ids), None
 
     def _prefix_len(self, jobs: list[Job]) -> int:
@@ -415,6 +447,9 @@ class Engine:
         return self._prefix_kv
 
     def _decode(self) -> None:
+        if self._stateful:
+            self._emit(range(1), self._forward_alone(self.last[:1, None]))
+            return
         if self._crowded():
             self._compact()
         n, t = len(self.active), self.t
@@ -558,7 +593,7 @@ class Engine:
         self.mask[last] = 0
         self.active.pop()
         if not self.active:
-            self.t = 0
+            self.t, self._own_cache = 0, None
         self._generators.pop(job, None)
         job._finish(reason)
 

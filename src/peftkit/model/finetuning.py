@@ -11,6 +11,7 @@ from peftkit.config.load import adapter_paths
 from peftkit.config.schema import FinetuningArgs
 from peftkit.constants import VALUE_HEAD_FILE
 from peftkit.errors import ConfigError
+from peftkit.model.families import LAYER_NAME_PATTERN, transposed_projections
 from peftkit.model.quantization import is_quantized, prepare_quantized
 from peftkit.model.value_head import (
     HEAD,
@@ -120,6 +121,7 @@ def _apply_lora(model: Any, args: FinetuningArgs, head: Head = "lm") -> Any:
         target_modules=target,
         use_dora=args.use_dora,
         use_rslora=args.use_rslora,
+        fan_in_fan_out=transposed_projections(model),
         init_lora_weights=True if args.init_lora_weights == "default" else args.init_lora_weights,
         modules_to_save=_modules_to_save(model, args, head),
         exclude_modules=[HEAD] if head == "value" else None,  # the value head trains in full, not through LoRA
@@ -152,7 +154,7 @@ def _freeze_trainable_names(model: Any, args: FinetuningArgs) -> list[str]:
     else:
         layers = _decoder_layer_count(model)
         keep = range(max(0, layers - args.freeze_trainable_layers), layers)
-        patterns = [rf"\.layers?\.{i}\." for i in keep]  # Llama-style layers.N, BERT-style layer.N
+        patterns = [LAYER_NAME_PATTERN.format(index=i) for i in keep]
         what = f"finetuning.freeze_trainable_layers={args.freeze_trainable_layers}"
     names = [n for n, _ in model.named_parameters() if any(re.search(p, n) for p in patterns)]
     if not names:

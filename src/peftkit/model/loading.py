@@ -9,7 +9,7 @@ from typing import Any
 
 from peftkit.config.schema import ModelArgs
 from peftkit.constants import DATA_REPORT_FILE
-from peftkit.errors import ModelError
+from peftkit.errors import ConfigError, ModelError
 from peftkit.model.attention import VARLEN, register_varlen
 from peftkit.model.resolve import resolve_model
 
@@ -30,6 +30,23 @@ def _from_pretrained(loader: Any, name: str, what: str, **kwargs: Any) -> Any:
             f"(this machine may have no internet). Give a local folder holding config.json and weights, "
             f"or `smollm2-135m-instruct` for the embedded model. Cause: {str(e).splitlines()[0]}"
         ) from e
+
+
+def load_model_config(args: ModelArgs) -> Any:
+    """The model's transformers config alone (no weights): what the family table reads before any work."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, resolve_model(args.name_or_path), "config",
+                            trust_remote_code=args.trust_remote_code)
+
+
+def check_family(args: ModelArgs, packing: bool) -> None:
+    """What this model's family cannot do with the run as configured, refused before any work (exit 2)."""
+    from peftkit.model.families import packing_refusal
+
+    refusal = packing_refusal(load_model_config(args)) if packing else None
+    if refusal:
+        raise ConfigError([refusal])
 
 
 def load_tokenizer(args: ModelArgs, padding_side: str = "right") -> Any:

@@ -128,10 +128,16 @@ def bnb_config(args: ModelArgs) -> Any:
 def prepare_quantized(model: Any, gradient_checkpointing: bool, checkpointing_kwargs: dict | None) -> Any:
     """peft's preparation of a k-bit base: norms and head in float32, input gradients on (needed by
     checkpointing with frozen embeddings), and non-reentrant checkpointing when it is on."""
+    import warnings
+
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                           gradient_checkpointing_kwargs=checkpointing_kwargs or {"use_reentrant": False})
+    with warnings.catch_warnings():
+        # peft 0.17-0.21 calls transformers' `gradient_checkpointing_enable`, an alias transformers 5.24 deprecated
+        # for `activation_checkpointing_enable` (same effect): the FutureWarning is peft's to fix, not the user's.
+        warnings.filterwarnings("ignore", message="`gradient_checkpointing_enable` is deprecated", category=FutureWarning)
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                               gradient_checkpointing_kwargs=checkpointing_kwargs or {"use_reentrant": False})
 
 
 @dataclass

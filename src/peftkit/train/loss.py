@@ -14,9 +14,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from peftkit.constants import IGNORE_INDEX
+from peftkit.model.families import PLAIN_OUTPUT_MODELS
 
-# Architectures whose logits are exactly output_layer(hidden): no scaling or soft-capping after it.
-PLAIN_OUTPUT_MODELS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3", "gemma")
 CHUNK_TOKENS = 256
 
 

@@ -16,9 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-# Decoder layers whose two norms feed only linear projections (pre-norm; no post-attention norm on the residual).
-PRE_NORM_MODELS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "smollm3")
-NORMS = ("input_layernorm", "post_attention_layernorm")
+from peftkit.model.families import PRE_NORM_MODELS, PRE_NORM_NORMS
 
 
 def _cast_to_autocast_dtype(module: Any, inputs: Any, output: Any) -> Any:
@@ -39,7 +37,7 @@ def one_cast_per_activation(model: Any) -> Iterator[None]:
         m.cast_input_dtype_enabled = False
     if getattr(getattr(model, "config", None), "model_type", None) in PRE_NORM_MODELS:
         for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in NORMS:
+            if name.rsplit(".", 1)[-1] in PRE_NORM_NORMS:
                 handles.append(module.register_forward_hook(_cast_to_autocast_dtype))
     try:
         yield

@@ -25,15 +25,18 @@ from peftkit.eval.predict import predict
 from peftkit.model import load_stage_model, load_tokenizer, prepare_for_training
 from peftkit.model.attention import choose_attention, flattens
 from peftkit.model.dtypes import training_dtype, upcast_trainable
+from peftkit.model.families import packing_proven
 from peftkit.model.finetuning import (
     CONVERTED_INITS,
     LORA_INIT_DIR,
     save_initial_adapter,
 )
+from peftkit.model.loading import check_family
 from peftkit.stages import stage as stage_of
 from peftkit.train.allocator import keep_freed_memory
 from peftkit.train.callbacks import LogCallback, StopCallback, TrackerConfig, swanlab_callback
 from peftkit.train.checkpoints import config_differences, latest_complete, resolve_resume
+from peftkit.train.isolation import check_packed_isolation
 from peftkit.train.objectives import build_objective, eval_metrics
 from peftkit.train.plot import plot_loss
 from peftkit.train.progress import Progress
@@ -78,6 +81,7 @@ def train(cfg: RunConfig, resume_command: str = "peftkit train CONFIG.yaml train
     args = build_training_arguments(cfg.train, cfg.stage, quantized=quantized_base(cfg.model))
     if args.fsdp and args.device.type == "cpu":
         raise ConfigError([FSDP_ON_CPU])
+    check_family(cfg.model, packing=cfg.data.packing and stage_of(cfg.stage).packing)
     with RunLock(Path(args.output_dir)) if args.should_save else contextlib.nullcontext():
         return _train(cfg, args, resume_command)
 
@@ -138,6 +142,10 @@ def _prepare_model(cfg: RunConfig, args: Any, tokenizer: Any, data: PreparedData
     load_args = replace(cfg.model, attn_implementation=attn,
                         dtype=training_dtype(cfg.model.dtype, cfg.train, on_cuda))  # type: ignore[arg-type]
     model = load_stage_model(load_args, cfg.stage, data.report.classes, tokenizer.pad_token_id)
+    packs = cfg.data.packing and stage_of(cfg.stage).packing
+    if packs and not packing_proven(model.config):  # a family the tier has not run: checked on the model itself
+        check_packed_isolation(model, build_collator(tokenizer, True, None, cfg.stage,
+                                                     flatten=flattens(model.config._attn_implementation)))
     summary: dict[str, Any] = {"output_dir": str(output_dir), "stage": cfg.stage}
     model = prepare_for_training(model, cfg.finetuning, cfg.stage, args.gradient_checkpointing,
                                  args.gradient_checkpointing_kwargs)

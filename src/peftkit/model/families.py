@@ -1,0 +1,137 @@
+"""The family table: every model-architecture fact peftkit acts on, read from a transformers config.
+
+One place for what differs between families, so a new family is one edit here and a row of the family test tier
+(tests/families/): which layers mix tokens other than through attention (packing refused), sliding windows (the
+engine's shared-prefix cache), output layers the chunked loss may skip, norms the one-cast patch touches, decoder
+layer names (freeze tuning), the float64 load of export's check (MoE experts), GGUF architectures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Layer types (config.layer_types) that carry state from one token to the next outside attention: linear attention
+# (Gated DeltaNet, Mamba-2 mixers), short convolutions, state-space layers. Restarting position_ids isolates the
+# records of a packed row for softmax attention only; these run straight across them.
+STATEFUL_LAYER_TYPES = ("linear_attention", "conv", "mamba", "mamba2", "ssm", "recurrent", "lightning_attention")
+# Families whose every layer (or every layer's parallel branch) is such a mixer, without layer_types saying so.
+STATEFUL_MODELS = {
+    "falcon_h1": "Mamba-2 mixers beside attention in every layer",
+    "lfm2_moe": "short convolutions",
+    "mamba": "state-space layers", "mamba2": "state-space layers", "falcon_mamba": "state-space layers",
+    "rwkv": "recurrent layers", "recurrent_gemma": "recurrent layers", "xlstm": "recurrent layers",
+}
+
+# Families whose forward builds its attention mask without position_ids, so restarting them does not isolate the
+# records of a packed row (found by the family tier: packed gradients differ from the records one by one).
+PACKING_LEAKS = {"gpt_oss": "builds its attention mask without position_ids",
+                 "afmoe": "builds its attention mask without position_ids"}
+# Families the family tier proves packed == one by one (tests/families/): others are checked on the model itself
+# before training (train/isolation.py).
+PACKING_PROVEN = ("llama", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "gemma4_text", "mistral", "mixtral",
+                  "phi3", "gpt2", "gpt_neox", "olmo2", "deepseek_v3")
+
+# Decoder layers whose two norms feed only linear projections (pre-norm; no post-attention norm on the residual).
+PRE_NORM_MODELS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "smollm3")
+PRE_NORM_NORMS = ("input_layernorm", "post_attention_layernorm")
+
+# Architectures whose logits are exactly output_layer(hidden): no scaling or soft-capping after it.
+PLAIN_OUTPUT_MODELS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3", "gemma")
+
+# Where the N-th decoder (or encoder) layer's parameters sit: Llama-style `layers.N`, BERT-style `layer.N`,
+# GPT-2 / Falcon / BLOOM-style `h.N`, MPT-style `blocks.N`.
+LAYER_NAME_PATTERN = r"\.(?:layers?|h|blocks)\.{index}\."
+
+# transformers architecture → GGUF architecture (the ones transformers can also read back to check).
+GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "llama"}
+
+
+def text_config(config: Any) -> Any:
+    """The language model's config (an image-text config's text part; a text config itself)."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def stateful_layers(config: Any) -> str | None:
+    """What in this family mixes tokens outside attention (so packed records would leak), or None."""
+    text = text_config(config)
+    model_type = model_type_of(config)
+    if model_type in STATEFUL_MODELS:
+        return STATEFUL_MODELS[model_type]
+    kinds = sorted({t for t in (getattr(text, "layer_types", None) or []) if t in STATEFUL_LAYER_TYPES})
+    if kinds:
+        return " and ".join(f"{k} layers" for k in kinds)
+    return None
+
+
+def model_type_of(config: Any) -> str:
+    return getattr(text_config(config), "model_type", None) or getattr(config, "model_type", None) or "this model"
+
+
+def packing_refusal(config: Any) -> str | None:
+    """The message refusing `data.packing` for a family known not to isolate packed records, or None."""
+    model_type = model_type_of(config)
+    if model_type in PACKING_LEAKS:
+        return (f"data.packing: {model_type} {PACKING_LEAKS[model_type]}, so the records of a packed row would "
+                "attend to each other. Set data.packing: false (batches are then padded per record)")
+    what = stateful_layers(config)
+    if what is None:
+        return None
+    return (f"data.packing: {model_type} has {what}, which carry state from one token to the next, so the records of a "
+            "packed row would see each other (restarting position_ids isolates attention only, and transformers' "
+            "kernels for these layers take no sequence boundaries on this path). Set data.packing: false (batches "
+            "are then padded per record)")
+
+
+def packing_proven(config: Any) -> bool:
+    """Whether the family tier proves this family's packed rows equal to its records one by one."""
+    return model_type_of(config) in PACKING_PROVEN
+
+
+def sliding_window(config: Any) -> int | None:
+    """The smallest attention window any layer uses (None: every layer attends to the whole sequence)."""
+    text = text_config(config)
+    window = getattr(text, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0:
+        return None
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types and "sliding_attention" not in layer_types:
+        return None
+    if getattr(text, "use_sliding_window", True) is False:  # qwen2-style configs keep the key but switch it off
+        return None
+    return window
+
+
+def transposed_projections(model: Any) -> bool:
+    """GPT-2-style models store their projections as transformers' Conv1D (weight [in, out]): LoRA is then made
+    with fan_in_fan_out (peft otherwise switches it on itself, with a warning on every run)."""
+    return any(type(m).__name__ == "Conv1D" for m in model.modules())
+
+
+def is_mixture_of_experts(config: Any) -> bool:
+    text = text_config(config)
+    return any(isinstance(getattr(text, k, None), int) and getattr(text, k) > 1
+               for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+
+
+def float64_load_kwargs(config: Any) -> dict[str, Any]:
+    """Extra from_pretrained arguments for a float64 load (export's check): transformers 5's default experts
+    kernel refuses float64 ("grouped_mm ... float64"), its eager loop computes it."""
+    return {"experts_implementation": "eager"} if is_mixture_of_experts(config) else {}
+
+
+def gguf_refusal(config: Any) -> str | None:
+    """Why this model cannot become a GGUF peftkit writes and checks, or None; asked before any merging."""
+    architecture = (getattr(config, "architectures", None) or ["?"])[0]
+    if architecture not in GGUF_ARCHITECTURES:
+        return (f"--format gguf: {architecture} is not written here (GGUF covers "
+                f"{', '.join(sorted(GGUF_ARCHITECTURES))}); export the merged folder (--format merged) and convert "
+                "it with llama.cpp's convert_hf_to_gguf.py")
+    window = sliding_window(config)
+    context = getattr(text_config(config), "max_position_embeddings", None)
+    if window is not None and (context is None or window < context):
+        return (f"--format gguf: this {architecture} attends through a sliding window of {window} tokens (context "
+                f"{context}), which the GGUF written here (llama architecture) cannot carry: llama.cpp would attend "
+                "to the whole context and answer differently beyond the window. Export the merged folder "
+                "(--format merged) and serve it with transformers or vLLM")
+    return None

@@ -1,0 +1,191 @@
+"""The family tier: each capability peftkit claims, on a tiny random model of every family users bring, or the
+clear refusal (exit 2, before any work) where a family cannot have it. `python scripts/family_table.py` runs this
+tier and writes README's family × capability table from its results."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftkit.config import load_config
+from peftkit.config.schema import DataArgs, FinetuningArgs, ModelArgs
+from peftkit.data import prepare_data
+from peftkit.errors import ConfigError, PeftkitError
+from peftkit.export import export
+from peftkit.infer.engine import Engine, Sampling
+from peftkit.model import load_model, prepare_for_training
+from peftkit.model.families import stateful_layers
+from peftkit.model.loading import check_family
+from peftkit.train.run import train
+from tests.families.zoo import FAMILIES, WINDOW
+from tests.helpers import assert_packed_equals_one_by_one, tiny_run
+
+LM_FAMILIES = sorted(FAMILIES)
+STATEFUL = ("granitemoehybrid", "lfm2", "qwen3_5", "qwen3_next")  # what stateful_layers finds (checked below)
+NO_PACKING = (*STATEFUL, "gpt_oss")  # gpt_oss builds its attention mask without position_ids
+
+
+def _examples(tokenizer, alpaca_file: Path) -> list[dict]:
+    return prepare_data(DataArgs(train=str(alpaca_file), mask="all"), tokenizer).train.to_list()
+
+
+def test_the_family_table_finds_the_stateful_families(family_dir: Callable[[str], Path]) -> None:
+    from transformers import AutoConfig
+
+    found = [f for f in LM_FAMILIES if stateful_layers(AutoConfig.from_pretrained(family_dir(f)))]
+    assert found == sorted(STATEFUL)
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_packing_equals_one_by_one_or_is_refused(family: str, family_dir: Callable[[str], Path], tokenizer,
+                                                 alpaca_file: Path) -> None:
+    """Packed rows give the records' own loss and gradients; a family whose layers carry state across records is
+    refused before any work, and the leak that refusal prevents is shown."""
+    folder = family_dir(family)
+    model = load_model(ModelArgs(name_or_path=str(folder)))
+    examples = _examples(tokenizer, alpaca_file)
+    if family not in NO_PACKING:
+        check_family(ModelArgs(name_or_path=str(folder)), packing=True)
+        assert_packed_equals_one_by_one(model, tokenizer, examples, cutoff_len=128)
+        return
+    why = "carry state from one token to the next" if family in STATEFUL else "attention mask without position_ids"
+    with pytest.raises(ConfigError, match=rf"data.packing: {model.config.model_type} .*{why}.*Set data.packing: false"):
+        check_family(ModelArgs(name_or_path=str(folder)), packing=True)
+    with pytest.raises(AssertionError):  # packed anyway, the records see each other
+        assert_packed_equals_one_by_one(model, tokenizer, examples, cutoff_len=128)
+
+
+@pytest.mark.parametrize("family", ["qwen3_5", "gpt_oss"])
+def test_packing_a_family_that_leaks_exits_2_before_any_work(family: str, family_dir: Callable[[str], Path],
+                                                           alpaca_file: Path, tmp_path: Path, capsys) -> None:
+    from peftkit.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", *_cli_config(tmp_path, family_dir(family), alpaca_file, out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "data.packing" in err and "Traceback" not in err
+    assert not out.exists()  # nothing written
+
+
+def _cli_config(tmp_path: Path, model: Path, data: Path, out: Path) -> list[str]:
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model:\n  name_or_path: {model}\ndata:\n  train: {data}\n  packing: true\n"
+                      f"train:\n  output_dir: {out}\n  max_steps: 1\n", encoding="utf-8")
+    return [str(config)]
+
+
+def _greedy_without_cache(model, prompt: list[int], n: int) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_batched_greedy_generation_equals_a_forward_without_cache(family: str, family_dir: Callable[[str], Path],
+                                                                   tokenizer) -> None:
+    """The engine eval, chat, serve and GRPO share: prompts sharing a prefix, lengths differing by more than the
+    sliding windows, in one batch, give the greedy tokens of a plain forward over the whole sequence."""
+    model = load_model(ModelArgs(name_or_path=str(family_dir(family)))).eval()
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(5, 500, (10,), generator=g).tolist()
+    lengths = (3, 3 + 2 * WINDOW, 7) if family in STATEFUL else (3, 3 + 2 * WINDOW, 7, 4 * WINDOW, 12)
+    prompts = [prefix + torch.randint(5, 500, (n,), generator=g).tolist() for n in lengths]
+    new = 6
+    jobs = Engine(model, tokenizer, slots=8, max_len=80).generate(prompts, Sampling(max_new_tokens=new))
+    for prompt, job in zip(prompts, jobs):
+        got = job.tokens + ([job.stop_token] if job.stop_token is not None else [])
+        assert got == _greedy_without_cache(model, prompt, len(got)), f"prompt of {len(prompt)} tokens"
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_lora_trains_and_the_merged_export_reloads_equal(family: str, family_dir: Callable[[str], Path],
+                                                        alpaca_file: Path, tmp_path: Path) -> None:
+    """A LoRA run (packed where the family allows it) saves, and its merged export, checked in float64 against
+    base + adapter, loads in plain transformers with the same logits (MoE experts included)."""
+    from transformers import AutoModelForCausalLM
+
+    folder, run = family_dir(family), tmp_path / "run"
+    packing = "data.packing=false" if family in NO_PACKING else "data.packing=true"
+    summary = train(load_config(None, tiny_run(folder, run, packing, "finetuning.lora_rank=4", data=alpaca_file,
+                                               max_steps=2, batch_size=2, seed=0))).summary
+    assert summary["train_loss"] == pytest.approx(summary["train_loss"]) and summary["train_loss"] > 0
+    report = export(run, tmp_path / "merged")
+    assert report.max_logit_diff < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert type(merged).__name__ == json.loads((folder / "config.json").read_text())["architectures"][0]
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+@pytest.mark.parametrize("kind", ["freeze", "full"])
+def test_freeze_and_full_tuning_train_the_right_parameters(family: str, kind: str, family_dir: Callable[[str], Path],
+                                                           tokenizer) -> None:
+    model = load_model(ModelArgs(name_or_path=str(family_dir(family))))
+    model = prepare_for_training(model, FinetuningArgs(finetuning_type=kind, freeze_trainable_layers=1))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if kind == "full":
+        assert len(trainable) == len(list(model.parameters()))
+    else:  # the last decoder layer only, whatever the family calls its layers (GPT-2: transformer.h.N)
+        last = model.config.get_text_config().num_hidden_layers - 1
+        assert trainable and all(f".{last}." in n for n in trainable)
+    ids = torch.randint(5, 500, (2, 12))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad and p.grad is not None)
+
+
+def test_gpt2_lora_is_made_for_its_transposed_projections(family_dir: Callable[[str], Path]) -> None:
+    model = load_model(ModelArgs(name_or_path=str(family_dir("gpt2"))))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = prepare_for_training(model, FinetuningArgs(lora_rank=4))
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    assert model.peft_config["default"].fan_in_fan_out is True
+
+
+@pytest.mark.parametrize(("family", "match"), [
+    ("mistral", rf"sliding window of {WINDOW} tokens"),
+    ("mixtral", r"MixtralForCausalLM is not written here"),
+])
+def test_gguf_refuses_what_it_cannot_carry_before_merging(family: str, match: str, family_dir: Callable[[str], Path],
+                                                          alpaca_file: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from peftkit.export import merge
+
+    run = tmp_path / "run"
+    train(load_config(None, tiny_run(family_dir(family), run, "finetuning.lora_rank=4", data=alpaca_file, max_steps=1,
+                                     batch_size=2)))
+
+    def no_merging(*a, **k):
+        raise AssertionError("merged before the refusal")
+
+    monkeypatch.setattr(merge, "_merged", no_merging)
+    with pytest.raises(PeftkitError, match=match):
+        merge.export_gguf(run, tmp_path / "gguf")
+    assert not (tmp_path / "gguf").exists()
+
+
+@pytest.mark.parametrize(("family", "leaks"), [("llama", False), ("gpt_oss", True), ("lfm2", True)])
+def test_a_family_the_tier_has_not_run_is_checked_on_the_model_itself(
+        family: str, leaks: bool, family_dir: Callable[[str], Path], alpaca_file: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the family tables emptied (as for a family they do not name), the check before training refuses packing
+    where a packed record's logits move with its neighbour, and lets the others train."""
+    from peftkit.model import families
+
+    monkeypatch.setattr(families, "PACKING_PROVEN", ())
+    monkeypatch.setattr(families, "PACKING_LEAKS", {})
+    monkeypatch.setattr(families, "STATEFUL_LAYER_TYPES", ())
+    cfg = load_config(None, tiny_run(family_dir(family), tmp_path / "run", "data.packing=true", data=alpaca_file,
+                                     max_steps=1, batch_size=2))
+    if not leaks:
+        assert train(cfg).summary["train_loss"] > 0
+        return
+    with pytest.raises(ConfigError, match=r"a packed record's logits change with the record before it"):
+        train(cfg)
