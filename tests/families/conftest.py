@@ -36,3 +36,30 @@ def family_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) ->
         return built[family]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def family_run(tmp_path_factory: pytest.TempPathFactory, family_dir: Callable[[str], Path]) -> Callable[[str], Path]:
+    """family → the output_dir of a 2-step LoRA run on it (packed where the family allows it), trained once."""
+    import json
+
+    from peftkit.config import load_config
+    from peftkit.train.run import train
+    from tests.conftest import ALPACA_RECORDS
+    from tests.families.zoo import NO_PACKING
+    from tests.helpers import tiny_run
+
+    data = tmp_path_factory.mktemp("family_data") / "train.json"
+    data.write_text(json.dumps(ALPACA_RECORDS, ensure_ascii=False), encoding="utf-8")
+    runs: dict[str, Path] = {}
+
+    def run(family: str) -> Path:
+        if family not in runs:
+            out = tmp_path_factory.mktemp(f"run_{family}") / "run"
+            packing = f"data.packing={str(family not in NO_PACKING).lower()}"
+            train(load_config(None, tiny_run(family_dir(family), out, packing, "finetuning.lora_rank=4", data=data,
+                                             max_steps=2, batch_size=2, seed=0)))
+            runs[family] = out
+        return runs[family]
+
+    return run

@@ -22,12 +22,10 @@ from peftkit.model import load_model, prepare_for_training
 from peftkit.model.families import stateful_layers
 from peftkit.model.loading import check_family
 from peftkit.train.run import train
-from tests.families.zoo import FAMILIES, WINDOW
+from tests.families.zoo import FAMILIES, NO_PACKING, STATEFUL, WINDOW
 from tests.helpers import assert_packed_equals_one_by_one, tiny_run
 
 LM_FAMILIES = sorted(FAMILIES)
-STATEFUL = ("granitemoehybrid", "lfm2", "qwen3_5", "qwen3_next")  # what stateful_layers finds (checked below)
-NO_PACKING = (*STATEFUL, "gpt_oss")  # gpt_oss builds its attention mask without position_ids
 
 
 def _examples(tokenizer, alpaca_file: Path) -> list[dict]:
@@ -43,7 +41,7 @@ def test_the_family_table_finds_the_stateful_families(family_dir: Callable[[str]
 
 @pytest.mark.parametrize("family", LM_FAMILIES)
 def test_packing_equals_one_by_one_or_is_refused(family: str, family_dir: Callable[[str], Path], tokenizer,
-                                                 alpaca_file: Path) -> None:
+                                                 alpaca_file: Path, record_property) -> None:
     """Packed rows give the records' own loss and gradients; a family whose layers carry state across records is
     refused before any work, and the leak that refusal prevents is shown."""
     folder = family_dir(family)
@@ -52,12 +50,14 @@ def test_packing_equals_one_by_one_or_is_refused(family: str, family_dir: Callab
     if family not in NO_PACKING:
         check_family(ModelArgs(name_or_path=str(folder)), packing=True)
         assert_packed_equals_one_by_one(model, tokenizer, examples, cutoff_len=128)
+        record_property("capability", "yes")
         return
     why = "carry state from one token to the next" if family in STATEFUL else "attention mask without position_ids"
     with pytest.raises(ConfigError, match=rf"data.packing: {model.config.model_type} .*{why}.*Set data.packing: false"):
         check_family(ModelArgs(name_or_path=str(folder)), packing=True)
     with pytest.raises(AssertionError):  # packed anyway, the records see each other
         assert_packed_equals_one_by_one(model, tokenizer, examples, cutoff_len=128)
+    record_property("capability", "refused (exit 2)")
 
 
 @pytest.mark.parametrize("family", ["qwen3_5", "gpt_oss"])
@@ -90,7 +90,7 @@ def _greedy_without_cache(model, prompt: list[int], n: int) -> list[int]:
 
 @pytest.mark.parametrize("family", LM_FAMILIES)
 def test_batched_greedy_generation_equals_a_forward_without_cache(family: str, family_dir: Callable[[str], Path],
-                                                                   tokenizer) -> None:
+                                                                   tokenizer, record_property) -> None:
     """The engine eval, chat, serve and GRPO share: prompts sharing a prefix, lengths differing by more than the
     sliding windows, in one batch, give the greedy tokens of a plain forward over the whole sequence."""
     model = load_model(ModelArgs(name_or_path=str(family_dir(family)))).eval()
@@ -103,30 +103,58 @@ def test_batched_greedy_generation_equals_a_forward_without_cache(family: str, f
     for prompt, job in zip(prompts, jobs):
         got = job.tokens + ([job.stop_token] if job.stop_token is not None else [])
         assert got == _greedy_without_cache(model, prompt, len(got)), f"prompt of {len(prompt)} tokens"
+    record_property("capability", "one row at a time" if family in STATEFUL else "yes")
 
 
 @pytest.mark.parametrize("family", LM_FAMILIES)
 def test_lora_trains_and_the_merged_export_reloads_equal(family: str, family_dir: Callable[[str], Path],
-                                                        alpaca_file: Path, tmp_path: Path) -> None:
+                                                        family_run: Callable[[str], Path], tmp_path: Path,
+                                                        record_property) -> None:
     """A LoRA run (packed where the family allows it) saves, and its merged export, checked in float64 against
     base + adapter, loads in plain transformers with the same logits (MoE experts included)."""
     from transformers import AutoModelForCausalLM
 
-    folder, run = family_dir(family), tmp_path / "run"
-    packing = "data.packing=false" if family in NO_PACKING else "data.packing=true"
-    summary = train(load_config(None, tiny_run(folder, run, packing, "finetuning.lora_rank=4", data=alpaca_file,
-                                               max_steps=2, batch_size=2, seed=0))).summary
-    assert summary["train_loss"] == pytest.approx(summary["train_loss"]) and summary["train_loss"] > 0
-    report = export(run, tmp_path / "merged")
+    summary = json.loads((family_run(family) / "run_summary.json").read_text())
+    assert summary["train_loss"] > 0
+    report = export(family_run(family), tmp_path / "merged")
     assert report.max_logit_diff < 1e-4
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    assert type(merged).__name__ == json.loads((folder / "config.json").read_text())["architectures"][0]
+    assert type(merged).__name__ == json.loads((family_dir(family) / "config.json").read_text())["architectures"][0]
+    record_property("capability", "yes")
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_gguf_reads_back_or_is_refused_before_merging(family: str, family_dir: Callable[[str], Path],
+                                                      family_run: Callable[[str], Path], tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch, record_property) -> None:
+    """Where the GGUF writer covers the architecture (and no sliding window is lost), transformers reads the file
+    back within the quantisation's limit (the check inside export_gguf); elsewhere a message before any merging."""
+    from transformers import AutoConfig
+
+    from peftkit.export import merge
+    from peftkit.model.families import gguf_refusal
+
+    refusal = gguf_refusal(AutoConfig.from_pretrained(family_dir(family)))
+    if refusal is None:
+        report = merge.export_gguf(family_run(family), tmp_path / "gguf", quant="f16")
+        assert report.max_logit_diff < merge.GGUF_MAX_LOGIT_DIFF["f16"]
+        record_property("capability", "yes")
+        return
+
+    def no_merging(*a, **k):
+        raise AssertionError("merged before the refusal")
+
+    monkeypatch.setattr(merge, "_merged", no_merging)
+    with pytest.raises(PeftkitError, match=r"--format gguf: .*(is not written here|sliding window of \d+ tokens)"):
+        merge.export_gguf(family_run(family), tmp_path / "gguf")
+    assert not (tmp_path / "gguf").exists()
+    record_property("capability", "refused: sliding window" if "sliding" in refusal else "refused: architecture")
 
 
 @pytest.mark.parametrize("family", LM_FAMILIES)
 @pytest.mark.parametrize("kind", ["freeze", "full"])
 def test_freeze_and_full_tuning_train_the_right_parameters(family: str, kind: str, family_dir: Callable[[str], Path],
-                                                           tokenizer) -> None:
+                                                           record_property) -> None:
     model = load_model(ModelArgs(name_or_path=str(family_dir(family))))
     model = prepare_for_training(model, FinetuningArgs(finetuning_type=kind, freeze_trainable_layers=1))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -138,6 +166,14 @@ def test_freeze_and_full_tuning_train_the_right_parameters(family: str, kind: st
     ids = torch.randint(5, 500, (2, 12))
     model(input_ids=ids, labels=ids).loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad and p.grad is not None)
+    record_property("capability", "yes")
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "deepseek_v3"])
+def test_lora_all_reaches_the_moe_experts(family: str, family_dir: Callable[[str], Path]) -> None:
+    model = prepare_for_training(load_model(ModelArgs(name_or_path=str(family_dir(family)))), FinetuningArgs(lora_rank=4))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".experts." in n and "lora_" in n for n in trained)
 
 
 def test_gpt2_lora_is_made_for_its_transposed_projections(family_dir: Callable[[str], Path]) -> None:
@@ -147,28 +183,6 @@ def test_gpt2_lora_is_made_for_its_transposed_projections(family_dir: Callable[[
         model = prepare_for_training(model, FinetuningArgs(lora_rank=4))
     assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
     assert model.peft_config["default"].fan_in_fan_out is True
-
-
-@pytest.mark.parametrize(("family", "match"), [
-    ("mistral", rf"sliding window of {WINDOW} tokens"),
-    ("mixtral", r"MixtralForCausalLM is not written here"),
-])
-def test_gguf_refuses_what_it_cannot_carry_before_merging(family: str, match: str, family_dir: Callable[[str], Path],
-                                                          alpaca_file: Path, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from peftkit.export import merge
-
-    run = tmp_path / "run"
-    train(load_config(None, tiny_run(family_dir(family), run, "finetuning.lora_rank=4", data=alpaca_file, max_steps=1,
-                                     batch_size=2)))
-
-    def no_merging(*a, **k):
-        raise AssertionError("merged before the refusal")
-
-    monkeypatch.setattr(merge, "_merged", no_merging)
-    with pytest.raises(PeftkitError, match=match):
-        merge.export_gguf(run, tmp_path / "gguf")
-    assert not (tmp_path / "gguf").exists()
 
 
 @pytest.mark.parametrize(("family", "leaks"), [("llama", False), ("gpt_oss", True), ("lfm2", True)])

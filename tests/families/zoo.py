@@ -11,6 +11,9 @@ from typing import Any
 COMMON = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
           "num_key_value_heads": 2, "max_position_embeddings": 512}
 WINDOW = 8  # sliding windows shorter than the tests' prompt-length differences
+# Families whose packed records would leak (model/families.py refuses data.packing for them)
+STATEFUL = ("granitemoehybrid", "lfm2", "qwen3_5", "qwen3_next")  # linear attention, convolution, state-space layers
+NO_PACKING = (*STATEFUL, "gpt_oss")  # gpt_oss builds its attention mask without position_ids
 
 # family name → (model_type, config overrides); "drop" removes COMMON keys a config does not take
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
