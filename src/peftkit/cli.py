@@ -174,10 +174,28 @@ def _model_spec(args: argparse.Namespace) -> tuple[Any, Any, str, str | None]:
     from peftkit.config.schema import ModelArgs
 
     if args.config is None:
+        if args.adapter and not args.model:  # the run's own base model, stage and template
+            return _run_spec(args.adapter)
         return ModelArgs(name_or_path=args.model or EMBEDDED_MODEL), args.adapter, "sft", None
     cfg = load_config(args.config, args.overrides)
     model = replace(cfg.model, name_or_path=args.model) if args.model else cfg.model
     return model, args.adapter, cfg.stage, cfg.data.template
+
+
+def _run_spec(adapter: str | list[str]) -> tuple[Any, Any, str, str | None]:
+    """_model_spec for `--adapter RUN` alone: the (first) run's base model as it trained, its stage and template; a
+    freeze / full run is itself the model."""
+    from dataclasses import replace
+
+    from peftkit.rundir import read_run
+    from peftkit.serve import named_adapters
+
+    first = next(iter(named_adapters(adapter if isinstance(adapter, list) else [adapter]).values()))
+    run = read_run(first)
+    if run.is_adapter:
+        return replace(run.model, name_or_path=run.base_model), adapter, run.stage, run.template
+    whole = replace(run.model, name_or_path=str(run.path), quantization_bit=None)
+    return whole, [] if isinstance(adapter, list) else None, run.stage, run.template
 
 
 def _cmd_export(args: argparse.Namespace) -> int:

@@ -203,3 +203,19 @@ def test_a_family_the_tier_has_not_run_is_checked_on_the_model_itself(
         return
     with pytest.raises(ConfigError, match=r"a packed record's logits change with the record before it"):
         train(cfg)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt2", "mixtral"])
+def test_chat_and_serve_load_the_runs_own_base(family: str, family_dir: Callable[[str], Path],
+                                               family_run: Callable[[str], Path], capsys) -> None:
+    """`--adapter RUN` alone loads the base the run trained on (adapter_config.json), not the embedded model."""
+    from peftkit.cli import _run_spec, main
+    from peftkit.serve import load_served
+
+    run = family_run(family)
+    assert main(["chat", "--adapter", str(run), "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    model, _, served = load_served(_run_spec([str(run)]))
+    expected = json.loads((family_dir(family) / "config.json").read_text())["architectures"][0]
+    assert type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__ == expected
+    assert list(served) == ["run"]

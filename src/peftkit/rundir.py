@@ -1,0 +1,70 @@
+"""What a finished run folder (a `train.output_dir`) says about itself: the one reader of its files.
+
+A run holds finetuning_args.json (what trained), config.yaml (the resolved config it ran with) and, for LoRA,
+adapter_config.json naming its base model. Chat and serve read a run through here, so `--adapter RUN` loads the
+run's own base model, stage and template, not the embedded default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.config.schema import ModelArgs
+from peftkit.constants import CONFIG_FILE, FINETUNING_ARGS_FILE
+from peftkit.errors import PeftkitError
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class Run:
+    """A trained run as its files describe it."""
+
+    path: Path
+    finetuning_type: str  # lora | freeze | full
+    stage: str
+    model: ModelArgs  # the model section it trained with (dtype, attention, remote code, quantization)
+    template: str | None  # data.template
+    base_model: str  # a LoRA run's base (adapter_config.json); the run folder itself for freeze / full
+
+    @property
+    def is_adapter(self) -> bool:
+        return self.finetuning_type == "lora"
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PeftkitError(f"{path}: cannot be read ({e})") from e
+
+
+def read_run(path: str | Path) -> Run:
+    """The run in `path`; a folder that is not a peftkit run is a PeftkitError saying so."""
+    folder = Path(path)
+    args_file = folder / FINETUNING_ARGS_FILE
+    if not args_file.is_file():
+        raise PeftkitError(f"{folder}: no {FINETUNING_ARGS_FILE} — not a peftkit output_dir (train one with "
+                           "`peftkit train`)")
+    finetuning_type = str(_json(args_file).get("finetuning_type", "lora"))
+    raw: dict[str, Any] = {}
+    if (folder / CONFIG_FILE).is_file():
+        try:
+            raw = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise PeftkitError(f"{folder / CONFIG_FILE}: cannot be read ({e})") from e
+    known = {f.name for f in fields(ModelArgs)}
+    model = ModelArgs(**{k: v for k, v in (raw.get("model") or {}).items() if k in known})
+    if finetuning_type == "lora":
+        if not (folder / ADAPTER_CONFIG_FILE).is_file():
+            raise PeftkitError(f"{folder}: a LoRA run without {ADAPTER_CONFIG_FILE} (has it finished saving?)")
+        base = str(_json(folder / ADAPTER_CONFIG_FILE).get("base_model_name_or_path") or model.name_or_path)
+    else:
+        base = str(folder)
+    return Run(folder, finetuning_type, str(raw.get("stage", "sft")), model,
+               (raw.get("data") or {}).get("template"), base)
