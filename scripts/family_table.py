@@ -30,6 +30,8 @@ COLUMNS = [
     ("test_freeze_and_full_tuning_train_the_right_parameters", "freeze", "freeze"),
     ("test_freeze_and_full_tuning_train_the_right_parameters", "full", "full"),
     ("test_gguf_reads_back_or_is_refused_before_merging", None, "GGUF (f16 read back)"),
+    ("test_speedups_auto_equal_off", None, "speedups auto = off"),
+    ("test_one_dpo_step", None, "one dpo step"),
 ]
 
 

@@ -219,3 +219,58 @@ def test_chat_and_serve_load_the_runs_own_base(family: str, family_dir: Callable
     expected = json.loads((family_dir(family) / "config.json").read_text())["architectures"][0]
     assert type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__ == expected
     assert list(served) == ["run"]
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_speedups_auto_equal_off(family: str, family_dir: Callable[[str], Path], tokenizer, alpaca_file: Path,
+                                 record_property) -> None:
+    """train.peftkit_speedups auto (the fused LoRA, the chunked loss where the family's output layer allows it)
+    gives the loss and gradients of the libraries' own code (off), on a LoRA model with a non-zero update."""
+    from peftkit.data import build_collator
+    from peftkit.data.packing import pack_examples
+    from peftkit.model.value_head import causal_lm
+    from peftkit.train.loss import chunked_causal_lm_loss, hidden_states_as_logits, supports_chunked_loss
+    from peftkit.train.speedups import training_speedups
+
+    torch.manual_seed(0)
+    model = prepare_for_training(load_model(ModelArgs(name_or_path=str(family_dir(family)))), FinetuningArgs(lora_rank=4))
+    for layer in (m for m in model.modules() if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {})):
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    examples = _examples(tokenizer, alpaca_file)
+    packing = family not in NO_PACKING
+    batch = build_collator(tokenizer, packing=packing)(pack_examples(examples, 128) if packing else examples)
+    model.train()
+
+    def loss_and_grads(speedups: str) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks (GPT-2 trains with dropout)
+        with training_speedups(model, speedups, autocast=False, compiled=False):
+            lm = causal_lm(model)
+            if speedups == "auto" and supports_chunked_loss(lm):
+                with hidden_states_as_logits(lm) as head:
+                    hidden = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                total, count = chunked_causal_lm_loss(hidden, batch["labels"], head)
+                loss = total / count
+            else:
+                loss = model(**batch).loss
+            loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    off, off_grads = loss_and_grads("off")
+    auto, auto_grads = loss_and_grads("auto")
+    assert auto == pytest.approx(off, abs=1e-5)
+    assert off_grads.keys() == auto_grads.keys() and off_grads
+    for name, grad in off_grads.items():
+        torch.testing.assert_close(auto_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    record_property("capability", "yes, chunked loss" if supports_chunked_loss(causal_lm(model)) else "yes")
+
+
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_one_dpo_step(family: str, family_dir: Callable[[str], Path], tmp_path: Path, record_property) -> None:
+    from tests.helpers import DPO
+
+    summary = train(load_config(None, tiny_run(family_dir(family), tmp_path / "dpo", "finetuning.lora_rank=4",
+                                               "data.format=preference", "data.max_samples=4", data=DPO, stage="dpo", max_steps=1,
+                                               batch_size=2))).summary
+    assert summary["train_loss"] == pytest.approx(0.6931, abs=0.05)  # log 2 at the start: the policy is the reference
+    record_property("capability", "yes")
