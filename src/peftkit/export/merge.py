@@ -308,7 +308,11 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overw
         run.tokenizer.save_pretrained(staging)
         write_gguf(staging, tmp / name, quant, run.tokenizer, run.tokenizer.chat_template)
         shutil.rmtree(staging)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=name, dtype=torch.float64)
+        try:
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=name, dtype=torch.float64)
+        except (RuntimeError, ValueError, KeyError) as e:  # a layout transformers' GGUF reader does not take
+            raise PeftkitError(f"export check failed: transformers could not read the GGUF file back "
+                               f"({str(e).splitlines()[0][:200]}); the export was not written") from e
         diff = _max_diff(run.reference, reloaded, run.prompts)
         limit = GGUF_MAX_LOGIT_DIFF[quant]
         if diff >= limit:
