@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/cpu_fraction.py                 # both configs, the run as `bf16: auto` picks it
     .venv/bin/python benchmarks/cpu_fraction.py --steps 6 --profile
+    CPU_FRACTION_FROZEN_BF16=1 .venv/bin/python benchmarks/cpu_fraction.py   # a lever: frozen weights in bf16
+    CPU_FRACTION_ATTENTION=eager .venv/bin/python benchmarks/cpu_fraction.py  # a lever: another attention
 
 Prints (1) torch.mm's rate at the model's shapes in fp32 and bf16, (2) for each config the training step's real
 tokens/s (forward with the chunked loss, backward, AdamW on the trained parameters, as PeftTrainer runs it, with
@@ -32,6 +34,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+FROZEN_BF16, ATTENTION = "CPU_FRACTION_FROZEN_BF16", "CPU_FRACTION_ATTENTION"  # levers, set in the environment
 SHAPES = [(512, 576, 1536), (512, 1536, 576), (512, 576, 576), (512, 576, 192)]  # SmolLM2-135M's projections
 
 
@@ -129,16 +132,13 @@ def run_config(name: str, steps: int, profile: bool) -> dict:
 
     model = load_model(replace(cfg.model, dtype=training_dtype(cfg.model.dtype, cfg.train, on_cuda=False)))
     model = prepare_for_training(model, cfg.finetuning)
-    if os.environ.get("EXP_FROZEN_BF16"):
+    if os.environ.get(FROZEN_BF16) and bf16:  # lever: frozen projections stored in bf16 (no cast per forward)
         head = model.get_output_embeddings()
         for m in model.modules():
             if type(m) is torch.nn.Linear and not m.weight.requires_grad and m is not head:
                 m.weight.data = m.weight.data.to(torch.bfloat16)
-    if os.environ.get("EXP_ATTN"):
-        model.config._attn_implementation = os.environ["EXP_ATTN"]
-        for m in model.modules():
-            if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
-                m.config._attn_implementation = os.environ["EXP_ATTN"]
+    if os.environ.get(ATTENTION):  # lever: another attention implementation (eager, sdpa)
+        model.get_base_model().set_attn_implementation(os.environ[ATTENTION])
     model.train()
     lm = causal_lm(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
