@@ -274,3 +274,12 @@ def test_one_dpo_step(family: str, family_dir: Callable[[str], Path], tmp_path: 
                                                batch_size=2))).summary
     assert summary["train_loss"] == pytest.approx(0.6931, abs=0.05)  # log 2 at the start: the policy is the reference
     record_property("capability", "yes")
+
+
+def test_freeze_counts_the_language_models_layers_of_an_image_text_model(family_dir: Callable[[str], Path]) -> None:
+    """Gemma 3 image-text: the vision tower's layer 0 is never "one of the last layers" of the language model."""
+    model = load_model(ModelArgs(name_or_path=str(family_dir("gemma3_vl"))))
+    model = prepare_for_training(model, FinetuningArgs(finetuning_type="freeze", freeze_trainable_layers=4))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("language_model" in n for n in trainable)
+    assert any(".layers.0." in n for n in trainable)  # every language layer, the vision tower's layer 0 not

@@ -12,7 +12,8 @@ COMMON = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "
           "num_key_value_heads": 2, "max_position_embeddings": 512}
 WINDOW = 8  # sliding windows shorter than the tests' prompt-length differences
 # Families whose packed records would leak (model/families.py refuses data.packing for them)
-STATEFUL = ("granitemoehybrid", "lfm2", "qwen3_5", "qwen3_next")  # linear attention, convolution, state-space layers
+# linear attention, convolution, state-space layers
+STATEFUL = ("granitemoehybrid", "lfm2", "qwen3_5", "qwen3_5_vl", "qwen3_next")
 NO_PACKING = (*STATEFUL, "gpt_oss")  # gpt_oss builds its attention mask without position_ids
 
 # family name → (model_type, config overrides); "drop" removes COMMON keys a config does not take
@@ -52,6 +53,17 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "granitemoehybrid": ("granitemoehybrid", {"num_hidden_layers": 4, "layer_types": ["mamba", "attention"] * 2,
                                               "num_local_experts": 0, "mamba_n_heads": 8, "mamba_d_head": 16,
                                               "mamba_d_state": 16, "mamba_n_groups": 1, "shared_intermediate_size": 128}),
+    # image-text checkpoints, trained on text (their vision towers tiny and unused): what AutoModelForCausalLM loads
+    "gemma3_vl": ("gemma3", {"text_config": {"head_dim": 16, "sliding_window": WINDOW, "num_hidden_layers": 4,
+                                             "sliding_window_pattern": 2},
+                             "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                               "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                             "mm_tokens_per_image": 4}),
+    "qwen3_5_vl": ("qwen3_5", {"text_config": {"head_dim": 16, "num_hidden_layers": 4, "linear_num_value_heads": 4,
+                                               "linear_num_key_heads": 2, "linear_key_head_dim": 16,
+                                               "linear_value_head_dim": 16, "full_attention_interval": 2},
+                               "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                                                 "out_hidden_size": 64, "patch_size": 8}}),
 }
 
 
@@ -60,6 +72,10 @@ def config_of(family: str, vocab_size: int, pad_token_id: int | None, bos: int |
 
     model_type, overrides = FAMILIES[family]
     overrides = dict(overrides)
+    ids = {"vocab_size": vocab_size, "pad_token_id": pad_token_id, "bos_token_id": bos, "eos_token_id": eos}
+    if "text_config" in overrides:  # an image-text config: the common sizes go to its language model
+        overrides["text_config"] = {**COMMON, **overrides["text_config"], **ids}
+        return AutoConfig.for_model(model_type, **overrides, **ids)
     kwargs = {k: v for k, v in COMMON.items() if k not in overrides.pop("drop", [])}
-    kwargs.update(overrides, vocab_size=vocab_size, pad_token_id=pad_token_id, bos_token_id=bos, eos_token_id=eos)
+    kwargs.update(overrides, **ids)
     return AutoConfig.for_model(model_type, **kwargs)

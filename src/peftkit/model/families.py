@@ -42,6 +42,10 @@ PLAIN_OUTPUT_MODELS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "s
 # GPT-2 / Falcon / BLOOM-style `h.N`, MPT-style `blocks.N`.
 LAYER_NAME_PATTERN = r"\.(?:layers?|h|blocks)\.{index}\."
 
+# Module names of an image-text model's vision side (tower, projector): freeze tuning's layer numbers count the
+# language model's decoder layers only, so these never match them.
+VISION_PARTS = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "mm_projector", "embed_vision")
+
 # transformers architecture → GGUF architecture (the ones transformers can also read back to check).
 GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "llama"}
 

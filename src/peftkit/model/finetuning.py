@@ -11,7 +11,7 @@ from peftkit.config.load import adapter_paths
 from peftkit.config.schema import FinetuningArgs
 from peftkit.constants import VALUE_HEAD_FILE
 from peftkit.errors import ConfigError
-from peftkit.model.families import LAYER_NAME_PATTERN, transposed_projections
+from peftkit.model.families import LAYER_NAME_PATTERN, VISION_PARTS, text_config, transposed_projections
 from peftkit.model.quantization import is_quantized, prepare_quantized
 from peftkit.model.value_head import (
     HEAD,
@@ -140,7 +140,7 @@ def _modules_to_save(model: Any, args: FinetuningArgs, head: Head) -> list[str] 
 
 
 def _decoder_layer_count(model: Any) -> int:
-    count = getattr(model.config, "num_hidden_layers", None)
+    count = getattr(text_config(model.config), "num_hidden_layers", None)  # an image-text model's language part
     if not isinstance(count, int):
         raise ConfigError(["finetuning.finetuning_type=freeze: the model config has no num_hidden_layers; "
                            "name the modules to train with finetuning.freeze_trainable_modules"])
@@ -156,7 +156,8 @@ def _freeze_trainable_names(model: Any, args: FinetuningArgs) -> list[str]:
         keep = range(max(0, layers - args.freeze_trainable_layers), layers)
         patterns = [LAYER_NAME_PATTERN.format(index=i) for i in keep]
         what = f"finetuning.freeze_trainable_layers={args.freeze_trainable_layers}"
-    names = [n for n, _ in model.named_parameters() if any(re.search(p, n) for p in patterns)]
+    names = [n for n, _ in model.named_parameters() if any(re.search(p, n) for p in patterns)
+             and (args.freeze_trainable_modules or not any(f"{v}." in n for v in VISION_PARTS))]
     if not names:
         raise ConfigError([f"{what}: matches no parameter of this model (names look like "
                            f"{next(iter(dict(model.named_parameters())))!r})"])
