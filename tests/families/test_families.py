@@ -145,10 +145,11 @@ def test_gguf_reads_back_or_is_refused_before_merging(family: str, family_dir: C
         raise AssertionError("merged before the refusal")
 
     monkeypatch.setattr(merge, "_merged", no_merging)
-    with pytest.raises(PeftkitError, match=r"--format gguf: .*(is not written here|sliding window of \d+ tokens)"):
+    with pytest.raises(PeftkitError, match=r"--format gguf: .*(is not written here|sliding window of \d+ tokens|head_dim)"):
         merge.export_gguf(family_run(family), tmp_path / "gguf")
     assert not (tmp_path / "gguf").exists()
-    record_property("capability", "refused: sliding window" if "sliding" in refusal else "refused: architecture")
+    reason = "sliding window" if "sliding" in refusal else "head_dim" if "head_dim" in refusal else "architecture"
+    record_property("capability", f"refused: {reason}")
 
 
 @pytest.mark.parametrize("family", LM_FAMILIES)
@@ -283,3 +284,25 @@ def test_freeze_counts_the_language_models_layers_of_an_image_text_model(family_
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("language_model" in n for n in trainable)
     assert any(".layers.0." in n for n in trainable)  # every language layer, the vision tower's layer 0 not
+
+
+def test_qwen3_gguf_with_its_published_head_dim_reads_back(tokenizer_dir: Path, alpaca_file: Path,
+                                                           tmp_path: Path) -> None:
+    """Qwen3's checkpoints have head_dim 128 whatever their width (0.6B: 16 heads x 128 over hidden 1024): written
+    with its key / value length, read back by transformers within the f16 limit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftkit.export.merge import GGUF_MAX_LOGIT_DIFF, export_gguf
+    from tests.families.zoo import config_of
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = config_of("qwen3", len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    config.head_dim = 128  # 4 heads x 128 over hidden 64, as 0.6B's heads do not span its hidden size either
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    run = tmp_path / "run"
+    train(load_config(None, tiny_run(tmp_path / "base", run, "finetuning.lora_rank=4", data=alpaca_file, max_steps=1,
+                                     batch_size=2)))
+    report = export_gguf(run, tmp_path / "gguf", quant="f16")
+    assert report.max_logit_diff < GGUF_MAX_LOGIT_DIFF["f16"]

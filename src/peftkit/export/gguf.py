@@ -91,6 +91,9 @@ def write_gguf(model_dir: Path, path: Path, quant: str, tokenizer: Any, chat_tem
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_dimension_count(head_dim)
+    if config.get("head_dim"):  # llama.cpp reads a head size that is not hidden / heads from these
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_file_type(ftype)
