@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from peftkit.config.schema import ModelArgs
+from peftkit.config.schema import DataArgs, ModelArgs
 from peftkit.constants import CONFIG_FILE, FINETUNING_ARGS_FILE
 from peftkit.errors import PeftkitError
 
@@ -31,6 +31,7 @@ class Run:
     model: ModelArgs  # the model section it trained with (dtype, attention, remote code, quantization)
     template: str | None  # data.template
     base_model: str  # a LoRA run's base (adapter_config.json); the run folder itself for freeze / full
+    data: DataArgs | None  # the data section it trained with (None: a run without config.yaml)
 
     @property
     def is_adapter(self) -> bool:
@@ -58,8 +59,8 @@ def read_run(path: str | Path) -> Run:
             raw = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise PeftkitError(f"{folder / CONFIG_FILE}: cannot be read ({e})") from e
-    known = {f.name for f in fields(ModelArgs)}
-    model = ModelArgs(**{k: v for k, v in (raw.get("model") or {}).items() if k in known})
+    model = ModelArgs(**_known(ModelArgs, raw.get("model")))
+    data = DataArgs(**_known(DataArgs, raw.get("data"))) if raw.get("data") else None
     if finetuning_type == "lora":
         if not (folder / ADAPTER_CONFIG_FILE).is_file():
             raise PeftkitError(f"{folder}: a LoRA run without {ADAPTER_CONFIG_FILE} (has it finished saving?)")
@@ -67,4 +68,10 @@ def read_run(path: str | Path) -> Run:
     else:
         base = str(folder)
     return Run(folder, finetuning_type, str(raw.get("stage", "sft")), model,
-               (raw.get("data") or {}).get("template"), base)
+               (raw.get("data") or {}).get("template"), base, data)
+
+
+def _known(section: type, values: Any) -> dict[str, Any]:
+    """The keys of a config section this peftkit knows (a run written by another version may have others)."""
+    names = {f.name for f in fields(section)}
+    return {k: v for k, v in (values or {}).items() if k in names}

@@ -16,12 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from peftkit.atomic import storage_errors, write_dir_atomic
 from peftkit.config.load import dataset_specs
-from peftkit.config.schema import DataArgs
-from peftkit.constants import CONFIG_FILE, FINETUNING_ARGS_FILE
 from peftkit.data.dataset import Dialogue, conversations
 from peftkit.data.encode import encode_messages, render_prompt
 from peftkit.errors import PeftkitError
@@ -29,6 +25,7 @@ from peftkit.export.hub import model_card
 from peftkit.model.families import GGUF_ARCHITECTURES, float64_load_kwargs, gguf_refusal
 from peftkit.model.loading import saved_classes
 from peftkit.model.quantization import prequantized
+from peftkit.rundir import read_run
 from peftkit.stages import Stage
 from peftkit.stages import stage as stage_of
 
@@ -53,17 +50,12 @@ class ExportReport:
 
 
 def _finetuning_type(run_dir: Path) -> str:
-    path = run_dir / FINETUNING_ARGS_FILE
-    if not path.is_file():
-        raise PeftkitError(f"{run_dir}: no {FINETUNING_ARGS_FILE} — not a peftkit output_dir (train one with `peftkit train`)")
-    return json.loads(path.read_text())["finetuning_type"]
+    return read_run(run_dir).finetuning_type
 
 
 def _run_stage(run_dir: Path) -> Stage:
     """The stage the run trained (its config.yaml; sft for a run without one)."""
-    config_path = run_dir / CONFIG_FILE
-    raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else None
-    return stage_of((raw or {}).get("stage", "sft"))
+    return stage_of(read_run(run_dir).stage)
 
 
 def _auto_class(entry: Stage) -> Any:
@@ -74,20 +66,16 @@ def _auto_class(entry: Stage) -> Any:
     return AutoModelForSequenceClassification if entry.head == "classifier" else AutoModelForCausalLM
 
 
-def _weights_path(run_dir: Path, finetuning_type: str) -> str:
+def _weights_path(run_dir: Path) -> str:
     """Where the run's full weights are: the base model of a LoRA run, the run itself otherwise."""
-    if finetuning_type != "lora":
-        return str(run_dir)
-    from peft import PeftConfig
-
-    return PeftConfig.from_pretrained(str(run_dir)).base_model_name_or_path
+    return read_run(run_dir).base_model
 
 
-def _model_config(run_dir: Path, finetuning_type: str) -> Any:
+def _model_config(run_dir: Path) -> Any:
     """The transformers config of the model the run's weights make (the base's for a LoRA run)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(_weights_path(run_dir, finetuning_type))
+    return AutoConfig.from_pretrained(_weights_path(run_dir))
 
 
 def _load_run(run_dir: Path, finetuning_type: str, entry: Stage, pad_token_id: int | None) -> tuple[Any, Any]:
@@ -98,7 +86,7 @@ def _load_run(run_dir: Path, finetuning_type: str, entry: Stage, pad_token_id: i
     if finetuning_type == "lora":
         from peft import PeftModel
 
-        path = _weights_path(run_dir, finetuning_type)
+        path = _weights_path(run_dir)
         method = prequantized(path)
         if method:  # a QLoRA run with model.quantization_bit has an unquantized base on disk: that one merges
             raise PeftkitError(
@@ -139,10 +127,9 @@ def _logits(model: Any, prompts: list[list[int]]) -> list[Any]:
 
 def _training_records(run_dir: Path, limit: int) -> list[Dialogue]:
     """The first training records, read as the run read them (its config.yaml), if the files still exist."""
-    config_path = run_dir / CONFIG_FILE
-    if not config_path.is_file():
+    args = read_run(run_dir).data
+    if args is None:
         return []
-    args = DataArgs(**yaml.safe_load(config_path.read_text(encoding="utf-8"))["data"])
     specs = [s for s in dataset_specs(args, "train")[0] if Path(s.path).exists()]
     return conversations(specs[0], args, limit) if specs else []
 
@@ -288,12 +275,12 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overw
     run_dir, out = Path(run_dir), Path(out)
     if quant not in QUANTS:
         raise PeftkitError(f"--quant {quant}: one of {', '.join(QUANTS)}")
-    finetuning_type = _finetuning_type(run_dir)
+    _finetuning_type(run_dir)  # not a peftkit run: said here, before anything loads
     entry = _run_stage(run_dir)
     if entry.head != "lm":
         raise PeftkitError(f"--format gguf: stage {entry.name} has a {entry.head} head, which llama.cpp "
                            "does not run; export it as a transformers folder (the default --format hf)")
-    refusal = gguf_refusal(_model_config(run_dir, finetuning_type))  # before any merging
+    refusal = gguf_refusal(_model_config(run_dir))  # before any merging
     if refusal:
         raise PeftkitError(refusal)
     check_destination(run_dir, out, overwrite)
@@ -355,11 +342,11 @@ def export_gguf_lora(run_dir: str | Path, out: str | Path, overwrite: bool = Fal
     entry = _run_stage(run_dir)
     if entry.head != "lm":
         raise PeftkitError(f"--format gguf-lora: stage {entry.name} has a {entry.head} head, which llama.cpp does not run")
-    refusal = gguf_refusal(_model_config(run_dir, "lora"))
+    refusal = gguf_refusal(_model_config(run_dir))
     if refusal:
         raise PeftkitError(refusal.replace("--format gguf:", "--format gguf-lora:", 1))
     check_destination(run_dir, out, overwrite)
-    base = json.loads((run_dir / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
+    base = read_run(run_dir).base_model
     model, _ = load_for_chat(ModelArgs(name_or_path=base), str(run_dir))
     config = model.get_base_model().config.to_dict()
     arch_name = (config.get("architectures") or ["?"])[0]
