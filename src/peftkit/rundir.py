@@ -45,6 +45,26 @@ def _json(path: Path) -> dict[str, Any]:
         raise PeftkitError(f"{path}: cannot be read ({e})") from e
 
 
+def run_config(path: str | Path) -> tuple[str | None, dict[str, Any]]:
+    """A run's config.yaml as text and as a mapping ((None, {}) when it is missing or unreadable): what the board
+    shows and compares, and what the model card describes, as written."""
+    try:
+        text = (Path(path) / CONFIG_FILE).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None, {}
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        data = None
+    return text, data if isinstance(data, dict) else {}
+
+
+def adapter_config(path: str | Path) -> dict[str, Any] | None:
+    """peft's adapter_config.json of a LoRA run (None: the folder holds no adapter)."""
+    file = Path(path) / ADAPTER_CONFIG_FILE
+    return _json(file) if file.is_file() else None
+
+
 def read_run(path: str | Path) -> Run:
     """The run in `path`; a folder that is not a peftkit run is a PeftkitError saying so."""
     folder = Path(path)
@@ -62,9 +82,10 @@ def read_run(path: str | Path) -> Run:
     model = ModelArgs(**_known(ModelArgs, raw.get("model")))
     data = DataArgs(**_known(DataArgs, raw.get("data"))) if raw.get("data") else None
     if finetuning_type == "lora":
-        if not (folder / ADAPTER_CONFIG_FILE).is_file():
+        adapter = adapter_config(folder)
+        if adapter is None:
             raise PeftkitError(f"{folder}: a LoRA run without {ADAPTER_CONFIG_FILE} (has it finished saving?)")
-        base = str(_json(folder / ADAPTER_CONFIG_FILE).get("base_model_name_or_path") or model.name_or_path)
+        base = str(adapter.get("base_model_name_or_path") or model.name_or_path)
     else:
         base = str(folder)
     return Run(folder, finetuning_type, str(raw.get("stage", "sft")), model,

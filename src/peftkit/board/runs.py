@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from peftkit.constants import CONFIG_FILE, DATA_REPORT_FILE, LOSS_PLOT, TRAINER_LOG
+from peftkit.constants import DATA_REPORT_FILE, LOSS_PLOT, TRAINER_LOG
 from peftkit.train.checkpoints import checkpoints
 
 _SKIP_DIRS = ("checkpoint-", "lora_init", ".")
@@ -164,15 +162,9 @@ def read_json(path: Path) -> Any:
 
 def read_config(run_dir: Path) -> tuple[str | None, dict[str, Any]]:
     """The resolved config.yaml as text and as a mapping (empty if missing or unreadable)."""
-    try:
-        text = (run_dir / CONFIG_FILE).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return None, {}
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        data = None
-    return text, data if isinstance(data, dict) else {}
+    from peftkit.rundir import run_config
+
+    return run_config(run_dir)
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -8,8 +8,9 @@ from typing import Any
 
 import yaml
 
-from peftkit.constants import CONFIG_FILE, RUN_SUMMARY_FILE
+from peftkit.constants import RUN_SUMMARY_FILE
 from peftkit.errors import PeftkitError
+from peftkit.rundir import run_config
 
 _SHOWN = ("precision", "recall", "f1", "exact_match", "invalid_json", "perplexity", "accuracy", "margin",
           "rewards/accuracies", "rewards/margins", "records")
@@ -25,7 +26,7 @@ def _read(path: Path) -> Any:
 def model_card(run_dir: Path, export_format: str) -> str:
     """README.md for an export of `run_dir`: base model, data, stage, finetuning and training settings, and
     the metrics before and after training from run_summary.json (what the run measured, not re-measured)."""
-    config = _read(run_dir / CONFIG_FILE) or {}
+    config = run_config(run_dir)[1]
     summary = _read(run_dir / RUN_SUMMARY_FILE) or {}
     model, data = config.get("model") or {}, config.get("data") or {}
     finetuning, train = config.get("finetuning") or {}, config.get("train") or {}

@@ -5,11 +5,11 @@ and is not installed here: the command is checked against those rules, not run."
 
 from __future__ import annotations
 
-import json
 import shlex
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
+from peftkit.rundir import adapter_config
 
 VLLM_DEFAULT_MAX_LORA_RANK = 16
 
@@ -40,12 +40,11 @@ def vllm_hand_off(run: str | Path, name: str | None = None) -> tuple[str, list[s
 
 def _serve_argv(run: Path, name: str | None) -> tuple[list[str], list[str]]:
     """`vllm serve` arguments for one run (["vllm", "serve", MODEL, flags...]) and what blocks it."""
-    config_file = run / "adapter_config.json"
-    if not config_file.is_file():
+    config = adapter_config(run)
+    if config is None:
         if not (run / "config.json").is_file():
             raise PeftkitError(f"{run}: neither a LoRA run (adapter_config.json) nor a model folder (config.json)")
         return ["vllm", "serve", str(run)], []  # a merged export or a full / freeze run: a plain model
-    config = json.loads(config_file.read_text(encoding="utf-8"))
     name = name or run.name
     base = config.get("base_model_name_or_path") or "BASE_MODEL"
     flags = ["--enable-lora", "--lora-modules", f"{name}={run}"]
