@@ -145,10 +145,11 @@ def test_gguf_reads_back_or_is_refused_before_merging(family: str, family_dir: C
         raise AssertionError("merged before the refusal")
 
     monkeypatch.setattr(merge, "_merged", no_merging)
-    with pytest.raises(PeftkitError, match=r"--format gguf: .*(is not written here|sliding window of \d+ tokens|head_dim)"):
+    with pytest.raises(PeftkitError, match=r"--format gguf: .*(not written here|sliding window|reader, which checks)"):
         merge.export_gguf(family_run(family), tmp_path / "gguf")
     assert not (tmp_path / "gguf").exists()
-    reason = "sliding window" if "sliding" in refusal else "head_dim" if "head_dim" in refusal else "architecture"
+    reason = ("sliding window" if "sliding" in refusal else refusal.split(" has ")[1].split(";")[0] if " assumes " in refusal
+              else "architecture")
     record_property("capability", f"refused: {reason}")
 
 
@@ -286,18 +287,25 @@ def test_freeze_counts_the_language_models_layers_of_an_image_text_model(family_
     assert any(".layers.0." in n for n in trainable)  # every language layer, the vision tower's layer 0 not
 
 
-def test_qwen3_gguf_with_its_published_head_dim_reads_back(tokenizer_dir: Path, alpaca_file: Path,
-                                                           tmp_path: Path) -> None:
-    """Qwen3's checkpoints have head_dim 128 whatever their width (0.6B: 16 heads x 128 over hidden 1024): written
-    with its key / value length, read back by transformers within the f16 limit."""
+@pytest.mark.parametrize(("family", "published"), [
+    ("qwen3", {"head_dim": 128}),  # 4 heads x 128 over hidden 64: 0.6B's heads do not span its hidden size either
+    ("qwen3_moe", {"moe_intermediate_size": 768, "norm_topk_prob": True}),
+])
+def test_gguf_with_the_published_values_the_reader_assumes_reads_back(family: str, published: dict,
+                                                                     tokenizer_dir: Path, alpaca_file: Path,
+                                                                     tmp_path: Path) -> None:
+    """Qwen3 / Qwen3-MoE at their published head size / expert width (what transformers' GGUF reader assumes):
+    written (each expert's matrices stacked into llama.cpp's gate / up / down tensors) and read back within the f16
+    limit by export_gguf's own check."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.export.merge import GGUF_MAX_LOGIT_DIFF, export_gguf
     from tests.families.zoo import config_of
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = config_of("qwen3", len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
-    config.head_dim = 128  # 4 heads x 128 over hidden 64, as 0.6B's heads do not span its hidden size either
+    config = config_of(family, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    for key, value in published.items():
+        setattr(config, key, value)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")

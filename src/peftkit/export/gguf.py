@@ -11,6 +11,7 @@ by transformers (`gguf_file=`) in export's checks (export/merge.py: export_gguf)
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,11 @@ def write_gguf(model_dir: Path, path: Path, quant: str, tokenizer: Any, chat_tem
         writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    experts_count = config.get("num_experts") or config.get("num_local_experts")  # qwen3moe (5.24 names it the latter)
+    if experts_count:
+        writer.add_expert_count(experts_count)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -115,21 +121,33 @@ def write_gguf(model_dir: Path, path: Path, quant: str, tokenizer: Any, chat_tem
     for shard in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(str(shard)))
     count = 0
+    experts: dict[tuple[int, str], dict[int, Any]] = {}
+
+    def add(name: str, part: Any) -> None:
+        if part.ndim == 1:
+            writer.add_tensor(name, part)
+        elif qtype == gguf.GGMLQuantizationType.Q8_0 and part.shape[-1] % 32:
+            writer.add_tensor(name, part.astype(np.float16))  # Q8_0 blocks are 32 wide; llama.cpp does the same
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(part, qtype), raw_dtype=qtype)
+
     for hf_name, tensor in state.items():
         if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue  # llama.cpp uses token_embd when there is no output tensor
+        data = tensor.astype(np.float32)
+        expert = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight", hf_name)
+        if expert:  # saved one matrix per expert: stacked below into llama.cpp's [experts, out, in] tensors
+            experts.setdefault((int(expert[1]), expert[3]), {})[int(expert[2])] = data
+            continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise PeftkitError(f"--format gguf: no GGUF name for tensor {hf_name!r} of {hf_arch}")
-        data = tensor.astype(np.float32)
         if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             data = _permute(data, heads if "q_proj" in hf_name else kv_heads)
-        if data.ndim == 1:
-            writer.add_tensor(name, data)
-        elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
-            writer.add_tensor(name, data.astype(np.float16))  # Q8_0 blocks are 32 wide; llama.cpp falls back the same way
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        add(name, data)
+        count += 1
+    for (layer, kind), by_index in sorted(experts.items()):
+        add(f"blk.{layer}.ffn_{kind}_exps.weight", np.stack([by_index[e] for e in sorted(by_index)]))
         count += 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

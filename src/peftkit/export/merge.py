@@ -296,7 +296,8 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overw
         write_gguf(staging, tmp / name, quant, run.tokenizer, run.tokenizer.chat_template)
         shutil.rmtree(staging)
         try:
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=name, dtype=torch.float64)
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=name, dtype=torch.float64,
+                                                            **float64_load_kwargs(model.config))
         except (RuntimeError, ValueError, KeyError) as e:  # a layout transformers' GGUF reader does not take
             raise PeftkitError(f"export check failed: transformers could not read the GGUF file back "
                                f"({str(e).splitlines()[0][:200]}); the export was not written") from e

@@ -48,10 +48,12 @@ VISION_PARTS = ("vision_tower", "visual", "vision_model", "multi_modal_projector
 
 # transformers architecture → GGUF architecture (the ones transformers can also read back to check).
 GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "llama",
-                      "Phi3ForCausalLM": "phi3", "Qwen3ForCausalLM": "qwen3"}
-# transformers' GGUF reader does not read attention.key_length for these: it takes the config class's default
-# head_dim, so only that head_dim reads back (Qwen3's published checkpoints all have 128).
-GGUF_READER_HEAD_DIM = {"Qwen3ForCausalLM": 128}
+                      "Phi3ForCausalLM": "phi3", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3moe"}
+# What transformers' GGUF reader (which checks the file) does not read back but takes from the config class's
+# defaults or sets itself, so a model with other values cannot be verified. Qwen3's and Qwen3-MoE's published
+# checkpoints have these values (head_dim 128; experts 768 wide, routing weights renormalised).
+GGUF_READER_FIXED = {"Qwen3ForCausalLM": {"head_dim": 128},
+                     "Qwen3MoeForCausalLM": {"moe_intermediate_size": 768, "norm_topk_prob": True}}
 
 
 def text_config(config: Any) -> Any:
@@ -135,11 +137,12 @@ def gguf_refusal(config: Any) -> str | None:
         return (f"--format gguf: {architecture} is not written here (GGUF covers "
                 f"{', '.join(sorted(GGUF_ARCHITECTURES))}); export the merged folder (--format merged) and convert "
                 "it with llama.cpp's convert_hf_to_gguf.py")
-    head_dim = getattr(text_config(config), "head_dim", None)
-    if architecture in GGUF_READER_HEAD_DIM and head_dim != GGUF_READER_HEAD_DIM[architecture]:
-        return (f"--format gguf: this {architecture} has head_dim {head_dim}; transformers' GGUF reader, which "
-                f"checks the file, assumes {GGUF_READER_HEAD_DIM[architecture]}, so the file could not be verified. "
-                "Export the merged folder (--format merged) and convert it with llama.cpp's convert_hf_to_gguf.py")
+    for key, value in GGUF_READER_FIXED.get(architecture, {}).items():
+        if getattr(text_config(config), key, None) != value:
+            return (f"--format gguf: this {architecture} has {key} {getattr(text_config(config), key, None)}; "
+                    f"transformers' GGUF reader, which checks the file, assumes {value}, so the file could not be "
+                    "verified. Export the merged folder (--format merged) and convert it with llama.cpp's "
+                    "convert_hf_to_gguf.py")
     window = sliding_window(config)
     context = getattr(text_config(config), "max_position_embeddings", None)
     if window is not None and (context is None or window < context):
