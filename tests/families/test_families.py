@@ -35,8 +35,12 @@ def _examples(tokenizer, alpaca_file: Path) -> list[dict]:
 def test_the_family_table_finds_the_stateful_families(family_dir: Callable[[str], Path]) -> None:
     from transformers import AutoConfig
 
-    found = [f for f in LM_FAMILIES if stateful_layers(AutoConfig.from_pretrained(family_dir(f)))]
-    assert found == sorted(STATEFUL)
+    configs = {f: AutoConfig.from_pretrained(family_dir(f)) for f in LM_FAMILIES}
+    assert [f for f in LM_FAMILIES if stateful_layers(configs[f])] == sorted(STATEFUL)
+    # the families the table calls proven for packing are exactly the tier's families whose packing test passes
+    from peftkit.model.families import PACKING_PROVEN, model_type_of
+
+    assert set(PACKING_PROVEN) == {model_type_of(configs[f]) for f in LM_FAMILIES if f not in NO_PACKING}
 
 
 @pytest.mark.parametrize("family", LM_FAMILIES)
@@ -264,7 +268,14 @@ def test_speedups_auto_equal_off(family: str, family_dir: Callable[[str], Path],
     assert off_grads.keys() == auto_grads.keys() and off_grads
     for name, grad in off_grads.items():
         torch.testing.assert_close(auto_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
-    record_property("capability", "yes, chunked loss" if supports_chunked_loss(causal_lm(model)) else "yes")
+    from peftkit.model.families import transposed_projections
+    from peftkit.train.fused_lora import _plain
+
+    fused = sum(1 for m in model.modules() if _plain(m))  # the comparison runs a patched path, not the same code twice
+    assert fused > 0 or transposed_projections(model)
+    chunked = supports_chunked_loss(causal_lm(model))
+    record_property("capability", "nothing patched (Conv1D)" if not fused and not chunked
+                    else "yes, chunked loss" if chunked else "yes")
 
 
 @pytest.mark.parametrize("family", LM_FAMILIES)

@@ -25,7 +25,7 @@ from peftkit.export.hub import model_card
 from peftkit.model.families import GGUF_ARCHITECTURES, float64_load_kwargs, gguf_refusal
 from peftkit.model.loading import saved_classes
 from peftkit.model.quantization import prequantized
-from peftkit.rundir import read_run
+from peftkit.rundir import Run, read_run
 from peftkit.stages import Stage
 from peftkit.stages import stage as stage_of
 
@@ -49,15 +49,6 @@ class ExportReport:
     out: str
 
 
-def _finetuning_type(run_dir: Path) -> str:
-    return read_run(run_dir).finetuning_type
-
-
-def _run_stage(run_dir: Path) -> Stage:
-    """The stage the run trained (its config.yaml; sft for a run without one)."""
-    return stage_of(read_run(run_dir).stage)
-
-
 def _auto_class(entry: Stage) -> Any:
     """The transformers class that loads the export: a sequence classifier for cls, else a causal LM
     (rm's value head is a file beside it, value_head.safetensors)."""
@@ -66,27 +57,20 @@ def _auto_class(entry: Stage) -> Any:
     return AutoModelForSequenceClassification if entry.head == "classifier" else AutoModelForCausalLM
 
 
-def _weights_path(run_dir: Path) -> str:
-    """Where the run's full weights are: the base model of a LoRA run, the run itself otherwise."""
-    return read_run(run_dir).base_model
-
-
-def _model_config(run_dir: Path) -> Any:
+def _model_config(run: Run) -> Any:
     """The transformers config of the model the run's weights make (the base's for a LoRA run)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(_weights_path(run_dir))
+    return AutoConfig.from_pretrained(run.base_model)
 
 
-def _load_run(run_dir: Path, finetuning_type: str, entry: Stage, pad_token_id: int | None) -> tuple[Any, Any]:
+def _load_run(run: Run, entry: Stage, pad_token_id: int | None) -> tuple[Any, Any]:
     """The run in float64 (base + adapter for lora), and the dtype its weights are stored in."""
     import torch
     from transformers import AutoConfig
 
-    if finetuning_type == "lora":
-        from peft import PeftModel
-
-        path = _weights_path(run_dir)
+    run_dir, path = run.path, run.base_model  # the base of a LoRA run; the run folder itself for freeze / full
+    if run.is_adapter:
         method = prequantized(path)
         if method:  # a QLoRA run with model.quantization_bit has an unquantized base on disk: that one merges
             raise PeftkitError(
@@ -94,8 +78,6 @@ def _load_run(run_dir: Path, finetuning_type: str, entry: Stage, pad_token_id: i
                 "weights would round much of the update away, so the export is refused. Serve the adapter on that "
                 "base as it is (peftkit serve --adapter, or vLLM), or point adapter_config.json's "
                 "base_model_name_or_path at the unquantized original and export again")
-    else:
-        path = str(run_dir)
     config = AutoConfig.from_pretrained(path)
     stored = getattr(torch, str(config.dtype).replace("torch.", "")) if config.dtype else torch.float32
     kwargs: dict[str, Any] = float64_load_kwargs(config)
@@ -106,7 +88,9 @@ def _load_run(run_dir: Path, finetuning_type: str, entry: Stage, pad_token_id: i
     model = _auto_class(entry).from_pretrained(path, dtype=torch.float64, **kwargs)
     if model.config.pad_token_id is None:  # a decoder classifier reads its score at the last non-pad token
         model.config.pad_token_id = pad_token_id
-    if finetuning_type == "lora":
+    if run.is_adapter:
+        from peft import PeftModel
+
         model = PeftModel.from_pretrained(model, run_dir)
     return model, stored
 
@@ -125,9 +109,9 @@ def _logits(model: Any, prompts: list[list[int]]) -> list[Any]:
         return [model(input_ids=torch.tensor([ids])).logits[0] for ids in prompts]
 
 
-def _training_records(run_dir: Path, limit: int) -> list[Dialogue]:
+def _training_records(run: Run, limit: int) -> list[Dialogue]:
     """The first training records, read as the run read them (its config.yaml), if the files still exist."""
-    args = read_run(run_dir).data
+    args = run.data
     if args is None:
         return []
     specs = [s for s in dataset_specs(args, "train")[0] if Path(s.path).exists()]
@@ -189,18 +173,17 @@ class _Merged:
     records: list[Dialogue]  # training records whose rendering is re-checked
 
 
-def _merged(run_dir: Path) -> _Merged:
+def _merged(run: Run) -> _Merged:
     from transformers import AutoTokenizer
 
-    finetuning_type = _finetuning_type(run_dir)
-    entry = _run_stage(run_dir)
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    model, stored_dtype = _load_run(run_dir, finetuning_type, entry, tokenizer.pad_token_id)
+    finetuning_type, entry = run.finetuning_type, stage_of(run.stage)
+    tokenizer = AutoTokenizer.from_pretrained(run.path)
+    model, stored_dtype = _load_run(run, entry, tokenizer.pad_token_id)
     prompts = _check_prompts(tokenizer, entry)
     reference = _logits(model, prompts)
     if finetuning_type == "lora":
         model = model.merge_and_unload()  # in float64: the only rounding is the final cast
-    records = _training_records(run_dir, limit=16) if entry.chat_template else []
+    records = _training_records(run, limit=16) if entry.chat_template else []
     return _Merged(finetuning_type, entry, tokenizer, model, stored_dtype, prompts, reference, records)
 
 
@@ -220,9 +203,9 @@ def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB", ov
     import torch
 
     run_dir, out = Path(run_dir), Path(out)
-    _finetuning_type(run_dir)
+    trained = read_run(run_dir)  # not a peftkit run: said here, before anything loads
     check_destination(run_dir, out, overwrite)
-    run = _merged(run_dir)
+    run = _merged(trained)
     model = run.model.to(run.stored_dtype)
     result: dict[str, ExportReport] = {}
 
@@ -275,16 +258,16 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overw
     run_dir, out = Path(run_dir), Path(out)
     if quant not in QUANTS:
         raise PeftkitError(f"--quant {quant}: one of {', '.join(QUANTS)}")
-    _finetuning_type(run_dir)  # not a peftkit run: said here, before anything loads
-    entry = _run_stage(run_dir)
+    trained = read_run(run_dir)  # not a peftkit run: said here, before anything loads
+    entry = stage_of(trained.stage)
     if entry.head != "lm":
         raise PeftkitError(f"--format gguf: stage {entry.name} has a {entry.head} head, which llama.cpp "
                            "does not run; export it as a transformers folder (the default --format hf)")
-    refusal = gguf_refusal(_model_config(run_dir))  # before any merging
+    refusal = gguf_refusal(_model_config(trained))  # before any merging
     if refusal:
         raise PeftkitError(refusal)
     check_destination(run_dir, out, overwrite)
-    run = _merged(run_dir)
+    run = _merged(trained)
     model = run.model.to(torch.float32)
     name = f"model-{quant}.gguf"
     result: dict[str, ExportReport] = {}
@@ -338,16 +321,17 @@ def export_gguf_lora(run_dir: str | Path, out: str | Path, overwrite: bool = Fal
     from peftkit.infer.chat import load_for_chat
 
     run_dir, out = Path(run_dir), Path(out)
-    if _finetuning_type(run_dir) != "lora":
+    trained = read_run(run_dir)
+    if not trained.is_adapter:
         raise PeftkitError(f"--format gguf-lora: {run_dir} is not a LoRA run; export it whole with --format gguf")
-    entry = _run_stage(run_dir)
+    entry = stage_of(trained.stage)
     if entry.head != "lm":
         raise PeftkitError(f"--format gguf-lora: stage {entry.name} has a {entry.head} head, which llama.cpp does not run")
-    refusal = gguf_refusal(_model_config(run_dir))
+    refusal = gguf_refusal(_model_config(trained))
     if refusal:
         raise PeftkitError(refusal.replace("--format gguf:", "--format gguf-lora:", 1))
     check_destination(run_dir, out, overwrite)
-    base = read_run(run_dir).base_model
+    base = trained.base_model
     model, _ = load_for_chat(ModelArgs(name_or_path=base), str(run_dir))
     config = model.get_base_model().config.to_dict()
     arch_name = (config.get("architectures") or ["?"])[0]

@@ -29,8 +29,7 @@ def packed_leak(model: Any, collator: Any) -> float:
     second = [(11 * i + 5) % vocab for i in range(9)]
     batch = collator([pack_row([{"input_ids": first, "labels": first}, {"input_ids": second, "labels": second}])])
     device = next(model.parameters()).device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) and k != "labels" else v for k, v in batch.items()
-             if k != "labels"}
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
     was_training = model.training
     model.eval()
     try:
