@@ -301,13 +301,17 @@ def test_freeze_counts_the_language_models_layers_of_an_image_text_model(family_
 @pytest.mark.parametrize(("family", "published"), [
     ("qwen3", {"head_dim": 128}),  # 4 heads x 128 over hidden 64: 0.6B's heads do not span its hidden size either
     ("qwen3_moe", {"moe_intermediate_size": 768, "norm_topk_prob": True}),
+    ("gemma2", {"head_dim": 256}),  # Gemma 2 2B / 9B: head_dim = the query scale's 256; window 8 (zoo.WINDOW)
+    ("gemma3", {"head_dim": 256, "num_hidden_layers": 6,  # Gemma 3 1B's 5:1 pattern, window 8
+                "layer_types": ["sliding_attention"] * 5 + ["full_attention"]}),
 ])
 def test_gguf_with_the_published_values_the_reader_assumes_reads_back(family: str, published: dict,
                                                                      tokenizer_dir: Path, alpaca_file: Path,
-                                                                     tmp_path: Path) -> None:
-    """Qwen3 / Qwen3-MoE at their published head size / expert width (what transformers' GGUF reader assumes):
-    written (each expert's matrices stacked into llama.cpp's gate / up / down tensors) and read back within the f16
-    limit by export_gguf's own check."""
+                                                                     tmp_path: Path, record_property) -> None:
+    """Qwen3 / Qwen3-MoE / Gemma 2 / Gemma 3 at their published head size / expert width / layer pattern (what
+    transformers' GGUF reader assumes): written (experts stacked into llama.cpp's gate / up / down tensors; Gemma's
+    norms offset by one, its window and soft-caps in the metadata) and read back within the f16 limit by
+    export_gguf's own check, on prompts longer than the window."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.export.merge import GGUF_MAX_LOGIT_DIFF, export_gguf
@@ -325,3 +329,31 @@ def test_gguf_with_the_published_values_the_reader_assumes_reads_back(family: st
                                      batch_size=2)))
     report = export_gguf(run, tmp_path / "gguf", quant="f16")
     assert report.max_logit_diff < GGUF_MAX_LOGIT_DIFF["f16"]
+    record_property("capability", "yes at " + ", ".join(f"{k} {v}" for k, v in published.items() if k != "layer_types"))
+
+
+@pytest.mark.parametrize(("model_type", "values", "refused"), [
+    ("gemma2", {}, None),  # Gemma 2 2B / 9B as published
+    ("gemma2", {"head_dim": 128, "query_pre_attn_scalar": 144}, "head_dim 128"),  # Gemma 2 27B
+    ("gemma3_text", {"num_hidden_layers": 26, "sliding_window": 512}, None),  # Gemma 3 1B
+    ("gemma3_text", {"rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+     "rope_parameters"),  # Gemma 3 4B+: linear rope scaling the reader does not read
+    ("gemma3_text", {"num_hidden_layers": 4, "sliding_window_pattern": 2}, "layer_types"),
+    ("mistral", {"sliding_window": 4096, "max_position_embeddings": 32768}, "sliding window"),
+])
+def test_gguf_refuses_what_the_file_or_its_check_cannot_carry(model_type: str, values: dict, refused: str | None) -> None:
+    """Gemma's windows are carried (llama.cpp's gemma graphs apply them); Mistral's is not (its llama graph); what
+    transformers' reader would rebuild from the class defaults must be those defaults, or the file is refused."""
+    from transformers import AutoConfig
+
+    from peftkit.model.families import gguf_refusal
+
+    config = AutoConfig.for_model(model_type, **values)
+    config.architectures = [{"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                             "mistral": "MistralForCausalLM"}[model_type]]
+    refusal = gguf_refusal(config)
+    if refused is None:
+        assert refusal is None
+    else:
+        assert refusal is not None and refused in refusal and "--format merged" in refusal

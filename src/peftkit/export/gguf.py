@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import PeftkitError
-from peftkit.model.families import GGUF_ARCHITECTURES
+from peftkit.model.families import GGUF_ARCHITECTURES, GGUF_SLIDING_WINDOW
 
 QUANTS = ("f16", "bf16", "q8_0")
 
@@ -59,6 +59,38 @@ def _permute(weight: Any, heads: int) -> Any:
     return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def _hyperparameters(writer: Any, config: dict[str, Any], arch: str) -> None:
+    """The architecture's keys llama.cpp (and transformers' reader) build the graph from."""
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    if config.get("head_dim"):  # llama.cpp reads a head size that is not hidden / heads from these
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    rope = config.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)  # per layer kind (Gemma 3): llama.cpp takes the global layers' theta
+    writer.add_rope_freq_base(float(config.get("rope_theta") or rope.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    if arch in GGUF_SLIDING_WINDOW:  # gguf_refusal let a window through only where llama.cpp applies it
+        writer.add_sliding_window(config["sliding_window"])
+    if config.get("attn_logit_softcapping"):
+        writer.add_attn_logit_softcapping(float(config["attn_logit_softcapping"]))
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(float(config["final_logit_softcapping"]))
+    experts_count = config.get("num_experts") or config.get("num_local_experts")  # qwen3moe (5.24 names it the latter)
+    if experts_count:
+        writer.add_expert_count(experts_count)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+
+
 def write_gguf(model_dir: Path, path: Path, quant: str, tokenizer: Any, chat_template: str | None) -> int:
     """Write `model_dir` (a saved transformers checkpoint) as a GGUF file in `quant`; returns its tensor count.
 
@@ -81,27 +113,10 @@ def write_gguf(model_dir: Path, path: Path, quant: str, tokenizer: Any, chat_tem
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
     layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
 
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(config.get("_name_or_path") or path.stem)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(layers)
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
-    if config.get("head_dim"):  # llama.cpp reads a head size that is not hidden / heads from these
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
-    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    experts_count = config.get("num_experts") or config.get("num_local_experts")  # qwen3moe (5.24 names it the latter)
-    if experts_count:
-        writer.add_expert_count(experts_count)
-        writer.add_expert_used_count(config["num_experts_per_tok"])
-        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+    _hyperparameters(writer, config, arch)
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -144,6 +159,8 @@ def write_gguf(model_dir: Path, path: Path, quant: str, tokenizer: Any, chat_tem
             raise PeftkitError(f"--format gguf: no GGUF name for tensor {hf_name!r} of {hf_arch}")
         if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
             data = _permute(data, heads if "q_proj" in hf_name else kv_heads)
+        if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
+            data = data + 1  # Gemma's norms scale by (1 + weight); llama.cpp's graph (and its converter) by weight
         add(name, data)
         count += 1
     for (layer, kind), by_index in sorted(experts.items()):

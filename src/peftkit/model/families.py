@@ -48,12 +48,25 @@ VISION_PARTS = ("vision_tower", "visual", "vision_model", "multi_modal_projector
 
 # transformers architecture → GGUF architecture (the ones transformers can also read back to check).
 GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "llama",
-                      "Phi3ForCausalLM": "phi3", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3moe"}
+                      "Phi3ForCausalLM": "phi3", "Qwen3ForCausalLM": "qwen3", "Qwen3MoeForCausalLM": "qwen3moe",
+                      "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+# GGUF architectures whose llama.cpp graph applies the file's attention.sliding_window to its sliding layers (for
+# the others a window would be dropped, so a model with one is refused).
+GGUF_SLIDING_WINDOW = ("gemma2", "gemma3")
 # What transformers' GGUF reader (which checks the file) does not read back but takes from the config class's
-# defaults or sets itself, so a model with other values cannot be verified. Qwen3's and Qwen3-MoE's published
-# checkpoints have these values (head_dim 128; experts 768 wide, routing weights renormalised).
-GGUF_READER_FIXED = {"Qwen3ForCausalLM": {"head_dim": 128},
-                     "Qwen3MoeForCausalLM": {"moe_intermediate_size": 768, "norm_topk_prob": True}}
+# defaults or sets itself, so a model with other values cannot be verified ("default": the config class's own value
+# for this many layers). Qwen3's and Qwen3-MoE's published checkpoints have these values (head_dim 128; experts 768
+# wide, routing weights renormalised); so do Gemma 2 2B / 9B and Gemma 3 270M / 1B (head_dim 256 = the query
+# scale's 256, which llama.cpp takes as head_dim; the alternating / 5:1 layer pattern; Gemma 3 without rope
+# scaling: the reader does not read llama.cpp's rope.scaling keys).
+DEFAULT = "default"
+_GEMMA = {"head_dim": 256, "query_pre_attn_scalar": 256, "hidden_activation": "gelu_pytorch_tanh",
+          "tie_word_embeddings": True, "layer_types": DEFAULT}
+GGUF_READER_FIXED: dict[str, dict[str, Any]] = {"Qwen3ForCausalLM": {"head_dim": 128},
+                     "Qwen3MoeForCausalLM": {"moe_intermediate_size": 768, "norm_topk_prob": True},
+                     "Gemma2ForCausalLM": {**_GEMMA, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
+                     "Gemma3ForCausalLM": {**_GEMMA, "attn_logit_softcapping": None, "final_logit_softcapping": None,
+                                           "use_bidirectional_attention": False, "rope_parameters": DEFAULT}}
 
 
 def text_config(config: Any) -> Any:
@@ -137,17 +150,35 @@ def gguf_refusal(config: Any) -> str | None:
         return (f"--format gguf: {architecture} is not written here (GGUF covers "
                 f"{', '.join(sorted(GGUF_ARCHITECTURES))}); export the merged folder (--format merged) and convert "
                 "it with llama.cpp's convert_hf_to_gguf.py")
+    text = text_config(config)
     for key, value in GGUF_READER_FIXED.get(architecture, {}).items():
-        if getattr(text_config(config), key, None) != value:
-            return (f"--format gguf: this {architecture} has {key} {getattr(text_config(config), key, None)}; "
-                    f"transformers' GGUF reader, which checks the file, assumes {value}, so the file could not be "
-                    "verified. Export the merged folder (--format merged) and convert it with llama.cpp's "
-                    "convert_hf_to_gguf.py")
+        have = getattr(text, key, None)
+        want = _class_default(text, key) if value == DEFAULT else value
+        if key == "rope_parameters" and isinstance(have, dict) and isinstance(want, dict):  # the theta is written
+            have, want = _without_full_theta(have), _without_full_theta(want)
+        if have != want:
+            return (f"--format gguf: this {architecture} has {key} {have}; transformers' GGUF reader, which checks "
+                    f"the file, assumes {want}, so the file could not be verified. Export the merged folder "
+                    "(--format merged) and convert it with llama.cpp's convert_hf_to_gguf.py")
     window = sliding_window(config)
-    context = getattr(text_config(config), "max_position_embeddings", None)
-    if window is not None and (context is None or window < context):
+    context = getattr(text, "max_position_embeddings", None)
+    if GGUF_ARCHITECTURES[architecture] not in GGUF_SLIDING_WINDOW and window is not None and (
+            context is None or window < context):
         return (f"--format gguf: this {architecture} attends through a sliding window of {window} tokens (context "
-                f"{context}), which the GGUF written here (llama architecture) cannot carry: llama.cpp would attend "
+                f"{context}), which the GGUF written here (llama.cpp's llama graph) cannot carry: llama.cpp would attend "
                 "to the whole context and answer differently beyond the window. Export the merged folder "
                 "(--format merged) and serve it with transformers or vLLM")
     return None
+
+
+def _class_default(text: Any, key: str) -> Any:
+    """The value the config class itself gives `key` for a model of this many layers (what a reader that does
+    not store the key rebuilds)."""
+    return getattr(type(text)(num_hidden_layers=text.num_hidden_layers), key, None)
+
+
+def _without_full_theta(rope: dict[str, Any]) -> dict[str, Any]:
+    """Rope parameters less the global layers' theta, which the GGUF file carries (rope.freq_base)."""
+    if "full_attention" not in rope:
+        return {k: v for k, v in rope.items() if k != "rope_theta"}
+    return {**rope, "full_attention": {k: v for k, v in rope["full_attention"].items() if k != "rope_theta"}}
