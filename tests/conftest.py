@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers import ASSETS, REPO
 
-_TIERS = ("integration", "families", "browser", "gpu")
+_TIERS = ("integration", "families", "browser", "gpu", "vllm")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -32,6 +32,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 cuda = torch.cuda.is_available()
             if not cuda:
                 item.add_marker(pytest.mark.skip(reason="gpu tier: needs a CUDA device (none here)"))
+        if tier == "vllm" and not _vllm_installed():
+            item.add_marker(pytest.mark.skip(reason="vllm tier: vLLM is not installed (`make vllm` builds it)"))
+
+
+def _vllm_installed() -> bool:
+    """Whether the vllm tier can run; with PEFTKIT_REQUIRE_VLLM=1 (CI) a missing vLLM is an error, not a skip."""
+    import os
+
+    from peftkit.serve.vllm import find_vllm
+
+    if find_vllm() is not None:
+        return True
+    if os.environ.get("PEFTKIT_REQUIRE_VLLM") == "1":
+        raise pytest.UsageError("PEFTKIT_REQUIRE_VLLM=1 but no vLLM: run `make vllm` (or set $PEFTKIT_VLLM)")
+    return False
 
 ALPACA_RECORDS = [
     {"instruction": "Say hello.", "input": "", "output": "Hello!"},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -138,13 +139,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if not cfg.eval.dataset:
         raise PeftkitError("eval.dataset: missing — name the records to predict on, e.g. eval.dataset=data/dev.json")
-    model, tokenizer = load_for_chat(cfg.model, args.adapter, cfg.stage, cfg.data.template)
     # Its own folder per dataset: never over the figures the run itself reported.
     out = Path(args.out) if args.out else Path(args.adapter or cfg.train["output_dir"]) / "eval" / Path(cfg.eval.dataset).stem
-    results = predict(model, tokenizer, cfg, out)
+    if _eval_engine(args, cfg) == "vllm":
+        from peftkit.infer.chat import load_chat_tokenizer
+        from peftkit.model.resolve import resolve_model
+        from peftkit.serve.vllm import merged_for_vllm, vllm_generator
+
+        tokenizer = load_chat_tokenizer(cfg.model, args.adapter, cfg.stage, cfg.data.template)
+        folder = merged_for_vllm(args.adapter) if args.adapter else Path(resolve_model(cfg.model.name_or_path))
+        results = predict(None, tokenizer, cfg, out, generator=vllm_generator(folder, tokenizer, cfg.generate,
+                                                                                args.vllm_args))
+    else:
+        model, tokenizer = load_for_chat(cfg.model, args.adapter, cfg.stage, cfg.data.template)
+        results = predict(model, tokenizer, cfg, out)
     print(json.dumps(results, indent=2, ensure_ascii=False))
     logger.info("eval results written to %s", out)
     return 0
+
+
+def _eval_engine(args: argparse.Namespace, cfg: Any) -> str:
+    """--engine peftkit | vllm | auto for eval: vllm refused with the reason where it cannot do this eval; auto
+    takes vLLM where it can, and says which it took."""
+    if args.engine == "peftkit":
+        return "peftkit"
+    from peftkit.eval.predict import needs_the_model
+    from peftkit.model.resolve import resolve_model
+    from peftkit.serve.vllm import vllm_unusable
+
+    why = needs_the_model(cfg) or vllm_unusable(args.adapter or resolve_model(cfg.model.name_or_path))
+    if why and args.engine == "vllm":
+        raise PeftkitError(f"--engine vllm: {why}")
+    logger.info("eval engine: %s", f"peftkit ({why})" if why else "vllm")
+    return "peftkit" if why else "vllm"
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
@@ -239,7 +266,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 print(f"  ! {line}")
         return 0
     api_key = args.api_key or os.environ.get("PEFTKIT_API_KEY")
-    if args.engine == "vllm":
+    if _serve_engine(args) == "vllm":
         return _exec_vllm(args, api_key)
     loopback = is_loopback(args.host)
     if not loopback and not api_key:
@@ -251,23 +278,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _exec_vllm(args: argparse.Namespace, api_key: str | None) -> int:
-    """`peftkit serve --engine vllm`: the checked `vllm serve` command replaces this process (GPU users)."""
-    import os
-    import shutil
-
+    """`peftkit serve --engine vllm`: the checked `vllm serve` command replaces this process."""
     from peftkit.serve import named_adapters
-    from peftkit.serve.vllm import vllm_argv
+    from peftkit.serve.vllm import exec_vllm, serve_command
 
     runs = named_adapters(args.adapter) if args.adapter else {args.served_model_name or "model": args.model or ""}
     if not all(runs.values()):
         raise PeftkitError("--engine vllm needs --adapter RUN (or --model FOLDER)")
-    argv = vllm_argv(runs, args.host, args.port, api_key)
-    if shutil.which("vllm") is None:
-        raise PeftkitError("--engine vllm: vllm is not installed (pip install vllm; it needs a GPU). The command "
-                           "would be: " + " ".join(argv))
-    print(" ".join(argv), flush=True)
-    os.execvp("vllm", argv)
+    exec_vllm(serve_command(runs, args.host, args.port, api_key, shlex.split(args.vllm_args or "")))
     return 0  # not reached
+
+
+def _serve_engine(args: argparse.Namespace) -> str:
+    """--engine auto for serve: vLLM where it is installed and takes every run, else peftkit's; the choice said."""
+    if args.engine != "auto":
+        return args.engine
+    from peftkit.serve import named_adapters
+    from peftkit.serve.vllm import adapter_blocks, vllm_unusable
+
+    runs = list(named_adapters(args.adapter).values()) if args.adapter else [args.model or ""]
+    why = None if all(runs) else "no --adapter or --model folder"
+    for run in runs if why is None else []:
+        blocks = adapter_blocks(run) if len(runs) > 1 else []  # one run is served merged: no LoRA rules
+        why = why or vllm_unusable(run) or (blocks[0] if blocks else None)
+    logger.info("serve engine: %s", f"peftkit ({why})" if why else "vllm")
+    return "peftkit" if why else "vllm"
 
 
 def _cmd_board(args: argparse.Namespace) -> int:
@@ -320,6 +355,15 @@ def _add_model_options(p: argparse.ArgumentParser, several: bool = False) -> Non
     p.add_argument("overrides", nargs="*", help="section.key=value applied to --config")
 
 
+def _add_engine_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--engine", choices=("peftkit", "vllm", "auto"), default="peftkit",
+                   help=f"what to {what}: peftkit's engine (default); vllm (vLLM's own venv: `make vllm`, or "
+                        "$PEFTKIT_VLLM; a single LoRA run is merged into a cached export first); auto: vllm where it "
+                        "is installed and takes the model, otherwise peftkit, the choice printed")
+    p.add_argument("--vllm-args", metavar="FLAGS", help="more vLLM engine flags, e.g. '--enforce-eager' "
+                   "(vllm serve's own; for eval, passed to vllm.LLM with dashes as underscores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftkit", description="Fine-tune language models with LoRA, freeze or full tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -344,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--adapter", help="a trained output_dir (LoRA adapter) to load on the base model")
     p.add_argument("--out", help="folder for the predictions and results (default: ADAPTER_OR_OUTPUT_DIR/eval/DATASET)")
+    _add_engine_options(p, "generate the answers with")
     p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("chat", help="talk to a model")
     _add_model_options(p)
@@ -375,8 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row; more get 429")
     p.add_argument("--request-timeout", type=float, default=600,
                    help="seconds a request may take, waiting included; then it ends with what it has (finish_reason length)")
-    p.add_argument("--engine", choices=("peftkit", "vllm"), default="peftkit",
-                   help="vllm: hand the run(s) to `vllm serve` (installed, on a GPU) with the checked flags")
+    _add_engine_options(p, "serve with")
     p.add_argument("--print-vllm", action="store_true",
                    help="print the `vllm serve` command for --adapter (or --model) and what vLLM would refuse, then exit")
     p.set_defaults(func=_cmd_serve)

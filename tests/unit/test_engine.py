@@ -355,13 +355,18 @@ def test_vllm_hand_off_names_what_vllm_needs(two_adapters: dict[str, str], tmp_p
     (bad / "chat_template.jinja").write_text(resources.files("peftkit.data").joinpath("templates/chatml.jinja")
                                              .read_text())
     command, _ = vllm_hand_off(bad, "x")
-    assert f"--chat-template {bad / 'chat_template.jinja'} --enable-auto-tool-choice --tool-call-parser hermes " \
-           "--reasoning-parser deepseek_r1" in command
+    assert f"--chat-template {bad / 'chat_template.jinja'} --enable-auto-tool-choice --tool-call-parser hermes" \
+        in command
+    assert "--reasoning-parser" not in command  # vLLM's parser refuses to start without <think> tokens
+    (bad / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0}}, "added_tokens": [
+        {"id": 1, "content": "<think>"}, {"id": 2, "content": "</think>"}]}))
+    command, _ = vllm_hand_off(bad, "x")
+    assert "--tool-call-parser hermes --reasoning-parser deepseek_r1" in command
 
 
 def test_serve_engine_vllm_execs_one_checked_vllm_server_for_every_adapter(two_adapters: dict[str, str],
                                                                         tmp_path: Path) -> None:
-    """`peftkit serve --engine vllm` replaces itself with `vllm serve` (a stand-in here: vLLM needs a GPU)."""
+    """`peftkit serve --engine vllm` replaces itself with `vllm serve` (a stand-in here, as $PEFTKIT_VLLM)."""
     import os
     import subprocess
     import sys
@@ -373,7 +378,7 @@ def test_serve_engine_vllm_execs_one_checked_vllm_server_for_every_adapter(two_a
     adapters = [f"{n}={p}" for n, p in two_adapters.items()]
     cmd = [sys.executable, "-m", "peftkit", "serve", "--engine", "vllm", "--port", "8123",
            *[a for spec in adapters for a in ("--adapter", spec)]]
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    env = {**os.environ, "PEFTKIT_VLLM": str(fake / "vllm")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=120)
     assert proc.returncode == 0, proc.stderr
     argv = (tmp_path / "argv.txt").read_text().split()
@@ -382,8 +387,9 @@ def test_serve_engine_vllm_execs_one_checked_vllm_server_for_every_adapter(two_a
     at = argv.index("--lora-modules")
     assert argv[at + 1:at + 3] == adapters and argv[-4:] == ["--host", "127.0.0.1", "--port", "8123"]
     missing = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120,
-                             env={**os.environ, "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
-    assert missing.returncode == 2 and "vllm is not installed" in missing.stderr and "Traceback" not in missing.stderr
+                             env={**os.environ, "PEFTKIT_VLLM": str(tmp_path / "nowhere")})
+    assert missing.returncode == 2 and "no vllm executable there" in missing.stderr and "make vllm" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 def test_a_shared_prefix_is_computed_once_and_changes_no_answer(model_and_tok) -> None:

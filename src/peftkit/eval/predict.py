@@ -6,8 +6,10 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from peftkit.atomic import write_json_atomic, write_text_atomic
@@ -15,6 +17,7 @@ from peftkit.config.schema import RunConfig
 from peftkit.constants import PREDICT_RESULTS_FILE, PREDICTIONS_FILE
 from peftkit.data.dataset import load_messages
 from peftkit.data.encode import render_prompt
+from peftkit.errors import PeftkitError
 from peftkit.eval.loss import eval_loss
 from peftkit.eval.metrics import METRICS, reference_text
 from peftkit.infer.engine import adapters_merged, generate_batch
@@ -24,14 +27,32 @@ from peftkit.stages import stage as stage_of
 logger = logging.getLogger("peftkit")
 
 
-def predict(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str = "") -> dict[str, Any]:
+# Another engine's generation (eval --engine vllm): the prompts' answers as token ids, in order.
+Generator = Callable[[list[list[int]]], list[list[int]]]
+
+
+def needs_the_model(cfg: RunConfig) -> str | None:
+    """What in this eval another engine's answers cannot give (None: answers are all it needs)."""
+    entry = stage_of(cfg.stage)
+    if entry.scorer is not None:
+        return f"stage {entry.name} scores records with the model itself"
+    if "loss" in cfg.eval.metrics:
+        return "eval.metrics loss needs the model's forward"
+    return None
+
+
+def predict(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str = "",
+            generator: Generator | None = None) -> dict[str, Any]:
     """Score `eval.dataset` with `eval.metrics`; writes predict_results{tag}.json and returns it.
 
     `loss` needs no generation; every other metric scores generated answers, which are also
     written to generated_predictions{tag}.jsonl. Stages with a scorer (rm, dpo, cls) score records instead (eval/scoring.py).
+    With `generator` (model None) the answers come from it, and only generated metrics can be asked for.
     """
     metrics: dict[str, Any] = {"dataset": cfg.eval.dataset}  # which records produced these figures
     entry = stage_of(cfg.stage)
+    if generator is not None and needs_the_model(cfg):
+        raise PeftkitError(f"--engine vllm generates answers only: {needs_the_model(cfg)}; use --engine peftkit")
     if entry.scorer is not None:  # scored, not generated: eval.metrics does not apply
         metrics.update(entry.load("scorer")(model, tokenizer, cfg, output_dir, tag))
         write_json_atomic(output_dir / PREDICT_RESULTS_FILE.replace(".json", f"{tag}.json"), metrics)
@@ -39,12 +60,13 @@ def predict(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: s
     if "loss" in cfg.eval.metrics:
         metrics.update(eval_loss(model, tokenizer, cfg))
     if any(m != "loss" for m in cfg.eval.metrics):
-        metrics.update(_generate_and_score(model, tokenizer, cfg, output_dir, tag))
+        metrics.update(_generate_and_score(model, tokenizer, cfg, output_dir, tag, generator))
     write_json_atomic(output_dir / PREDICT_RESULTS_FILE.replace(".json", f"{tag}.json"), metrics)
     return metrics
 
 
-def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str) -> dict[str, Any]:
+def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, tag: str,
+                        generator: Generator | None) -> dict[str, Any]:
     """Generated answers scored against the references; results keep file order.
 
     Each answer is appended to a partial file as it finishes; a killed eval started again with the same
@@ -73,7 +95,10 @@ def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: 
             out.flush()
             meter.update(len(job.tokens))
 
-        if todo:
+        if todo and generator is not None:
+            for k, tokens in enumerate(generator([prompts[i] for i in todo])):
+                done(k, SimpleNamespace(tokens=tokens))
+        elif todo:
             with adapters_merged(model):
                 generate_batch(model, tokenizer, [prompts[i] for i in todo], cfg.generate, autocast_dtype(cfg.train),
                                slots=cfg.eval.batch_size, on_done=done)

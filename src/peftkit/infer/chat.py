@@ -28,12 +28,7 @@ def load_for_chat(model: str | ModelArgs, adapter: str | None, stage: str = "sft
     """
     args = model if isinstance(model, ModelArgs) else ModelArgs(name_or_path=model)
     trained = Path(adapter or args.name_or_path)
-    if adapter and (Path(adapter) / "tokenizer_config.json").is_file():
-        tokenizer = load_tokenizer(replace(args, name_or_path=adapter))
-    else:
-        tokenizer = load_tokenizer(args)
-        if template is not None:
-            apply_template(tokenizer, template, stage)
+    tokenizer = load_chat_tokenizer(args, adapter, stage, template)
     head = stage_of(stage).head
     loaded = load_model(args, saved_classes(trained) if head == "classifier" else None, tokenizer.pad_token_id)
     if head == "value":  # before the adapter, whose config excludes the head from LoRA's targets
@@ -44,6 +39,17 @@ def load_for_chat(model: str | ModelArgs, adapter: str | None, stage: str = "sft
         loaded = PeftModel.from_pretrained(loaded, adapter)
     loaded.eval()
     return loaded, tokenizer
+
+
+def load_chat_tokenizer(args: ModelArgs, adapter: str | None, stage: str = "sft", template: str | None = None) -> Any:
+    """The tokenizer load_for_chat uses: the one saved beside an adapter (it has the training template), else the
+    model's with `template` (data.template) applied."""
+    if adapter and (Path(adapter) / "tokenizer_config.json").is_file():
+        return load_tokenizer(replace(args, name_or_path=adapter))
+    tokenizer = load_tokenizer(args)
+    if template is not None:
+        apply_template(tokenizer, template, stage)
+    return tokenizer
 
 
 def _streamer(tokenizer: Any, stream: TextIO) -> Any:
