@@ -1,13 +1,15 @@
 """Load on `peftkit serve`: concurrent clients with the official openai client, on loopback only.
 
     .venv/bin/python benchmarks/serve_load.py RUN_DIR [--clients 16] [--requests 16] [--max-tokens 128]
-        [--overload 64 --max-queue 32] [--compare-src OLD_CHECKOUT/src]
+        [--overload 64 --max-queue 32] [--compare-src OLD_CHECKOUT/src] [--vllm]
 
 Starts the server on a free 127.0.0.1 port, sends `--requests` resume-NER dev prompts from `--clients`
 threads (every other one streaming; greedy), and prints requests/s, completion tokens/s and p50 / p95
 latency. `--overload N` then fires N requests at once against `--max-queue`: the excess must get 429 and
 everything admitted must be answered, within the time bound. `--compare-src` runs the same load against
 another checkout's peftkit (e.g. a `git worktree` of the version before the engine), in the same run.
+`--vllm` adds the same load on `peftkit serve --engine vllm` (vLLM from `make vllm`: the run merged into a cached
+export, served with vLLM's defaults; its start-up, compilation included, is not timed).
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ def start_server(run: str, src: str | None, extra: list[str]) -> tuple[subproces
     env = {**os.environ, **({"PYTHONPATH": src} if src else {})}
     proc = subprocess.Popen([sys.executable, "-m", "peftkit", "serve", "--adapter", run, "--port", str(port),
                              "--served-model-name", "ner", *extra], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 300
+    deadline = time.time() + 600  # vLLM compiles the model at start (about 2 minutes on 2 cores)
     while time.time() < deadline:
         try:
             if httpx.get(f"{base}/models", timeout=2).status_code == 200:
@@ -51,8 +53,20 @@ def start_server(run: str, src: str | None, extra: list[str]) -> tuple[subproces
             time.sleep(0.5)
         if proc.poll() is not None:
             raise RuntimeError("the server exited")
-    proc.kill()
-    raise RuntimeError("the server did not start in 300 s")
+    stop(proc)
+    raise RuntimeError("the server did not start in 600 s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """The server and what it started (vLLM's engine process): its whole session."""
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def prompts(n: int) -> list[list[dict[str, str]]]:
@@ -109,19 +123,20 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=32)
     parser.add_argument("--compare-src", help="another checkout's src/ to run the same load against first")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--vllm", action="store_true", help="also the same load on --engine vllm")
     args = parser.parse_args()
 
     rows = []
     servers = ([("before (" + args.compare_src + ")", args.compare_src, [])] if args.compare_src else []) + [
-        ("engine", None, ["--slots", str(args.slots), "--max-queue", str(max(args.max_queue, args.requests))])]
+        ("engine", None, ["--slots", str(args.slots), "--max-queue", str(max(args.max_queue, args.requests))])] + (
+        [("vLLM (--engine vllm, merged)", None, ["--engine", "vllm"])] if args.vllm else [])
     for name, src, extra in servers:
         proc, base = start_server(args.run, src, extra)
         try:
             row = {"server": name, "clients": args.clients, **load(base, args.clients, args.requests, args.max_tokens,
                                                                   args.timeout)}
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop(proc)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.overload:
@@ -130,8 +145,7 @@ def main() -> None:
             row = {"server": f"engine, queue {args.max_queue}", "clients": args.overload,
                    **load(base, args.overload, args.overload, args.max_tokens, args.timeout)}
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop(proc)
         rows.append(row)
         print(json.dumps(row), flush=True)
         expected = args.overload - args.slots - args.max_queue

@@ -273,7 +273,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         logger.warning("serving on %s without --api-key: anyone who reaches this address can use the model", args.host)
     model, adapters, stage, template = _model_spec(args)
     serve((model, adapters or [], stage, template), args.host, args.port, api_key, args.max_tokens_limit,
-          args.served_model_name, slots=args.slots, max_queue=args.max_queue, request_timeout=args.request_timeout)
+          args.served_model_name, slots=args.slots, max_queue=args.max_queue, request_timeout=args.request_timeout,
+          max_model_len=args.max_model_len)
     return 0
 
 
@@ -285,7 +286,10 @@ def _exec_vllm(args: argparse.Namespace, api_key: str | None) -> int:
     runs = named_adapters(args.adapter) if args.adapter else {args.served_model_name or "model": args.model or ""}
     if not all(runs.values()):
         raise PeftkitError("--engine vllm needs --adapter RUN (or --model FOLDER)")
-    exec_vllm(serve_command(runs, args.host, args.port, api_key, shlex.split(args.vllm_args or "")))
+    if args.served_model_name and len(runs) == 1:
+        runs = {args.served_model_name: next(iter(runs.values()))}
+    extra = shlex.split(args.vllm_args or "") + (["--max-model-len", str(args.max_model_len)] if args.max_model_len else [])
+    exec_vllm(serve_command(runs, args.host, args.port, api_key, extra))
     return 0  # not reached
 
 
@@ -418,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", help="the model id clients send (default: the folder name)")
     p.add_argument("--slots", type=int, default=16, help="requests generated at once (rows of the running batch)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a row; more get 429")
+    p.add_argument("--max-model-len", type=int, help="tokens per request, prompt and answer (default: the model's "
+                   "context, shortened to what the KV cache budget holds: $PEFTKIT_KV_CACHE_GIB, else 60%% of free memory)")
     p.add_argument("--request-timeout", type=float, default=600,
                    help="seconds a request may take, waiting included; then it ends with what it has (finish_reason length)")
     _add_engine_options(p, "serve with")

@@ -14,6 +14,7 @@ import torch
 
 from peftkit.data.encode import render_prompt
 from peftkit.data.template import stop_token_ids
+from peftkit.errors import PeftkitError
 from peftkit.infer.chat import load_for_chat
 from peftkit.infer.engine import Engine, QueueFull, Sampling
 
@@ -536,3 +537,38 @@ def test_serve_caches_the_template_opening_and_answers_as_without_it(tiny_model_
         assert (service.engine._prefix_kv is not None) == cached  # the cached path really ran
         service.close()
     assert answers[True] == answers[False]
+
+
+def test_a_kv_cache_that_does_not_fit_is_refused_at_start(model_and_tok, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's rows × tokens are checked against the KV budget before anything is allocated (a server that
+    reserved more than the machine has stopped answering, even /health); serve's default context is shortened to
+    what fits, an asked-for one that does not fit is refused."""
+    from peftkit.infer.engine import KV_CACHE_ENV, fitting_context, kv_bytes_per_token
+
+    model, tok = model_and_tok
+    per_token = kv_bytes_per_token(model)
+    config = model.config.get_text_config()
+    assert per_token == 2 * config.num_hidden_layers * config.num_key_value_heads * \
+        (config.hidden_size // config.num_attention_heads) * 4  # float32 keys and values
+    monkeypatch.setenv(KV_CACHE_ENV, str(per_token * 4 * 300 / 2**30))  # 4 rows of 300 tokens
+    with pytest.raises(PeftkitError, match=r"KV cache for 4 rows of 512 tokens needs .* GiB.*--slots.*PEFTKIT_KV_CACHE_GIB"):
+        Engine(model, tok, slots=4, max_len=512)
+    Engine(model, tok, slots=4, max_len=300)
+    assert fitting_context(model, slots=4, dtype=None) == 256  # the model's 512 shortened to a multiple of 256
+    assert fitting_context(model, slots=4, dtype=None, wanted=300) == 300
+    with pytest.raises(PeftkitError, match="rows of 400 tokens"):
+        fitting_context(model, slots=4, dtype=None, wanted=400)
+    monkeypatch.setenv(KV_CACHE_ENV, "lots")
+    with pytest.raises(PeftkitError, match="a number of GiB"):
+        Engine(model, tok, slots=4, max_len=300)
+
+
+def test_serve_refuses_rows_that_do_not_fit_before_serving(tiny_model_dir: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "peftkit", "serve", "--model", str(tiny_model_dir), "--slots", "64",
+                           "--max-model-len", "400", "--port", "8124"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PEFTKIT_KV_CACHE_GIB": "0.0001"}, check=False)
+    assert proc.returncode == 2 and "KV cache for 64 rows of 400 tokens" in proc.stderr and "Traceback" not in proc.stderr

@@ -53,8 +53,9 @@ def load_served(spec: tuple[Any, list[str], str, str | None]) -> tuple[Any, Any,
 
 def serve(spec: tuple[Any, list[str], str, str | None], host: str, port: int, api_key: str | None,
           max_tokens_limit: int, served_name: str | None, slots: int = 16, max_queue: int = 64,
-          request_timeout: float = 600) -> None:
-    """Load the model once and serve it until interrupted."""
+          request_timeout: float = 600, max_model_len: int | None = None) -> None:
+    """Load the model once and serve it until interrupted; the context window is `max_model_len` (default: the
+    model's, shortened to what the KV cache budget holds for `slots` rows)."""
     import uvicorn
 
     from peftkit.serve.app import create_app
@@ -65,13 +66,17 @@ def serve(spec: tuple[Any, list[str], str, str | None], host: str, port: int, ap
         if len(served) > 1:
             raise PeftkitError("--served-model-name names one model; with several adapters use --adapter NAME=RUN")
         served = {served_name: next(iter(served.values()))}
-    context = int(getattr(model.config, "max_position_embeddings", 2048))
+    from peftkit.infer.engine import fitting_context
+
+    context = fitting_context(model, slots, None, max_model_len)  # refused here, before serving, when it cannot fit
     adapters = [a for a in served.values() if a is not None] or None
     service = Service(model, tokenizer, context, slots=slots, max_queue=max_queue, adapters=adapters,
                       request_timeout=request_timeout)
     app = create_app(service, served, api_key=api_key, max_tokens_limit=max_tokens_limit)
-    logger.info("serving %s on http://%s:%d/v1 (context window %d tokens, %d rows, queue %d)%s",
-                ", ".join(map(repr, served)), host, port, context, slots, max_queue,
+    full = int(getattr(model.config.get_text_config(), "max_position_embeddings", context) or context)
+    logger.info("serving %s on http://%s:%d/v1 (context window %d tokens%s, %d rows, queue %d)%s",
+                ", ".join(map(repr, served)), host, port, context,
+                f" of the model's {full}: what the KV cache budget holds" if context < full else "", slots, max_queue,
                 "" if api_key else " without an API key")
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
