@@ -71,7 +71,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def prompts(n: int) -> list[list[dict[str, str]]]:
     records = json.loads((REPO / "data/resume_ner/dev.json").read_text(encoding="utf-8"))[:n]
-    return [[{"role": "user", "content": f"{r['instruction']}\n{r['input']}"}] for r in records]
+    return [[{"role": "user", "content": r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")}] for r in records]
 
 
 def one(client: Any, messages: list[dict[str, str]], stream: bool, max_tokens: int) -> tuple[float, int, int]:
@@ -124,11 +124,15 @@ def main() -> None:
     parser.add_argument("--compare-src", help="another checkout's src/ to run the same load against first")
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--vllm", action="store_true", help="also the same load on --engine vllm")
+    parser.add_argument("--serve-args", default="", help="more `peftkit serve` flags for the engine's row, e.g. "
+                        "'--dtype bfloat16'")
     args = parser.parse_args()
 
     rows = []
     servers = ([("before (" + args.compare_src + ")", args.compare_src, [])] if args.compare_src else []) + [
-        ("engine", None, ["--slots", str(args.slots), "--max-queue", str(max(args.max_queue, args.requests))])] + (
+        (f"engine, {args.slots} rows {args.serve_args}".strip(), None,
+         ["--slots", str(args.slots), "--max-queue", str(max(args.max_queue, args.requests)),
+          *args.serve_args.split()])] + (
         [("vLLM (--engine vllm, merged)", None, ["--engine", "vllm"])] if args.vllm else [])
     for name, src, extra in servers:
         proc, base = start_server(args.run, src, extra)

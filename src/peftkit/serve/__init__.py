@@ -53,7 +53,7 @@ def load_served(spec: tuple[Any, list[str], str, str | None]) -> tuple[Any, Any,
 
 def serve(spec: tuple[Any, list[str], str, str | None], host: str, port: int, api_key: str | None,
           max_tokens_limit: int, served_name: str | None, slots: int = 16, max_queue: int = 64,
-          request_timeout: float = 600, max_model_len: int | None = None) -> None:
+          request_timeout: float = 600, max_model_len: int | None = None, dtype: str | None = None) -> None:
     """Load the model once and serve it until interrupted; the context window is `max_model_len` (default: the
     model's, shortened to what the KV cache budget holds for `slots` rows)."""
     import uvicorn
@@ -68,6 +68,10 @@ def serve(spec: tuple[Any, list[str], str, str | None], host: str, port: int, ap
         served = {served_name: next(iter(served.values()))}
     from peftkit.infer.engine import fitting_context
 
+    if dtype is not None:  # stored once in that dtype: bf16 autocast would cast the float32 weights every step
+        import torch  # (served the demo adapter 2x slower than float32, benchmarks/RESULTS.md)
+
+        model.to(getattr(torch, dtype))
     context = fitting_context(model, slots, None, max_model_len)  # refused here, before serving, when it cannot fit
     adapters = [a for a in served.values() if a is not None] or None
     service = Service(model, tokenizer, context, slots=slots, max_queue=max_queue, adapters=adapters,
