@@ -192,3 +192,27 @@ def test_push_to_hub_uploads_the_checked_export_with_its_card(lora_run, tmp_path
     err = capsys.readouterr().err
     assert code == 2 and "401 Unauthorized" in err and f"The export is complete in {out}" in err
     assert (out / "model.safetensors").is_file()
+
+
+def test_a_sentencepiece_style_tokenizer_is_refused_before_merging(lora_run, tmp_path: Path, monkeypatch) -> None:
+    """The GGUF holds byte-level BPE vocabularies; a Metaspace / byte-fallback one (Llama 2, Mistral v0.1, Gemma)
+    would tokenize differently in llama.cpp: refused with the way out, before any merging, nothing written."""
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from peftkit.export import merge
+    from peftkit.export.gguf import tokenizer_refusal
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run[0], run)
+    assert tokenizer_refusal(run) is None  # the byte-level test tokenizer
+    spm = Tokenizer(models.BPE(vocab={"<unk>": 0, "▁a": 1, "a": 2, "▁": 3}, merges=[("▁", "a")], byte_fallback=True,
+                               unk_token="<unk>"))
+    spm.pre_tokenizer = pre_tokenizers.Metaspace()
+    spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    spm.save(str(run / "tokenizer.json"))
+    monkeypatch.setattr(merge, "_merged", lambda *a, **k: (_ for _ in ()).throw(AssertionError("merged")))
+    with pytest.raises(PeftkitError, match=r"Metaspace vocabulary with byte fallback .*--format merged"):
+        merge.export_gguf(run, tmp_path / "gguf")
+    assert not (tmp_path / "gguf").exists()

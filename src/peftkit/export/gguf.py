@@ -33,6 +33,26 @@ def _pre_tokenizer(model_type: str, tokenizer: Any) -> str:
     return "default"
 
 
+def tokenizer_refusal(folder: Path) -> str | None:
+    """Why the tokenizer in `folder` (its tokenizer.json) cannot be written as this writer's byte-level BPE
+    vocabulary, or None. A SentencePiece-style vocabulary (Metaspace, byte fallback: Llama 2, Mistral v0.1,
+    Gemma) written so would tokenize differently in llama.cpp; asked before any merging."""
+    try:
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # no fast tokenizer file to judge by: the read-back check after writing decides
+    kinds = set(re.findall(r'"type":\s*"(\w+)"', json.dumps([data.get("pre_tokenizer"), data.get("decoder")])))
+    model = data.get("model") or {}
+    if model.get("type") == "BPE" and "ByteLevel" in kinds and not model.get("byte_fallback"):
+        return None
+    kind = "Metaspace" if "Metaspace" in kinds else (model.get("type") or "unknown")
+    fallback = " with byte fallback" if model.get("byte_fallback") else ""
+    return (f"--format gguf: {folder}'s tokenizer is a {kind} vocabulary{fallback}"
+            " (SentencePiece style); the GGUF written here holds byte-level BPE vocabularies only, and llama.cpp would "
+            "tokenize prompts differently. Export the merged folder (--format merged) and convert it with llama.cpp's "
+            "convert_hf_to_gguf.py, which reads the SentencePiece model")
+
+
 def _tokens(tokenizer: Any, n_vocab: int) -> tuple[list[str], list[Any]]:
     """Token strings by id (byte-level, as in tokenizer.json) and llama.cpp token types; ids past the
     tokenizer's vocabulary (an embedding padded to a round size) are unused placeholders."""

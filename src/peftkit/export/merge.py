@@ -253,7 +253,7 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overw
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.data.template import stop_token_ids
-    from peftkit.export.gguf import QUANTS, modelfile, write_gguf
+    from peftkit.export.gguf import QUANTS, modelfile, tokenizer_refusal, write_gguf
 
     run_dir, out = Path(run_dir), Path(out)
     if quant not in QUANTS:
@@ -263,7 +263,8 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overw
     if entry.head != "lm":
         raise PeftkitError(f"--format gguf: stage {entry.name} has a {entry.head} head, which llama.cpp "
                            "does not run; export it as a transformers folder (the default --format hf)")
-    refusal = gguf_refusal(_model_config(trained))  # before any merging
+    tokenizer_home = trained.path if (trained.path / "tokenizer.json").is_file() else Path(trained.base_model)
+    refusal = gguf_refusal(_model_config(trained)) or tokenizer_refusal(tokenizer_home)  # before any merging
     if refusal:
         raise PeftkitError(refusal)
     check_destination(run_dir, out, overwrite)
