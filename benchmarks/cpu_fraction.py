@@ -113,7 +113,7 @@ def run_config(name: str, steps: int, profile: bool) -> dict:
     from peftkit.data import apply_template, build_collator, prepare_data
     from peftkit.model import load_model, load_tokenizer, prepare_for_training
     from peftkit.model.value_head import causal_lm
-    from peftkit.train.loss import chunked_causal_lm_loss, hidden_states_as_logits
+    from peftkit.train.loss import chunked_lm_loss
     from peftkit.train.speedups import training_speedups
 
     out = tempfile.mkdtemp(prefix="cpu-fraction-")
@@ -150,9 +150,7 @@ def run_config(name: str, steps: int, profile: bool) -> dict:
         labels = batch.pop("labels")
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            with hidden_states_as_logits(lm) as head:
-                hidden = model(**batch).logits
-            total, count = chunked_causal_lm_loss(hidden, labels, head)
+            total, count = chunked_lm_loss(model, lm, batch, labels)
             loss = total / count
         loss.backward()
         optimizer.step()

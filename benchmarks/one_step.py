@@ -27,7 +27,7 @@ def run(bf16: bool, steps: int, profile: bool) -> dict:
     from peftkit.data import apply_template, build_collator, prepare_data
     from peftkit.model import load_model, load_tokenizer, prepare_for_training
     from peftkit.model.value_head import causal_lm
-    from peftkit.train.loss import chunked_causal_lm_loss, hidden_states_as_logits
+    from peftkit.train.loss import chunked_lm_loss
     from peftkit.train.speedups import training_speedups
 
     out = tempfile.mkdtemp(prefix="one-step-")
@@ -46,9 +46,7 @@ def run(bf16: bool, steps: int, profile: bool) -> dict:
 
     def step() -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            with hidden_states_as_logits(lm) as head:
-                hidden = model(**batch).logits
-            total, count = chunked_causal_lm_loss(hidden, labels, head)
+            total, count = chunked_lm_loss(model, lm, batch, labels)
             loss = total / count
         loss.backward()
         model.zero_grad()

@@ -63,8 +63,8 @@ def test_training_with_and_without_chunked_loss_logs_the_same_losses(tiny_model_
     import peftkit.train.trainer as trainer_module
 
     calls = []
-    real = trainer_module.chunked_causal_lm_loss
-    monkeypatch.setattr(trainer_module, "chunked_causal_lm_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = trainer_module.chunked_lm_loss
+    monkeypatch.setattr(trainer_module, "chunked_lm_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
     losses = {}
     for chunked in (True, False):
         out = tmp_path / str(chunked)

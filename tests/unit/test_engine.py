@@ -542,8 +542,8 @@ def test_serve_caches_the_template_opening_and_answers_as_without_it(tiny_model_
 def test_a_kv_cache_that_does_not_fit_is_refused_at_start(model_and_tok, monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine's rows × tokens are checked against the KV budget before anything is allocated (a server that
     reserved more than the machine has stopped answering, even /health); serve's default context is shortened to
-    what fits, an asked-for one that does not fit is refused."""
-    from peftkit.infer.engine import KV_CACHE_ENV, fitting_context, kv_bytes_per_token
+    what fits, an asked-for one that does not fit is refused; a batch job runs fewer rows at a time."""
+    from peftkit.infer.engine import KV_CACHE_ENV, engine_for, fitting_context, kv_bytes_per_token
 
     model, tok = model_and_tok
     per_token = kv_bytes_per_token(model)
@@ -554,6 +554,9 @@ def test_a_kv_cache_that_does_not_fit_is_refused_at_start(model_and_tok, monkeyp
     with pytest.raises(PeftkitError, match=r"KV cache for 4 rows of 512 tokens needs .* GiB.*--slots.*PEFTKIT_KV_CACHE_GIB"):
         Engine(model, tok, slots=4, max_len=512)
     Engine(model, tok, slots=4, max_len=300)
+    batch = engine_for(model, tok, [[1] * 90] * 10, max_new_tokens=59, slots=8)  # 150 tokens a row: 8 of 10 fit
+    assert batch.slots == 8
+    assert engine_for(model, tok, [[1] * 240] * 10, max_new_tokens=59, slots=8).slots == 4  # 300 a row: 4 fit
     assert fitting_context(model, slots=4, dtype=None) == 256  # the model's 512 shortened to a multiple of 256
     assert fitting_context(model, slots=4, dtype=None, wanted=300) == 300
     with pytest.raises(PeftkitError, match="rows of 400 tokens"):

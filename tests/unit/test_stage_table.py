@@ -157,8 +157,8 @@ def test_speedups_off_runs_the_libraries_own_code(monkeypatch: pytest.MonkeyPatc
 
     calls = []
     monkeypatch.setattr(speedups, "fused_lora_forward", lambda model: calls.append("fused") or speedups.ExitStack())
-    real_loss = trainer_module.chunked_causal_lm_loss
-    monkeypatch.setattr(trainer_module, "chunked_causal_lm_loss", lambda *a: calls.append("chunked") or real_loss(*a))
+    real_loss = trainer_module.chunked_lm_loss
+    monkeypatch.setattr(trainer_module, "chunked_lm_loss", lambda *a: calls.append("chunked") or real_loss(*a))
     base = _overrides(tiny_model_dir, tmp_path / "a", "sft", f"data.train={alpaca_file}", "train.max_steps=1")
     train(load_config(None, [*base, "train.peftkit_speedups=off"]))
     assert calls == []

@@ -26,7 +26,7 @@ def _cpu_vllm(root: Path) -> Path:
 def test_vllm_is_found_by_the_variable_then_beside_the_venv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     venv = _cpu_vllm(tmp_path / "v")
     monkeypatch.setenv(vllm.VLLM_ENV, str(venv))  # the venv folder or the executable itself
-    assert vllm.find_vllm() == venv / "bin/vllm" and vllm.on_cpu()
+    assert vllm.find_vllm() == venv / "bin/vllm" and vllm.cpu_vllm()
     env = vllm.vllm_env()
     assert env["VLLM_TARGET_DEVICE"] == "cpu" and env["VLLM_HOST_IP"] == "127.0.0.1" and env["VLLM_CPU_KVCACHE_SPACE"]
     monkeypatch.setenv(vllm.VLLM_ENV, str(tmp_path / "nowhere"))
@@ -76,13 +76,11 @@ def test_the_generator_strips_the_end_of_turn_token_and_passes_greedy(tokenizer,
     assert generate([[1], [2]]) == [[5, 6], [7]]
     assert seen["sampling"]["temperature"] == 0.0 and seen["sampling"]["max_tokens"] == 9
     assert stop in seen["stops"] and seen["extra"] == {"enforce_eager": True}
-    with pytest.raises(PeftkitError, match="json_mode"):
-        vllm.vllm_generator("M", tokenizer, GenerateArgs(json_mode=True))
 
 
 def test_eval_engine_vllm_is_refused_before_any_work_where_it_cannot_serve_the_eval(
-        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
-    """Metrics that need the model's forward (loss) or a head-dim the CPU build lacks: exit 2 with the reason;
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog, capsys) -> None:
+    """Metrics that need the model's forward (loss), JSON mode, or a head size the CPU build lacks: exit 2 with the reason;
     --engine auto takes peftkit's engine then, and says why."""
     from peftkit.cli import main
 
@@ -97,6 +95,10 @@ def test_eval_engine_vllm_is_refused_before_any_work_where_it_cannot_serve_the_e
     assert "eval engine: peftkit (" in caplog.text and "head size 8" in caplog.text
     assert (tmp_path / "e" / "predict_results.json").is_file()
     assert main([*args[:-2], "eval.metrics=[loss]", "--out", str(tmp_path / "f"), "--engine", "vllm"]) == 2
+    monkeypatch.setattr(vllm, "model_refusal", lambda folder: None)  # vLLM would take the model, but not JSON mode
+    capsys.readouterr()
+    assert main([*args[:-2], "generate.json_mode=true", "--out", str(tmp_path / "g"), "--engine", "vllm"]) == 2
+    assert "--engine vllm: generate.json_mode" in capsys.readouterr().err and not (tmp_path / "g").exists()
 
 
 def test_one_run_is_merged_once_and_again_only_when_it_changes(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path,

@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from peftkit.atomic import write_json_atomic, write_text_atomic
@@ -38,6 +37,8 @@ def needs_the_model(cfg: RunConfig) -> str | None:
         return f"stage {entry.name} scores records with the model itself"
     if "loss" in cfg.eval.metrics:
         return "eval.metrics loss needs the model's forward"
+    if cfg.generate.json_mode:
+        return "generate.json_mode is peftkit's constrained decoding"
     return None
 
 
@@ -89,19 +90,19 @@ def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: 
         if not answers:
             out.write(json.dumps({"fingerprint": fingerprint}) + "\n")
 
-        def done(k: int, job: Any) -> None:
-            answers[todo[k]] = job.tokens
-            out.write(json.dumps({"index": todo[k], "tokens": job.tokens}) + "\n")
+        def done(k: int, tokens: list[int]) -> None:
+            answers[todo[k]] = tokens
+            out.write(json.dumps({"index": todo[k], "tokens": tokens}) + "\n")
             out.flush()
-            meter.update(len(job.tokens))
+            meter.update(len(tokens))
 
         if todo and generator is not None:
             for k, tokens in enumerate(generator([prompts[i] for i in todo])):
-                done(k, SimpleNamespace(tokens=tokens))
+                done(k, tokens)
         elif todo:
             with adapters_merged(model):
                 generate_batch(model, tokenizer, [prompts[i] for i in todo], cfg.generate, autocast_dtype(cfg.train),
-                               slots=cfg.eval.batch_size, on_done=done)
+                               slots=cfg.eval.batch_size, on_done=lambda k, job: done(k, job.tokens))
     seconds = time.time() - start
     ordered = [answers[i] for i in range(len(prompts))]
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in ordered]

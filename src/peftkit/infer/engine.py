@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import threading
 import time
@@ -32,6 +33,8 @@ from peftkit.data.template import stop_token_ids
 from peftkit.errors import PeftkitError
 from peftkit.model.dtypes import autocast
 from peftkit.model.families import sliding_window, stateful_layers
+
+logger = logging.getLogger("peftkit")
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 JSON_CANDIDATES = 64  # JSON mode looks for a valid token among this many most likely ones
@@ -93,11 +96,16 @@ def _contiguous_output_layer_input(model: Any) -> None:
     layer._peftkit_contiguous = True
 
 
+def model_context(model: Any) -> int:
+    """The model's context window in tokens (its config's max_position_embeddings)."""
+    return int(getattr(model.config.get_text_config(), "max_position_embeddings", 2048) or 2048)
+
+
 def fitting_context(model: Any, slots: int, dtype: str | None, wanted: int | None = None) -> int:
     """The tokens per row (prompt + answer) a serving engine of `slots` rows holds: `wanted` (else the model's
     context), refused when it does not fit the KV budget; without `wanted`, the model's context shortened to
     what fits (to a multiple of 256, at least 256)."""
-    context = int(getattr(model.config.get_text_config(), "max_position_embeddings", 2048) or 2048)
+    context = model_context(model)
     per_token = kv_bytes_per_token(model, dtype) * slots  # one column of every row
     budget, source = kv_budget(next(model.parameters()).device)
     fits = budget // per_token if per_token else context
@@ -717,11 +725,18 @@ class Engine:
 
 def engine_for(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, slots: int,
                dtype: str | None = None) -> Engine:
-    """An engine sized for a batch job: `slots` rows (at most one per prompt), columns for the longest."""
+    """An engine sized for a batch job: `slots` rows (at most one per prompt, and what the KV budget holds),
+    columns for the longest."""
     if not prompts:
         raise PeftkitError("nothing to generate: no prompts")
-    return Engine(model, tokenizer, slots=max(1, min(slots, len(prompts))),
-                  max_len=max(map(len, prompts)) + max_new_tokens + 1, dtype=dtype)
+    max_len = max(map(len, prompts)) + max_new_tokens + 1
+    budget, _ = kv_budget(next(model.parameters()).device)
+    fits = budget // (kv_bytes_per_token(model, dtype) * max_len)  # rows are throughput here: fewer when memory is short
+    rows = max(1, min(slots, len(prompts), fits))
+    if rows < min(slots, len(prompts)):
+        logger.info("generating %d rows at a time, not %d: that is what the KV cache budget holds for %d tokens a row",
+                    rows, min(slots, len(prompts)), max_len)
+    return Engine(model, tokenizer, slots=rows, max_len=max_len, dtype=dtype)
 
 
 def generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], args: GenerateArgs,

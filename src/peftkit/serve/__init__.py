@@ -66,7 +66,7 @@ def serve(spec: tuple[Any, list[str], str, str | None], host: str, port: int, ap
         if len(served) > 1:
             raise PeftkitError("--served-model-name names one model; with several adapters use --adapter NAME=RUN")
         served = {served_name: next(iter(served.values()))}
-    from peftkit.infer.engine import fitting_context
+    from peftkit.infer.engine import fitting_context, model_context
 
     if dtype is not None:  # stored once in that dtype: bf16 autocast would cast the float32 weights every step
         import torch  # (served the demo adapter 2x slower than float32, benchmarks/RESULTS.md)
@@ -77,7 +77,7 @@ def serve(spec: tuple[Any, list[str], str, str | None], host: str, port: int, ap
     service = Service(model, tokenizer, context, slots=slots, max_queue=max_queue, adapters=adapters,
                       request_timeout=request_timeout)
     app = create_app(service, served, api_key=api_key, max_tokens_limit=max_tokens_limit)
-    full = int(getattr(model.config.get_text_config(), "max_position_embeddings", context) or context)
+    full = model_context(model)
     logger.info("serving %s on http://%s:%d/v1 (context window %d tokens%s, %d rows, queue %d)%s",
                 ", ".join(map(repr, served)), host, port, context,
                 f" of the model's {full}: what the KV cache budget holds" if context < full else "", slots, max_queue,

