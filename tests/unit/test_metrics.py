@@ -84,3 +84,11 @@ def test_tool_call_metric() -> None:
                  "tool_call_valid_json": 75.0,  # 4 answers try to call, 3 parse
                  "no_call_accuracy": 50.0,  # 2 answers in words expected: 1 called a tool
                  "tool_call_records": 4, "tool_call_attempts": 4}
+
+
+def test_the_config_names_every_metric_eval_scores() -> None:
+    """config checks eval.metrics against the schema's names (it may not import eval): the two lists stay equal."""
+    from peftkit.config.schema import METRIC_NAMES
+    from peftkit.eval.metrics import METRICS
+
+    assert [*METRICS, "loss"] == list(METRIC_NAMES)

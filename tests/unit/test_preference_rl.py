@@ -15,6 +15,7 @@ import torch
 from peftkit.config import load_config
 from peftkit.errors import ConfigError
 from peftkit.train.objectives import group_advantages, grpo_token_losses, kto_losses, pair_losses
+from peftkit.train.preflight import preflight
 from peftkit.train.rewards import build_rewards, score
 from peftkit.train.run import train
 from tests.helpers import DPO, REPO, tiny_run
@@ -136,9 +137,11 @@ def test_grpo_config_errors(tmp_path: Path) -> None:
         load_config(None, base)
     assert "grpo.rewards: stage grpo needs at least one reward function" in str(e.value)
     with pytest.raises(ConfigError) as e:
-        load_config(None, [*base, "grpo.rewards=[ner_json_f1, ner_jsn]", "grpo.num_generations=1"])
-    assert "grpo.rewards[1]: 'ner_jsn' is neither a built-in" in str(e.value)
+        load_config(None, [*base, "grpo.rewards=[ner_json_f1]", "grpo.num_generations=1"])
     assert "grpo.num_generations=1: at least 2" in str(e.value)
+    with pytest.raises(ConfigError) as e:  # the reward functions are train's: checked at its start, before any work
+        preflight(load_config(None, [*base, "grpo.rewards=[ner_json_f1, ner_jsn]"]))
+    assert "grpo.rewards[1]: 'ner_jsn' is neither a built-in" in str(e.value)
     with pytest.raises(ConfigError, match="must be one of sigmoid, ipo, hinge, orpo, simpo"):
         load_config(None, [f"data.train={DPO}", "data.format=preference", "stage=dpo", "finetuning.pref_loss=kto",
                            f"train.output_dir={tmp_path}"])

@@ -18,6 +18,7 @@ from peftkit.errors import ConfigError, PeftkitError
 from peftkit.export import export
 from peftkit.model import count_parameters, load_model, prepare_for_training
 from peftkit.model.quantization import estimate_memory, is_quantized
+from peftkit.train.preflight import preflight
 from peftkit.train.run import train
 from tests.helpers import tiny_run
 
@@ -35,7 +36,7 @@ def _config(tiny_model_dir: Path, *extra: str) -> list[str]:
 ])
 def test_config_errors_before_any_model_loads(tiny_model_dir: Path, extra: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        load_config(None, _config(tiny_model_dir, *extra))
+        preflight(load_config(None, _config(tiny_model_dir, *extra)))
 
 
 def test_missing_bitsandbytes_says_what_to_install(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,7 +45,7 @@ def test_missing_bitsandbytes_says_what_to_install(tiny_model_dir: Path, monkeyp
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(ConfigError, match=r"needs bitsandbytes: pip install 'peftkit\[quantization\]'"):
-        load_config(None, _config(tiny_model_dir))
+        preflight(load_config(None, _config(tiny_model_dir)))
 
 
 def _prequantized_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
@@ -58,7 +59,7 @@ def _prequantized_copy(tiny_model_dir: Path, tmp_path: Path) -> Path:
 
 def test_prequantized_checkpoint_with_quantization_bit_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"is already quantized \(gptq\); drop model.quantization_bit"):
-        load_config(None, _config(_prequantized_copy(tiny_model_dir, tmp_path)))
+        preflight(load_config(None, _config(_prequantized_copy(tiny_model_dir, tmp_path))))
 
 
 @pytest.mark.parametrize("bits", [4, 8])

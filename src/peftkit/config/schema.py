@@ -154,14 +154,19 @@ class FinetuningArgs:
     )
 
 
+# eval.metrics' names: scored by eval/metrics.py's METRICS (on generated answers), and "loss" (eval/loss.py). Named
+# here so config checks them without importing eval (tests/unit/test_metrics.py keeps the two equal).
+METRIC_NAMES = ("ner_json", "exact_match", "bleu", "rouge", "accuracy", "f1", "tool_call", "loss")
+
+
 @dataclass
 class EvalArgs:
     dataset: str | None = _f(None, "Records to predict on with generation after training (and before, see below).")
     max_samples: int | None = _f(None, "Predict on only the first N records.")
     metrics: list[str] = _f(
         ["exact_match"],
-        "Any of ner_json, exact_match, bleu, rouge, accuracy, f1, tool_call (on generated answers) and loss "
-        "(eval loss and perplexity, no generation).",
+        f"Any of {', '.join(METRIC_NAMES[:-1])} (on generated answers) and loss (eval loss and perplexity, no "
+        "generation).",
     )
     batch_size: int = _f(16, "Answers generated at once: rows of the engine's running batch (infer/engine.py).")
     before_training: bool | int = _f(

@@ -1,6 +1,7 @@
 """Cross-field and value checks of a loaded config: every problem, with the key and what is allowed.
 
-Called by load_config after the types are checked; it never changes the config.
+Called by load_config after the types are checked; it never changes the config. It knows only config and the stage
+table: what needs the model, the machine or the reward functions is train/preflight.py's, at train's start.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.config.load import adapter_paths, build_training_arguments, dataset_specs
-from peftkit.config.schema import DataArgs, DatasetSpec, FinetuningArgs, RunConfig
+from peftkit.config.schema import METRIC_NAMES, DataArgs, DatasetSpec, FinetuningArgs, RunConfig
 from peftkit.constants import SHIPPED_TEMPLATES
 from peftkit.stages import STAGES
 
@@ -37,11 +38,7 @@ def validate(cfg: RunConfig) -> list[str]:
                       "set data.eval or data.val_size")
     issues += _check_data_options(d, len(train_specs), cfg.train) + _check_finetuning(ft) + _check_eval(cfg)
     issues += _check_stage(cfg, train_specs + dataset_specs(d, "eval")[0])
-    issues += _check_training_arguments(cfg.train, cfg.stage)
-    from peftkit.model.quantization import check_quantization
-
-    issues += check_quantization(cfg.model, ft.finetuning_type)
-    return issues
+    return issues + _check_training_arguments(cfg.train, cfg.stage)
 
 
 def _check_finetuning(ft: FinetuningArgs) -> list[str]:
@@ -70,12 +67,9 @@ def _check_finetuning(ft: FinetuningArgs) -> list[str]:
 def _check_eval(cfg: RunConfig) -> list[str]:
     issues: list[str] = []
     ev = cfg.eval
-    from peftkit.eval.metrics import METRICS
-
-    allowed = (*METRICS, "loss")
     for metric in ev.metrics:
-        if metric not in allowed:
-            issues.append(f"eval.metrics: unknown metric {metric!r}; choose from {', '.join(allowed)}")
+        if metric not in METRIC_NAMES:
+            issues.append(f"eval.metrics: unknown metric {metric!r}; choose from {', '.join(METRIC_NAMES)}")
     if ev.batch_size < 1:
         issues.append(f"eval.batch_size={ev.batch_size}: must be at least 1")
     if not isinstance(ev.before_training, bool) and ev.before_training < 1:
@@ -113,13 +107,10 @@ def _check_stage(cfg: RunConfig, specs: list[DatasetSpec]) -> list[str]:
 
 
 def _check_grpo(cfg: RunConfig, needs_rewards: bool) -> list[str]:
-    from peftkit.train.rewards import build_rewards
-
     g, issues = cfg.grpo, []
     if needs_rewards and not g.rewards:
         issues.append(f"grpo.rewards: stage {cfg.stage} needs at least one reward function, e.g. "
                       "[ner_json_f1, {name: json_valid, weight: 0.5}] (see peftkit/train/rewards.py)")
-    issues += build_rewards(g.rewards)[1]
     if g.num_generations < 2:
         issues.append(f"grpo.num_generations={g.num_generations}: at least 2 (answers are compared within their group)")
     for key, low in (("max_new_tokens", 1), ("temperature", 1e-6), ("epsilon", 1e-6)):

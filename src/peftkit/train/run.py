@@ -31,7 +31,6 @@ from peftkit.model.finetuning import (
     LORA_INIT_DIR,
     save_initial_adapter,
 )
-from peftkit.model.loading import check_family
 from peftkit.stages import stage as stage_of
 from peftkit.train.allocator import keep_freed_memory
 from peftkit.train.callbacks import LogCallback, StopCallback, TrackerConfig, swanlab_callback
@@ -77,11 +76,12 @@ def train(cfg: RunConfig, resume_command: str = "peftkit train CONFIG.yaml train
     Only the main process writes, and it holds the output_dir's RunLock for the whole run.
     """
     from peftkit.model.quantization import quantized_base
+    from peftkit.train.preflight import preflight
 
+    preflight(cfg)
     args = build_training_arguments(cfg.train, cfg.stage, quantized=quantized_base(cfg.model))
     if args.fsdp and args.device.type == "cpu":
         raise ConfigError([FSDP_ON_CPU])
-    check_family(cfg.model, packing=cfg.data.packing and stage_of(cfg.stage).packing)
     with RunLock(Path(args.output_dir)) if args.should_save else contextlib.nullcontext():
         return _train(cfg, args, resume_command)
 
