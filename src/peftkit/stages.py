@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from peftkit.errors import ConfigError
 
-Head = Literal["lm", "value", "classifier"]
+HeadName = Literal["lm", "value", "classifier"]  # model/heads.py: what each one does
 Target = str | Callable[..., Any]  # "module:function", or the callable itself
 
 
@@ -32,9 +32,9 @@ class Stage:
     encoder: Target
     # (tokenizer, packing, fixed_shape, flatten) -> a collator (data/collate.py).
     collator: Target
-    # lm: the causal LM's own head; value: a value head beside it (model/value_head.py);
-    # classifier: AutoModelForSequenceClassification with the training data's classes.
-    head: Head = "lm"
+    # lm: the causal LM's own head; value: a value head beside it; classifier: AutoModelForSequenceClassification
+    # with the training data's classes (model/heads.py says how each loads, trains and exports).
+    head: HeadName = "lm"
     # (model, RunConfig, reference, tokenizer) -> the stage's loss (train/objectives.py); None: the model's own loss.
     objective: Target | None = None
     # Trainer's compute_metrics when there is no objective (an objective brings pair metrics).
@@ -46,12 +46,6 @@ class Stage:
     streaming: bool = True  # False: the stage needs the whole training data up front (cls: its classes)
     pairs: bool = False  # records are (chosen, rejected) pairs, batched chosen rows first
     rewards: bool = False  # trains on sampled answers scored by the reward functions of `grpo.rewards`
-
-    @property
-    def token_loss(self) -> bool:
-        """The loss is a sum over supervised tokens that Trainer scales for gradient accumulation itself;
-        otherwise a mean over pairs or records."""
-        return self.objective is None and self.head == "lm"
 
     def load(self, role: Literal["encoder", "collator", "objective", "metrics", "scorer"]) -> Callable[..., Any]:
         """The callable this stage names for `role` (imported on first use; a callable is taken as it is)."""

@@ -42,6 +42,7 @@ from peftkit.data.report import (
 from peftkit.data.sources import iter_records
 from peftkit.data.template import stop_token_ids
 from peftkit.errors import ConfigError, DataError
+from peftkit.model.heads import head_of
 from peftkit.stages import stage as stage_of
 
 logger = logging.getLogger("peftkit")
@@ -233,7 +234,7 @@ def prepare_data(args: DataArgs, tokenizer: Any, stage: str = "sft") -> Prepared
             return PreparedData(splits["train"], splits.get("eval"), DataReport.from_dict(saved))
 
     report = DataReport(cutoff_len=args.cutoff_len, mask=args.mask, stage=stage)
-    if stage_of(stage).head == "classifier":
+    if head_of(stage).classes:
         report.classes = _classes(train_specs, args)
     parts = []
     for spec in train_specs:
@@ -261,7 +262,7 @@ def prepare_data(args: DataArgs, tokenizer: Any, stage: str = "sft") -> Prepared
     if "desirable" in train.column_names:  # kto: both kinds, since a run without one of them learns nothing useful
         desirable = sum(train["desirable"])
         report.judged = {"desirable": desirable, "undesirable": len(train) - desirable}
-    if stage_of(stage).head != "classifier":  # a class label has no end of turn
+    if head_of(stage).end_of_turn:
         _check_end_of_turn_supervised(tokenizer, train[:20]["labels"], train_specs)
 
     if args.packing:

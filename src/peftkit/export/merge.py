@@ -23,6 +23,7 @@ from peftkit.data.encode import encode_messages, render_prompt
 from peftkit.errors import PeftkitError
 from peftkit.export.hub import model_card
 from peftkit.model.families import GGUF_ARCHITECTURES, float64_load_kwargs, gguf_refusal
+from peftkit.model.heads import head_of
 from peftkit.model.loading import saved_classes
 from peftkit.model.quantization import prequantized
 from peftkit.rundir import Run, read_run
@@ -49,14 +50,6 @@ class ExportReport:
     out: str
 
 
-def _auto_class(entry: Stage) -> Any:
-    """The transformers class that loads the export: a sequence classifier for cls, else a causal LM
-    (rm's value head is a file beside it, value_head.safetensors)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    return AutoModelForSequenceClassification if entry.head == "classifier" else AutoModelForCausalLM
-
-
 def _model_config(run: Run) -> Any:
     """The transformers config of the model the run's weights make (the base's for a LoRA run)."""
     from transformers import AutoConfig
@@ -81,11 +74,9 @@ def _load_run(run: Run, entry: Stage, pad_token_id: int | None) -> tuple[Any, An
     config = AutoConfig.from_pretrained(path)
     stored = getattr(torch, str(config.dtype).replace("torch.", "")) if config.dtype else torch.float32
     kwargs: dict[str, Any] = float64_load_kwargs(config)
-    if entry.head == "classifier":  # the run's classes, as training built the head
-        classes = saved_classes(run_dir)
-        kwargs |= {"num_labels": len(classes), "id2label": dict(enumerate(classes)),
-                  "label2id": {c: i for i, c in enumerate(classes)}}
-    model = _auto_class(entry).from_pretrained(path, dtype=torch.float64, **kwargs)
+    head = head_of(entry.name)  # a classifier with the run's classes, as training built it
+    kwargs |= head.config_kwargs(saved_classes(run_dir) if head.classes else None)
+    model = head.auto_class().from_pretrained(path, dtype=torch.float64, **kwargs)
     if model.config.pad_token_id is None:  # a decoder classifier reads its score at the last non-pad token
         model.config.pad_token_id = pad_token_id
     if run.is_adapter:
@@ -212,10 +203,11 @@ def export(run_dir: str | Path, out: str | Path, max_shard_size: str = "2GB", ov
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         run.tokenizer.save_pretrained(tmp)
-        for extra in ("value_head.safetensors",):  # carried along where a stage saved one
+        head = head_of(run.entry.name)
+        for extra in head.files:  # rm's value head, carried along
             if (run_dir / extra).is_file():
                 shutil.copy2(run_dir / extra, tmp / extra)
-        reloaded = _auto_class(run.entry).from_pretrained(tmp, dtype=torch.float64, **float64_load_kwargs(model.config))
+        reloaded = head.auto_class().from_pretrained(tmp, dtype=torch.float64, **float64_load_kwargs(model.config))
         diff = _max_diff(run.reference, reloaded, run.prompts)
         if diff >= MAX_LOGIT_DIFF:
             raise PeftkitError(
@@ -259,9 +251,9 @@ def export_gguf(run_dir: str | Path, out: str | Path, quant: str = "q8_0", overw
     if quant not in QUANTS:
         raise PeftkitError(f"--quant {quant}: one of {', '.join(QUANTS)}")
     trained = read_run(run_dir)  # not a peftkit run: said here, before anything loads
-    entry = stage_of(trained.stage)
-    if entry.head != "lm":
-        raise PeftkitError(f"--format gguf: stage {entry.name} has a {entry.head} head, which llama.cpp "
+    head = head_of(trained.stage)
+    if not head.gguf:
+        raise PeftkitError(f"--format gguf: stage {trained.stage} has a {head.name} head, which llama.cpp "
                            "does not run; export it as a transformers folder (the default --format hf)")
     tokenizer_home = trained.path if (trained.path / "tokenizer.json").is_file() else Path(trained.base_model)
     refusal = gguf_refusal(_model_config(trained)) or tokenizer_refusal(tokenizer_home)  # before any merging
@@ -325,9 +317,10 @@ def export_gguf_lora(run_dir: str | Path, out: str | Path, overwrite: bool = Fal
     trained = read_run(run_dir)
     if not trained.is_adapter:
         raise PeftkitError(f"--format gguf-lora: {run_dir} is not a LoRA run; export it whole with --format gguf")
-    entry = stage_of(trained.stage)
-    if entry.head != "lm":
-        raise PeftkitError(f"--format gguf-lora: stage {entry.name} has a {entry.head} head, which llama.cpp does not run")
+    head = head_of(trained.stage)
+    if not head.gguf:
+        raise PeftkitError(f"--format gguf-lora: stage {trained.stage} has a {head.name} head, which llama.cpp does "
+                           "not run")
     refusal = gguf_refusal(_model_config(trained))
     if refusal:
         raise PeftkitError(refusal.replace("--format gguf:", "--format gguf-lora:", 1))

@@ -13,9 +13,8 @@ from peftkit.data.formats import Message
 from peftkit.data.template import apply_template
 from peftkit.infer.engine import Sampling, engine_for
 from peftkit.model import load_model, load_tokenizer
+from peftkit.model.heads import head_of
 from peftkit.model.loading import saved_classes
-from peftkit.model.value_head import load_value_head
-from peftkit.stages import stage as stage_of
 
 
 def load_for_chat(model: str | ModelArgs, adapter: str | None, stage: str = "sft",
@@ -29,10 +28,9 @@ def load_for_chat(model: str | ModelArgs, adapter: str | None, stage: str = "sft
     args = model if isinstance(model, ModelArgs) else ModelArgs(name_or_path=model)
     trained = Path(adapter or args.name_or_path)
     tokenizer = load_chat_tokenizer(args, adapter, stage, template)
-    head = stage_of(stage).head
-    loaded = load_model(args, saved_classes(trained) if head == "classifier" else None, tokenizer.pad_token_id)
-    if head == "value":  # before the adapter, whose config excludes the head from LoRA's targets
-        load_value_head(loaded, trained)
+    head = head_of(stage)
+    loaded = load_model(args, head, saved_classes(trained) if head.classes else None, tokenizer.pad_token_id)
+    head.restore(loaded, trained)  # before the adapter, whose config excludes a value head from LoRA's targets
     if adapter:
         from peft import PeftModel
 

@@ -9,25 +9,12 @@ from typing import Any
 
 from peftkit.config.load import adapter_paths
 from peftkit.config.schema import FinetuningArgs
-from peftkit.constants import VALUE_HEAD_FILE
 from peftkit.errors import ConfigError
 from peftkit.model.families import LAYER_NAME_PATTERN, VISION_PARTS, text_config, transposed_projections
+from peftkit.model.heads import Head, head_of
 from peftkit.model.quantization import is_quantized, prepare_quantized
-from peftkit.model.value_head import (
-    HEAD,
-    ensure_value_head,
-    load_value_head,
-)
-from peftkit.stages import Head
-from peftkit.stages import stage as stage_of
 
 logger = logging.getLogger("peftkit")
-
-
-# Classification heads of AutoModelForSequenceClassification models: always trained in full.
-CLASSIFIER_HEADS = ("classifier", "score")
-# BERT-style poolers feed the classifier; sentence-embedding encoders (MiniLM) never trained theirs.
-POOLERS = ("pooler",)
 
 
 def prepare_for_training(model: Any, args: FinetuningArgs, stage: str = "sft", gradient_checkpointing: bool = False,
@@ -38,7 +25,7 @@ def prepare_for_training(model: Any, args: FinetuningArgs, stage: str = "sft", g
     adapter_name_or_path when it has one); cls trains the classification head in full under
     every finetuning_type. A quantized base goes through peft's k-bit preparation first (QLoRA).
     """
-    head = stage_of(stage).head
+    head = head_of(stage)
     if is_quantized(model):
         if args.finetuning_type != "lora":
             raise ConfigError([f"finetuning.finetuning_type={args.finetuning_type}: the base is quantized; only LoRA "
@@ -47,18 +34,10 @@ def prepare_for_training(model: Any, args: FinetuningArgs, stage: str = "sft", g
     if args.finetuning_type == "lora":
         model = _apply_lora(model, args, head)
     elif args.finetuning_type == "freeze":
-        names = _freeze_trainable_names(model, args)
-        if head == "classifier":
-            names += [n for n, _ in model.named_parameters()
-                      if n.split(".")[0] in CLASSIFIER_HEADS or any(f"{p}." in n for p in POOLERS)]
-        _freeze_all_but(model, names)
+        _freeze_all_but(model, _freeze_trainable_names(model, args) + head.freeze_names(model))
     else:
         model.requires_grad_(True)
-    if head == "value":
-        previous = adapter_paths(args)[-1] if adapter_paths(args) else None
-        if previous and (Path(previous) / VALUE_HEAD_FILE).is_file():
-            load_value_head(model, previous)
-        ensure_value_head(model).requires_grad_(True)
+    head.prepare(model, adapter_paths(args)[-1] if adapter_paths(args) else None)
     trainable, total = count_parameters(model)
     logger.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
@@ -97,7 +76,7 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
-def _apply_lora(model: Any, args: FinetuningArgs, head: Head = "lm") -> Any:
+def _apply_lora(model: Any, args: FinetuningArgs, head: Head) -> Any:
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
     adapters = adapter_paths(args)
@@ -114,7 +93,7 @@ def _apply_lora(model: Any, args: FinetuningArgs, head: Head = "lm") -> Any:
 
     target = "all-linear" if args.lora_target == "all" else args.lora_target  # a string is a regex to peft
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS if head == "classifier" else TaskType.CAUSAL_LM,  # SEQ_CLS: peft trains the head in full
+        task_type=getattr(TaskType, head.task_type),
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
@@ -124,7 +103,7 @@ def _apply_lora(model: Any, args: FinetuningArgs, head: Head = "lm") -> Any:
         fan_in_fan_out=transposed_projections(model),
         init_lora_weights=True if args.init_lora_weights == "default" else args.init_lora_weights,
         modules_to_save=_modules_to_save(model, args, head),
-        exclude_modules=[HEAD] if head == "value" else None,  # the value head trains in full, not through LoRA
+        exclude_modules=head.lora_exclude,
     )
     try:
         return get_peft_model(model, config)
@@ -133,9 +112,7 @@ def _apply_lora(model: Any, args: FinetuningArgs, head: Head = "lm") -> Any:
 
 
 def _modules_to_save(model: Any, args: FinetuningArgs, head: Head) -> list[str] | None:
-    """cls also trains a pooler in full: on MRPC with MiniLM, 82% dev accuracy with it, the majority class without."""
-    extra = [p for p in POOLERS if head == "classifier" and any(n.split(".")[-1] == p for n, _ in model.named_modules())]
-    names = list(dict.fromkeys([*(args.modules_to_save or []), *extra]))
+    names = list(dict.fromkeys([*(args.modules_to_save or []), *head.trained_in_full(model)]))
     return names or None
 
 

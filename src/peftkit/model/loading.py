@@ -11,6 +11,7 @@ from peftkit.config.schema import ModelArgs
 from peftkit.constants import DATA_REPORT_FILE
 from peftkit.errors import ConfigError, ModelError
 from peftkit.model.attention import VARLEN, register_varlen
+from peftkit.model.heads import Head
 from peftkit.model.resolve import resolve_model
 
 logger = logging.getLogger("peftkit")
@@ -61,14 +62,16 @@ def load_tokenizer(args: ModelArgs, padding_side: str = "right") -> Any:
     return tokenizer
 
 
-def load_model(args: ModelArgs, classes: list[str] | None = None, pad_token_id: int | None = None) -> Any:
-    """A causal LM in the configured dtype and attention implementation.
+def load_model(args: ModelArgs, head: Head | None = None, classes: list[str] | None = None,
+               pad_token_id: int | None = None) -> Any:
+    """The model of `head` (default: the causal LM's own) in the configured dtype and attention implementation.
 
-    With `classes` (stage cls): a sequence classifier with that many labels; a decoder reads its
-    score at the last non-padding token, so it needs `pad_token_id`.
+    A classifier head (stage cls) has `classes`' labels; a decoder reads its score at the last non-padding token, so
+    it needs `pad_token_id`. A value head is not attached here (load_stage_model does, or the run's is restored).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from peftkit.model.heads import HEADS
 
     path = resolve_model(args.name_or_path)
     kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
@@ -83,29 +86,23 @@ def load_model(args: ModelArgs, classes: list[str] | None = None, pad_token_id: 
         kwargs["quantization_config"] = bnb_config(args)
     from peftkit.model.quantization import keep_unpacked_4bit
 
-    if classes is None:
-        model = _from_pretrained(AutoModelForCausalLM, path, "model", **kwargs)
-    else:
-        model = _from_pretrained(AutoModelForSequenceClassification, path, "model", num_labels=len(classes),
-                                 id2label=dict(enumerate(classes)), label2id={c: i for i, c in enumerate(classes)},
-                                 **kwargs)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = pad_token_id
+    head = head or HEADS["lm"]
+    model = _from_pretrained(head.auto_class(), path, "model", **head.config_kwargs(classes), **kwargs)
+    if head.classes and model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
     keep_unpacked_4bit(model)  # bnb-quantized bases (quantization_bit or a pre-quantized bnb checkpoint)
     return model
 
 
 def load_stage_model(args: ModelArgs, stage: str, classes: list[str] | None = None,
                      pad_token_id: int | None = None) -> Any:
-    """The model with the stage's head (peftkit/stages.py): the causal LM; with a fresh value head
+    """The model with the stage's head (model/heads.py): the causal LM; with a fresh value head
     (seeded by the caller's seed: it is what training starts from and what is scored before training);
     or a sequence classifier over the training data's `classes`."""
-    from peftkit.model.value_head import attach_value_head
-    from peftkit.stages import stage as stage_of
+    from peftkit.model.heads import head_of
 
-    head = stage_of(stage).head
-    model = load_model(args, classes if head == "classifier" else None, pad_token_id)
-    return attach_value_head(model) if head == "value" else model
+    head = head_of(stage)
+    return head.attach(load_model(args, head, classes, pad_token_id))
 
 
 def saved_classes(trained: Path) -> list[str]:

@@ -19,6 +19,7 @@ from peftkit.config.schema import FinetuningArgs
 from peftkit.constants import FINETUNING_ARGS_FILE, IGNORE_INDEX, TRAINING_ARGS_FILE
 from peftkit.errors import PeftkitError
 from peftkit.model.finetuning import LORA_INIT_DIR
+from peftkit.model.heads import sums_tokens
 from peftkit.model.value_head import (
     causal_lm,
     load_value_head,
@@ -26,7 +27,6 @@ from peftkit.model.value_head import (
     value_head,
     without_value_head,
 )
-from peftkit.stages import stage as stage_of
 from peftkit.train.loss import chunked_lm_loss, supports_chunked_loss
 from peftkit.train.progress import Progress
 from peftkit.train.speedups import speedups_enabled, training_speedups
@@ -49,7 +49,7 @@ class PeftTrainer(Seq2SeqTrainer):
         self.progress = progress  # token counts and the divergence check (train/progress.py)
         self.objective = objective
         self.speedups = speedups
-        if not stage_of(stage).token_loss:
+        if not sums_tokens(stage):
             # means over pairs or records, not sums over tokens: Trainer then scales them for
             # gradient accumulation itself
             self.model_accepts_loss_kwargs = False
