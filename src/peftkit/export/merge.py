@@ -18,13 +18,14 @@ from typing import Any
 
 from peftkit.atomic import storage_errors, write_dir_atomic
 from peftkit.config.load import dataset_specs
+from peftkit.config.schema import ModelArgs
 from peftkit.data.dataset import Dialogue, conversations
 from peftkit.data.encode import encode_messages, render_prompt
 from peftkit.errors import PeftkitError
 from peftkit.export.hub import model_card
 from peftkit.model.families import GGUF_ARCHITECTURES, float64_load_kwargs, gguf_refusal
 from peftkit.model.heads import head_of
-from peftkit.model.loading import saved_classes
+from peftkit.model.loading import load_trained
 from peftkit.model.quantization import prequantized
 from peftkit.rundir import Run, read_run
 from peftkit.stages import Stage
@@ -73,16 +74,10 @@ def _load_run(run: Run, entry: Stage, pad_token_id: int | None) -> tuple[Any, An
                 "base_model_name_or_path at the unquantized original and export again")
     config = AutoConfig.from_pretrained(path)
     stored = getattr(torch, str(config.dtype).replace("torch.", "")) if config.dtype else torch.float32
-    kwargs: dict[str, Any] = float64_load_kwargs(config)
-    head = head_of(entry.name)  # a classifier with the run's classes, as training built it
-    kwargs |= head.config_kwargs(saved_classes(run_dir) if head.classes else None)
-    model = head.auto_class().from_pretrained(path, dtype=torch.float64, **kwargs)
-    if model.config.pad_token_id is None:  # a decoder classifier reads its score at the last non-pad token
+    model = load_trained(ModelArgs(name_or_path=path), run_dir, entry.name, run.is_adapter, pad_token_id,
+                         restore_head=False, dtype=torch.float64, **float64_load_kwargs(config))  # Head.files: copied
+    if model.config.pad_token_id is None:  # the export's config names the pad token, whatever the head
         model.config.pad_token_id = pad_token_id
-    if run.is_adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, run_dir)
     return model, stored
 
 
@@ -309,7 +304,6 @@ def export_gguf_lora(run_dir: str | Path, out: str | Path, overwrite: bool = Fal
     import gguf
     import numpy as np
 
-    from peftkit.config.schema import ModelArgs
     from peftkit.export.gguf import _permute, lora_tensors, write_gguf_lora
     from peftkit.infer.chat import load_for_chat
 

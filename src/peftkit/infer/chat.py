@@ -12,9 +12,8 @@ from peftkit.data.encode import render_prompt
 from peftkit.data.formats import Message
 from peftkit.data.template import apply_template
 from peftkit.infer.engine import Sampling, engine_for
-from peftkit.model import load_model, load_tokenizer
-from peftkit.model.heads import head_of
-from peftkit.model.loading import saved_classes
+from peftkit.model import load_tokenizer
+from peftkit.model.loading import load_trained
 
 
 def load_for_chat(model: str | ModelArgs, adapter: str | None, stage: str = "sft",
@@ -28,13 +27,7 @@ def load_for_chat(model: str | ModelArgs, adapter: str | None, stage: str = "sft
     args = model if isinstance(model, ModelArgs) else ModelArgs(name_or_path=model)
     trained = Path(adapter or args.name_or_path)
     tokenizer = load_chat_tokenizer(args, adapter, stage, template)
-    head = head_of(stage)
-    loaded = load_model(args, head, saved_classes(trained) if head.classes else None, tokenizer.pad_token_id)
-    head.restore(loaded, trained)  # before the adapter, whose config excludes a value head from LoRA's targets
-    if adapter:
-        from peft import PeftModel
-
-        loaded = PeftModel.from_pretrained(loaded, adapter)
+    loaded = load_trained(args, trained, stage, adapter is not None, tokenizer.pad_token_id)
     loaded.eval()
     return loaded, tokenizer
 

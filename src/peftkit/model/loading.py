@@ -63,11 +63,12 @@ def load_tokenizer(args: ModelArgs, padding_side: str = "right") -> Any:
 
 
 def load_model(args: ModelArgs, head: Head | None = None, classes: list[str] | None = None,
-               pad_token_id: int | None = None) -> Any:
+               pad_token_id: int | None = None, **from_pretrained: Any) -> Any:
     """The model of `head` (default: the causal LM's own) in the configured dtype and attention implementation.
 
     A classifier head (stage cls) has `classes`' labels; a decoder reads its score at the last non-padding token, so
     it needs `pad_token_id`. A value head is not attached here (load_stage_model does, or the run's is restored).
+    `from_pretrained` overrides the keywords given to it (export's float64 load).
     """
     import torch
 
@@ -86,6 +87,8 @@ def load_model(args: ModelArgs, head: Head | None = None, classes: list[str] | N
         kwargs["quantization_config"] = bnb_config(args)
     from peftkit.model.quantization import keep_unpacked_4bit
 
+    kwargs |= from_pretrained
+
     head = head or HEADS["lm"]
     model = _from_pretrained(head.auto_class(), path, "model", **head.config_kwargs(classes), **kwargs)
     if head.classes and model.config.pad_token_id is None:
@@ -103,6 +106,24 @@ def load_stage_model(args: ModelArgs, stage: str, classes: list[str] | None = No
 
     head = head_of(stage)
     return head.attach(load_model(args, head, classes, pad_token_id))
+
+
+def load_trained(args: ModelArgs, run: Path, stage: str, adapter: bool, pad_token_id: int | None = None,
+                 restore_head: bool = True, **from_pretrained: Any) -> Any:
+    """The one loader of a trained run (chat, eval, serve, export): the model `args` names with the stage's head as
+    the run in `run` trained it (a classifier's classes, rm's value head) and, with `adapter`, the run's LoRA adapter
+    on it, unmerged (infer/merging.py merges). Export passes `restore_head=False`: it carries the head's files."""
+    from peftkit.model.heads import head_of
+
+    head = head_of(stage)
+    model = load_model(args, head, saved_classes(run) if head.classes else None, pad_token_id, **from_pretrained)
+    if restore_head:
+        head.restore(model, run)  # before the adapter, whose config excludes a value head from LoRA's targets
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(run))
+    return model
 
 
 def saved_classes(trained: Path) -> list[str]:
