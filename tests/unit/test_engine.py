@@ -170,7 +170,7 @@ def slow_app(tiny_model_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.serve.app import create_app
-    from peftkit.serve.engine import Service
+    from peftkit.serve.service import Service
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -270,7 +270,7 @@ def test_the_request_model_picks_the_adapter(tiny_model_dir: Path, two_adapters:
     from peftkit.config.schema import ModelArgs
     from peftkit.serve import load_served
     from peftkit.serve.app import create_app
-    from peftkit.serve.engine import Service
+    from peftkit.serve.service import Service
 
     def app_for(adapters: list[str]):
         model, tok, served = load_served((ModelArgs(name_or_path=str(tiny_model_dir)), adapters, "sft", None))
@@ -512,7 +512,7 @@ def test_serve_caches_the_template_opening_and_answers_as_without_it(tiny_model_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.serve.app import create_app
-    from peftkit.serve.engine import Service, template_opening
+    from peftkit.serve.service import Service, template_opening
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

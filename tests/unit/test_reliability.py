@@ -380,7 +380,7 @@ def app_and_calls(tiny_model_dir: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftkit.serve.app import create_app
-    from peftkit.serve.engine import Service
+    from peftkit.serve.service import Service
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -506,7 +506,7 @@ _bodies = st.fixed_dictionaries({}, optional={
 @settings(max_examples=300, deadline=None)
 @given(body=_bodies)
 def test_fuzz_request_parser_answers_only_api_errors(body) -> None:
-    from peftkit.serve.app import ApiError, _parse
+    from peftkit.serve.requests import ApiError, _parse
 
     try:
         request, stream, usage = _parse(body, {"tiny": None}, 64)  # as create_app passes the served names

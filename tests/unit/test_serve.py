@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from peftkit.serve.engine import StopScanner
+from peftkit.serve.service import StopScanner
 
 KEY = "test-key"
 

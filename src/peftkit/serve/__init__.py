@@ -59,7 +59,7 @@ def serve(spec: tuple[Any, list[str], str, str | None], host: str, port: int, ap
     import uvicorn
 
     from peftkit.serve.app import create_app
-    from peftkit.serve.engine import Service
+    from peftkit.serve.service import Service
 
     model, tokenizer, served = load_served(spec)
     if served_name is not None:
