@@ -35,7 +35,8 @@ class Stage:
     # lm: the causal LM's own head; value: a value head beside it; classifier: AutoModelForSequenceClassification
     # with the training data's classes (model/heads.py says how each loads, trains and exports).
     head: HeadName = "lm"
-    # (model, RunConfig, reference, tokenizer) -> the stage's loss (train/objectives.py); None: the model's own loss.
+    # (model, RunConfig, reference, tokenizer) -> the stage's loss (objectives/build.py, train/objectives.py for grpo);
+    # None: the model's own loss.
     objective: Target | None = None
     # Trainer's compute_metrics when there is no objective (an objective brings pair metrics).
     metrics: Target = "peftkit.train.trainer:token_accuracy"
@@ -61,6 +62,7 @@ class Stage:
 _ENCODE = "peftkit.data.encode"
 _COLLATE = "peftkit.data.collate"
 _OBJECTIVES = "peftkit.train.objectives"
+_PAIR_OBJECTIVES = "peftkit.objectives.build"  # the objectives eval scores with (below train)
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("sft", "supervised fine-tuning on conversations", None,
@@ -69,14 +71,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           f"{_ENCODE}:conversation_examples", f"{_COLLATE}:token_collator", chat_template=False, packing=True),
     Stage("rm", "reward model (value head, pairwise loss)", ("preference",),
           f"{_ENCODE}:preference_examples", f"{_COLLATE}:pair_collator", head="value",
-          objective=f"{_OBJECTIVES}:pairwise_reward", scorer="peftkit.eval.scoring:score_pairs", pairs=True),
+          objective=f"{_PAIR_OBJECTIVES}:pairwise_reward", scorer="peftkit.eval.scoring:score_pairs", pairs=True),
     Stage("dpo", "direct preference optimisation", ("preference",),
           f"{_ENCODE}:preference_examples", f"{_COLLATE}:pair_collator",
-          objective=f"{_OBJECTIVES}:direct_preference", scorer="peftkit.eval.scoring:score_pairs", pairs=True),
+          objective=f"{_PAIR_OBJECTIVES}:direct_preference", scorer="peftkit.eval.scoring:score_pairs", pairs=True),
     Stage("kto", "Kahneman-Tversky optimisation on unpaired desirable / undesirable answers",
           ("sharegpt", "messages", "alpaca", "preference"),
           f"{_ENCODE}:unpaired_examples", f"{_COLLATE}:unpaired_collator",
-          objective=f"{_OBJECTIVES}:unpaired_preference", scorer="peftkit.eval.scoring:score_judged"),
+          objective=f"{_PAIR_OBJECTIVES}:unpaired_preference", scorer="peftkit.eval.scoring:score_judged"),
     Stage("grpo", "group relative policy optimisation: sampled answers scored by reward functions",
           ("alpaca", "sharegpt", "messages", "preference"),
           f"{_ENCODE}:prompt_examples", f"{_COLLATE}:prompt_collator", objective=f"{_OBJECTIVES}:group_relative",

@@ -234,8 +234,8 @@ def test_speedups_auto_equal_off(family: str, family_dir: Callable[[str], Path],
     gives the loss and gradients of the libraries' own code (off), on a LoRA model with a non-zero update."""
     from peftkit.data import build_collator
     from peftkit.data.packing import pack_examples
-    from peftkit.model.value_head import causal_lm
-    from peftkit.train.loss import chunked_causal_lm_loss, hidden_states_as_logits, supports_chunked_loss
+    from peftkit.model.value_head import causal_lm, hidden_states_as_logits
+    from peftkit.train.loss import chunked_causal_lm_loss, supports_chunked_loss
     from peftkit.train.speedups import training_speedups
 
     torch.manual_seed(0)

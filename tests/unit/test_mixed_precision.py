@@ -12,7 +12,8 @@ from peftkit.config.schema import DataArgs, FinetuningArgs
 from peftkit.data import build_collator, prepare_data
 from peftkit.data.packing import pack_examples
 from peftkit.model import prepare_for_training
-from peftkit.train.loss import chunked_causal_lm_loss, hidden_states_as_logits
+from peftkit.model.value_head import hidden_states_as_logits
+from peftkit.train.loss import chunked_causal_lm_loss
 from peftkit.train.precision import one_cast_per_activation
 
 

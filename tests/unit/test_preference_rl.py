@@ -14,7 +14,9 @@ import torch
 
 from peftkit.config import load_config
 from peftkit.errors import ConfigError
-from peftkit.train.objectives import group_advantages, grpo_token_losses, kto_losses, pair_losses
+from peftkit.objectives.pairs import pair_losses
+from peftkit.objectives.unpaired import kto_losses
+from peftkit.train.grpo import group_advantages, grpo_token_losses
 from peftkit.train.preflight import preflight
 from peftkit.train.rewards import build_rewards, score
 from peftkit.train.run import train
@@ -169,7 +171,7 @@ def test_each_pair_loss_trains_and_logs_its_metrics(kind: str, tiny_model_dir: P
 def test_reference_free_losses_build_no_reference_even_for_full_tuning(kind: str, tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from peftkit.train.objectives import build_objective
+    from peftkit.objectives.build import build_objective
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # no adapter to disable
     cfg = load_config(None, [f"data.train={DPO}", "data.format=preference", "stage=dpo", f"finetuning.pref_loss={kind}",

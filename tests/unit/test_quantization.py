@@ -89,8 +89,9 @@ def test_peftkit_layer_patches_on_a_quantized_base(tiny_model_dir: Path, tokeniz
     from peftkit.config.schema import DataArgs
     from peftkit.data import build_collator, prepare_data
     from peftkit.infer.engine import adapters_merged
+    from peftkit.model.value_head import hidden_states_as_logits
     from peftkit.train.fused_lora import fused_lora_forward
-    from peftkit.train.loss import chunked_causal_lm_loss, hidden_states_as_logits, supports_chunked_loss
+    from peftkit.train.loss import chunked_causal_lm_loss, supports_chunked_loss
 
     torch.manual_seed(0)
     model = prepare_for_training(load_model(ModelArgs(name_or_path=str(tiny_model_dir), quantization_bit=4)),

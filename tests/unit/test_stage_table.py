@@ -33,7 +33,7 @@ def test_no_stage_name_is_tested_outside_the_table() -> None:
 
 def _hinge(model, cfg, reference, tokenizer):
     """A reward-model objective for a stage added in a test: a hinge on the score margin."""
-    from peftkit.train.objectives import PairwiseReward
+    from peftkit.objectives.pairs import PairwiseReward
 
     class Hinge(PairwiseReward):
         def __call__(self, model, inputs):

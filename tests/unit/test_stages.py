@@ -116,7 +116,8 @@ def test_rm_full_tuning_keeps_head_out_of_the_model_and_restores_the_best(tiny_m
 
 
 def test_dpo_lora_reference_is_the_adapter_disabled(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from peftkit.train.objectives import DirectPreference, build_objective
+    from peftkit.objectives.build import build_objective
+    from peftkit.objectives.pairs import DirectPreference
 
     out = tmp_path / "dpo"
     cfg = load_config(None, _overrides(tiny_model_dir, out, "dpo", f"data.train={DPO}", "data.format=preference",

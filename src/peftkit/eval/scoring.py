@@ -52,7 +52,7 @@ def _objective_scores(model: Any, tokenizer: Any, cfg: RunConfig) -> tuple[Any, 
     import torch
 
     from peftkit.model import load_model
-    from peftkit.train.objectives import build_objective
+    from peftkit.objectives.build import build_objective
 
     without_sft = replace(cfg, finetuning=replace(cfg.finetuning, pref_ftx=0.0))
     objective = build_objective(cfg.stage, model, without_sft,
@@ -85,7 +85,7 @@ def score_judged(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: Path, t
     """kto: each example's implicit reward β·log(π/π_ref), the mean of the desirable and of the undesirable ones;
     where eval.dataset holds preference pairs (both answers of one prompt), also the pair accuracy and margin
     exactly as dpo reports them, so kto and dpo runs compare on the same held-out pairs."""
-    from peftkit.train.objectives import DirectPreference, pair_metrics
+    from peftkit.objectives.pairs import DirectPreference, pair_metrics
 
     objective, scores, losses, wheres = _objective_scores(model, tokenizer, cfg)
     metrics: dict[str, Any] = {k: round(v, 6) for k, v in objective.summary(scores).items()}

@@ -7,6 +7,7 @@ model is the base model + adapter (or full weights) + this file.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,18 @@ def causal_lm(model: Any) -> Any:
     """The transformers model inside a DDP wrapper and / or a PeftModel (or the model itself)."""
     model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextmanager
+def hidden_states_as_logits(causal_lm: Any):
+    """Inside, the model's output layer passes its input through (the forward returns hidden states): the scores
+    here and train/loss.py's chunked loss read hidden states without vocabulary-sized logits."""
+    head = causal_lm.get_output_embeddings()
+    head.forward = lambda hidden: hidden
+    try:
+        yield head
+    finally:
+        del head.forward  # back to the class's forward
 
 
 def attach_value_head(model: Any) -> Any:

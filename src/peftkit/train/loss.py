@@ -10,11 +10,11 @@ the memory, and fewer FLOPs where prompts are not supervised.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import Any
 
 from peftkit.constants import IGNORE_INDEX
 from peftkit.model.families import PLAIN_OUTPUT_MODELS
+from peftkit.model.value_head import hidden_states_as_logits
 
 CHUNK_TOKENS = 256
 
@@ -29,17 +29,6 @@ def supports_chunked_loss(model: Any) -> bool:
         and getattr(config, "final_logit_softcapping", None) is None
         and type(head) is torch.nn.Linear and head.bias is None  # a plain projection (not an adapter on it)
     )
-
-
-@contextmanager
-def hidden_states_as_logits(causal_lm: Any):
-    """Inside, the model's output layer passes its input through (the forward returns hidden states)."""
-    head = causal_lm.get_output_embeddings()
-    head.forward = lambda hidden: hidden
-    try:
-        yield head
-    finally:
-        del head.forward  # back to the class's forward
 
 
 def _fused_linear_cross_entropy():

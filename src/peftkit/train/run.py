@@ -31,12 +31,13 @@ from peftkit.model.finetuning import (
     LORA_INIT_DIR,
     save_initial_adapter,
 )
+from peftkit.objectives.build import build_objective
 from peftkit.stages import stage as stage_of
 from peftkit.train.allocator import keep_freed_memory
 from peftkit.train.callbacks import LogCallback, StopCallback, TrackerConfig, swanlab_callback
 from peftkit.train.checkpoints import config_differences, latest_complete, resolve_resume
 from peftkit.train.isolation import check_packed_isolation
-from peftkit.train.objectives import build_objective, eval_metrics
+from peftkit.train.objectives import eval_metrics
 from peftkit.train.plot import plot_loss
 from peftkit.train.progress import Progress
 from peftkit.train.runlock import RunLock

@@ -40,7 +40,7 @@ class PeftTrainer(Seq2SeqTrainer):
     finetuning_args.json. Each override says why transformers' own behaviour is not enough.
     """
 
-    objective: Any  # the stage's loss over (chosen, rejected) pairs (train/objectives.py); None: the model's own
+    objective: Any  # the stage's loss over (chosen, rejected) pairs (objectives/, train/grpo.py); None: the model's own
 
     def __init__(self, finetuning_args: FinetuningArgs, progress: Progress, chunked_loss: bool | None = None,
                  stage: str = "sft", objective: Any = None, speedups: str = "auto", **kwargs: Any) -> None:
