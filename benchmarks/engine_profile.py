@@ -33,7 +33,7 @@ def main() -> None:
     from peftkit.config import load_config
     from peftkit.config.schema import GenerateArgs
     from peftkit.data.dataset import load_messages
-    from peftkit.data.encode import render_prompt
+    from peftkit.data.render import render_prompt
     from peftkit.infer.chat import load_for_chat
     from peftkit.infer.engine import Engine, Sampling, adapters_merged
     from peftkit.rundir import read_run

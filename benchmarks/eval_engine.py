@@ -58,7 +58,7 @@ def legacy(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int, b
 def main() -> None:
     from peftkit.config import load_config
     from peftkit.data.dataset import load_messages
-    from peftkit.data.encode import render_prompt
+    from peftkit.data.render import render_prompt
     from peftkit.eval.metrics import METRICS
     from peftkit.infer.chat import load_for_chat
     from peftkit.infer.engine import generate_batch

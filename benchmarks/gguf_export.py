@@ -27,7 +27,7 @@ def main() -> None:
 
     from peftkit.config.schema import GenerateArgs
     from peftkit.data.dataset import load_messages
-    from peftkit.data.encode import render_prompt
+    from peftkit.data.render import render_prompt
     from peftkit.export import export
     from peftkit.export.merge import export_gguf
     from peftkit.infer.engine import generate_batch

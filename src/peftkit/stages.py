@@ -30,7 +30,8 @@ class Stage:
     formats: tuple[str, ...] | None
     # (tokenizer, samples, wheres, Encoding) -> the examples of each sample (data/encode.py).
     encoder: Target
-    # (tokenizer, packing, fixed_shape, flatten) -> a collator (data/collate.py).
+    # (tokenizer) -> the collator of records one by one (data/collate.py, or transformers': its label padding,
+    # -100, is IGNORE_INDEX); packed rows of a `packing` stage are always batched by data/collate.py's PackedCollator.
     collator: Target
     # lm: the causal LM's own head; value: a value head beside it; classifier: AutoModelForSequenceClassification
     # with the training data's classes (model/heads.py says how each loads, trains and exports).
@@ -66,25 +67,25 @@ _PAIR_OBJECTIVES = "peftkit.objectives.build"  # the objectives eval scores with
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("sft", "supervised fine-tuning on conversations", None,
-          f"{_ENCODE}:conversation_examples", f"{_COLLATE}:token_collator", packing=True),
+          f"{_ENCODE}:encode_samples", "transformers:DataCollatorForSeq2Seq", packing=True),
     Stage("pt", "continued pre-training on documents", ("text",),
-          f"{_ENCODE}:conversation_examples", f"{_COLLATE}:token_collator", chat_template=False, packing=True),
+          f"{_ENCODE}:encode_samples", "transformers:DataCollatorForSeq2Seq", chat_template=False, packing=True),
     Stage("rm", "reward model (value head, pairwise loss)", ("preference",),
-          f"{_ENCODE}:preference_examples", f"{_COLLATE}:pair_collator", head="value",
+          f"{_ENCODE}:encode_preferences", f"{_COLLATE}:PairCollator", head="value",
           objective=f"{_PAIR_OBJECTIVES}:pairwise_reward", scorer="peftkit.eval.scoring:score_pairs", pairs=True),
     Stage("dpo", "direct preference optimisation", ("preference",),
-          f"{_ENCODE}:preference_examples", f"{_COLLATE}:pair_collator",
+          f"{_ENCODE}:encode_preferences", f"{_COLLATE}:PairCollator",
           objective=f"{_PAIR_OBJECTIVES}:direct_preference", scorer="peftkit.eval.scoring:score_pairs", pairs=True),
     Stage("kto", "Kahneman-Tversky optimisation on unpaired desirable / undesirable answers",
           ("sharegpt", "messages", "alpaca", "preference"),
-          f"{_ENCODE}:unpaired_examples", f"{_COLLATE}:unpaired_collator",
+          f"{_ENCODE}:encode_unpaired", f"{_COLLATE}:UnpairedCollator",
           objective=f"{_PAIR_OBJECTIVES}:unpaired_preference", scorer="peftkit.eval.scoring:score_judged"),
     Stage("grpo", "group relative policy optimisation: sampled answers scored by reward functions",
           ("alpaca", "sharegpt", "messages", "preference"),
-          f"{_ENCODE}:prompt_examples", f"{_COLLATE}:prompt_collator", objective=f"{_OBJECTIVES}:group_relative",
+          f"{_ENCODE}:encode_prompts", f"{_COLLATE}:PromptCollator", objective=f"{_OBJECTIVES}:group_relative",
           rewards=True),
     Stage("cls", "sequence classification", ("pairs",),
-          f"{_ENCODE}:class_examples", f"{_COLLATE}:class_collator", head="classifier",
+          f"{_ENCODE}:encode_classification", "transformers:DataCollatorWithPadding", head="classifier",
           metrics="peftkit.train.trainer:class_metrics", scorer="peftkit.eval.scoring:classify",
           chat_template=False, streaming=False),
 )}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from peftkit.config.schema import GenerateArgs
-from peftkit.data.encode import render_prompt
+from peftkit.data.render import render_prompt
 from peftkit.infer import chat
 from peftkit.infer.chat import chat_loop, load_for_chat
 from peftkit.infer.engine import generate_batch

@@ -11,7 +11,7 @@ import pytest
 from peftkit.config.schema import DataArgs
 from peftkit.constants import IGNORE_INDEX
 from peftkit.data import SHIPPED_TEMPLATES, apply_template, build_dataset, describe_example, encode_messages
-from peftkit.data.encode import DOES_NOT_FIT, FULLY_MASKED
+from peftkit.data.labels import DOES_NOT_FIT, FULLY_MASKED
 from peftkit.errors import ConfigError, DataError
 from tests.helpers import ASSETS, MESSAGES, SINGLE, expected_labels
 from tests.helpers import chat_ids as _ids

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftkit.data.encode import render_prompt
+from peftkit.data.render import render_prompt
 from peftkit.data.template import stop_token_ids
 from peftkit.errors import PeftkitError
 from peftkit.infer.chat import load_for_chat

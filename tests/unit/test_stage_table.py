@@ -174,16 +174,17 @@ def test_speedups_off_runs_the_libraries_own_code(monkeypatch: pytest.MonkeyPatc
 
 
 def test_fast_template_rendering_that_differs_is_an_error(monkeypatch: pytest.MonkeyPatch, tokenizer) -> None:
-    import peftkit.data.encode as encode
+    import peftkit.data.render as render
+    from peftkit.data.encode import Encoding, encode_samples
     from peftkit.errors import PeftkitError
 
-    monkeypatch.setattr(encode, "_VERIFIED_TEMPLATES", set())
+    monkeypatch.setattr(render, "_VERIFIED_TEMPLATES", set())
     tokenizer.chat_template = tokenizer.chat_template + "{# a #}"  # a template not verified yet in this process
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    encode.encode_samples(tokenizer, [{"messages": messages}], [("f", 0)], 64)  # the same rendering: fine
-    assert tokenizer.chat_template in encode._VERIFIED_TEMPLATES
+    encode_samples(tokenizer, [{"messages": messages}], [("f", 0)], Encoding(64))  # the same rendering: fine
+    assert tokenizer.chat_template in render._VERIFIED_TEMPLATES
     tokenizer.chat_template = tokenizer.chat_template + "{# b #}"
     real = tokenizer.apply_chat_template
     monkeypatch.setattr(tokenizer, "apply_chat_template", lambda *a, **k: real(*a, **k) + "!")
     with pytest.raises(PeftkitError, match="fast chat-template rendering differs"):
-        encode.encode_samples(tokenizer, [{"messages": messages}], [("f", 0)], 64)
+        encode_samples(tokenizer, [{"messages": messages}], [("f", 0)], Encoding(64))

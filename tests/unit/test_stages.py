@@ -135,8 +135,9 @@ def test_dpo_lora_reference_is_the_adapter_disabled(tiny_model_dir: Path, tmp_pa
 
     from peftkit.data.collate import PairCollator
 
-    data = prepare_data(cfg.data, _tok(tiny_model_dir), stage="dpo")
-    batch = PairCollator(0)([data.train[i] for i in range(4)])
+    tokenizer = _tok(tiny_model_dir)  # its pad token id is 0
+    data = prepare_data(cfg.data, tokenizer, stage="dpo")
+    batch = PairCollator(tokenizer)([data.train[i] for i in range(4)])
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out).eval()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.no_grad():

@@ -11,7 +11,7 @@ import pytest
 from peftkit.config.schema import DataArgs
 from peftkit.constants import IGNORE_INDEX
 from peftkit.data import apply_template, build_dataset, encode_messages
-from peftkit.data.encode import encode_samples
+from peftkit.data.encode import Encoding, encode_samples
 from peftkit.data.formats import Where, sharegpt
 from peftkit.errors import ConfigError, DataError
 from tests.helpers import ASSETS, REPO, chat_ids, expected_labels
@@ -99,14 +99,14 @@ def test_template_dropping_past_reasoning_gives_one_exact_example_per_turn(token
     # render(messages[:2]) shows turn 1's reasoning; render(messages[:4]) does not: the labels of each turn are
     # placed in the history exactly as the template shows it at inference.
     apply_template(tokenizer, str(ASSETS / "drops_past_reasoning.jinja"))
-    (first, second), = encode_samples(tokenizer, [{"messages": THINKING}], [("f", 0)], 4096)
+    (first, second), = encode_samples(tokenizer, [{"messages": THINKING}], [("f", 0)], Encoding(4096))
     assert first.input_ids == chat_ids(tokenizer, THINKING[:2])
     assert first.labels == expected_labels(tokenizer, THINKING[:2], [1])
     assert second.input_ids == chat_ids(tokenizer, THINKING)
     assert second.labels == expected_labels(tokenizer, THINKING, [3])
     assert "3 plus 4" not in tokenizer.decode(second.input_ids)  # the history as the template shows it
     assert "<think>\n7 plus 2 is 9.\n</think>" in tokenizer.decode([t for t in second.labels if t != IGNORE_INDEX])
-    (last,), = encode_samples(tokenizer, [{"messages": THINKING}], [("f", 0)], 4096, mask="last")
+    (last,), = encode_samples(tokenizer, [{"messages": THINKING}], [("f", 0)], Encoding(4096, mask="last"))
     assert last.input_ids == second.input_ids and last.labels == second.labels
 
 
@@ -194,10 +194,10 @@ def test_preference_pairs_with_tools_render_each_side_once(tokenizer) -> None:
     chosen = {"role": "assistant", "content": "", "tool_calls": [call("Paris")]}
     rejected = {"role": "assistant", "content": "I cannot check the weather."}
     sample = {"messages": SINGLE_CALL[:1], "chosen": chosen, "rejected": rejected, "tools": TOOLS}
-    (pair,) = encode_preferences(tokenizer, [sample], [("f", 0)], 4096)
+    (pair,), = encode_preferences(tokenizer, [sample], [("f", 0)], Encoding(4096))
     assert pair.input_ids == chat_ids(tokenizer, [*SINGLE_CALL[:1], chosen], tools=TOOLS)
     assert pair.extra["rejected_input_ids"] == chat_ids(tokenizer, [*SINGLE_CALL[:1], rejected], tools=TOOLS)
-    (good, bad), = encode_unpaired(tokenizer, [sample], [("f", 0)], 4096)
+    (good, bad), = encode_unpaired(tokenizer, [sample], [("f", 0)], Encoding(4096))
     assert (good.input_ids, good.extra, bad.input_ids, bad.extra) == \
         (pair.input_ids, {"desirable": 1}, pair.extra["rejected_input_ids"], {"desirable": 0})
 

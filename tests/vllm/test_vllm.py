@@ -124,7 +124,7 @@ PROMPTS = ["Say hello.", "Name a colour.", "抽取实体：高勇，男，中国
 def _own_answers(run: Path) -> list[list[int]]:
     """peftkit's engine, greedy, float32: the answers' token ids (end-of-turn token stripped)."""
     from peftkit.config.schema import GenerateArgs
-    from peftkit.data.encode import render_prompt
+    from peftkit.data.render import render_prompt
     from peftkit.infer.chat import load_for_chat
     from peftkit.infer.engine import generate_batch
     from peftkit.rundir import read_run

@@ -73,8 +73,8 @@ class PairCollator:
     Right padding with an attention_mask; labels padded with IGNORE_INDEX.
     """
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
+    def __init__(self, tokenizer: Any) -> None:
+        self.pad_token_id = _pad_id(tokenizer)
 
     def __call__(self, pairs: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [(p["input_ids"], p["labels"]) for p in pairs] + [
@@ -96,8 +96,8 @@ class UnpairedCollator:
     """kto: B judged examples, then B mismatched rows for the KL estimate — example i's prompt with example
     i+1's answer (TRL's construction) — as one batch of 2B rows, plus `desirable` (B,)."""
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
+    def __init__(self, tokenizer: Any) -> None:
+        self.pad_token_id = _pad_id(tokenizer)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -118,8 +118,8 @@ class UnpairedCollator:
 class PromptCollator:
     """grpo: prompts left padded (generation appends to the right), with their `prompt` and `reference` strings."""
 
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
+    def __init__(self, tokenizer: Any) -> None:
+        self.pad_token_id = _pad_id(tokenizer)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
@@ -137,50 +137,21 @@ def chosen_and_rejected(rows: Any) -> tuple[Any, Any]:
 
 
 def _pad_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-# The stage table's collators (peftkit/stages.py).
-def token_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None,
-                   flatten: bool = False) -> Any:
-    """sft / pt: packed rows (flattened into one for a varlen attention), or single records padded to the
-    longest with labels padded by IGNORE_INDEX."""
-    if packing:
-        return PackedCollator(_pad_id(tokenizer), fixed_shape, flatten)
-    from transformers import DataCollatorForSeq2Seq
-
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, padding=True)
-
-
-def pair_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None,
-                  flatten: bool = False) -> Any:
-    return PairCollator(_pad_id(tokenizer))
-
-
-def unpaired_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None,
-                      flatten: bool = False) -> Any:
-    return UnpairedCollator(_pad_id(tokenizer))
-
-
-def prompt_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None,
-                    flatten: bool = False) -> Any:
-    return PromptCollator(_pad_id(tokenizer))
-
-
-def class_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None,
-                   flatten: bool = False) -> Any:
-    from transformers import DataCollatorWithPadding
-
-    return DataCollatorWithPadding(tokenizer)
 
 
 def build_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None, stage: str = "sft",
                    flatten: bool = False) -> Any:
-    """The collator of the stage (and `data.packing`).
+    """The collator of the stage (and `data.packing`): packed rows, for a stage that packs, go to PackedCollator;
+    records one by one to the collator the stage table names, built from the tokenizer.
 
     `fixed_shape` (rows, cutoff_len) pads every packed batch to one shape, for torch.compile; `flatten`
     (model/attention.py's flattens) sends packed rows as one row.
     """
     from peftkit.stages import stage as stage_of
 
-    return stage_of(stage).load("collator")(tokenizer, packing, fixed_shape, flatten)
+    entry = stage_of(stage)
+    if packing and entry.packing:
+        return PackedCollator(_pad_id(tokenizer), fixed_shape, flatten)
+    return entry.load("collator")(tokenizer)

@@ -16,11 +16,7 @@ from peftkit.config.load import dataset_specs
 from peftkit.config.schema import DataArgs, DatasetSpec
 from peftkit.constants import IGNORE_INDEX
 from peftkit.data import cache
-from peftkit.data.encode import (
-    TOO_SHORT,
-    Encoded,
-    class_names,
-)
+from peftkit.data.encode import Encoding, class_names
 from peftkit.data.formats import (
     FORMATS,
     Message,
@@ -30,6 +26,7 @@ from peftkit.data.formats import (
     sft_messages,
     with_system,
 )
+from peftkit.data.labels import TOO_SHORT, Encoded
 from peftkit.data.packing import pack_examples, pack_stream
 from peftkit.data.report import (
     DataReport,
@@ -43,7 +40,6 @@ from peftkit.data.sources import iter_records
 from peftkit.data.template import stop_token_ids
 from peftkit.errors import ConfigError, DataError
 from peftkit.model.heads import head_of
-from peftkit.stages import stage as stage_of
 
 logger = logging.getLogger("peftkit")
 _CHUNK = 1000  # samples tokenized per call
@@ -113,21 +109,6 @@ def conversations(spec: DatasetSpec, args: DataArgs, limit: int | None = None) -
 def load_messages(paths: list[str], args: DataArgs) -> list[Dialogue]:
     """Every record of the files as the conversation SFT trains on (for prediction and export checks)."""
     return [item for spec in file_specs(paths, args) for item in conversations(spec, args)]
-
-
-@dataclass
-class Encoding:
-    """How a stage turns samples into examples (picklable: worker processes receive it)."""
-
-    cutoff_len: int
-    mask: str = "assistant"
-    stage: str = "sft"
-    classes: list[str] | None = None  # cls: class names by index
-    strict: bool = True  # a template error raises (on_bad_record: error) or drops the record
-    reasoning: str = "train"  # data.reasoning: train | mask | drop
-
-    def __call__(self, tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, str]]) -> list[list[Encoded]]:
-        return stage_of(self.stage).load("encoder")(tokenizer, samples, wheres, self)
 
 
 def _encode(samples: list[Sample], wheres: list[tuple[str, str]], tokenizer: Any,

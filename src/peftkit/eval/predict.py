@@ -15,7 +15,7 @@ from peftkit.atomic import write_json_atomic, write_text_atomic
 from peftkit.config.schema import RunConfig
 from peftkit.constants import PREDICT_RESULTS_FILE, PREDICTIONS_FILE
 from peftkit.data.dataset import load_messages
-from peftkit.data.encode import render_prompt
+from peftkit.data.render import render_prompt
 from peftkit.errors import PeftkitError
 from peftkit.eval.loss import eval_loss
 from peftkit.eval.metrics import METRICS, reference_text

@@ -20,7 +20,8 @@ from peftkit.atomic import storage_errors, write_dir_atomic
 from peftkit.config.load import dataset_specs
 from peftkit.config.schema import ModelArgs
 from peftkit.data.dataset import Dialogue, conversations
-from peftkit.data.encode import encode_messages, render_prompt
+from peftkit.data.encode import encode_messages
+from peftkit.data.render import render_prompt
 from peftkit.errors import PeftkitError
 from peftkit.export.hub import model_card
 from peftkit.model.families import GGUF_ARCHITECTURES, float64_load_kwargs, gguf_refusal

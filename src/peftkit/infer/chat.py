@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from peftkit.config.schema import GenerateArgs, ModelArgs
-from peftkit.data.encode import render_prompt
 from peftkit.data.formats import Message
+from peftkit.data.render import render_prompt
 from peftkit.data.template import apply_template
 from peftkit.infer.engine import Sampling, engine_for
 from peftkit.model import load_tokenizer

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from peftkit.data.encode import render_prompt
 from peftkit.data.formats import Message
+from peftkit.data.render import render_prompt
 from peftkit.infer.engine import PREFIX_MIN_TOKENS, Engine, Job, Sampling
 
 
