@@ -215,7 +215,8 @@ def test_a_family_the_tier_has_not_run_is_checked_on_the_model_itself(
 def test_chat_and_serve_load_the_runs_own_base(family: str, family_dir: Callable[[str], Path],
                                                family_run: Callable[[str], Path], capsys) -> None:
     """`--adapter RUN` alone loads the base the run trained on (adapter_config.json), not the embedded model."""
-    from peftkit.cli import _run_spec, main
+    from peftkit.cli import main
+    from peftkit.cli.models import _run_spec
     from peftkit.serve import load_served
 
     run = family_run(family)

@@ -131,7 +131,8 @@ def test_the_lock_of_a_killed_process_is_released(tmp_path: Path) -> None:
 
 
 def test_resume_hint_keeps_every_override_quoted() -> None:
-    from peftkit.cli import build_parser, resume_command
+    from peftkit.cli.parser import build_parser
+    from peftkit.cli.train import resume_command
 
     args = build_parser().parse_args(["train", "my conf.yaml", "train.output_dir=runs/a b", "train.max_steps=3",
                                       "train.resume_from_checkpoint=false"])
