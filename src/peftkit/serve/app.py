@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from peftkit.data.formats import Message, normalize_tool_calls, normalize_tools
 from peftkit.errors import ConfigError
-from peftkit.infer.engine import Job, QueueFull
+from peftkit.infer.jobs import Job, QueueFull
 from peftkit.infer.tools import Call, DeltaSplitter, Parsed, parse_output
 from peftkit.serve.engine import Outcome, Request, Service
 
