@@ -35,7 +35,9 @@ def main() -> None:
     from peftkit.data.dataset import load_messages
     from peftkit.data.render import render_prompt
     from peftkit.infer.chat import load_for_chat
-    from peftkit.infer.engine import Engine, Sampling, adapters_merged
+    from peftkit.infer.engine import Engine
+    from peftkit.infer.jobs import Sampling
+    from peftkit.infer.merging import adapters_merged
     from peftkit.rundir import read_run
 
     parser = argparse.ArgumentParser()

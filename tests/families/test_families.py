@@ -17,7 +17,8 @@ from peftkit.config.schema import DataArgs, FinetuningArgs, ModelArgs
 from peftkit.data import prepare_data
 from peftkit.errors import ConfigError, PeftkitError
 from peftkit.export import export
-from peftkit.infer.engine import Engine, Sampling
+from peftkit.infer.engine import Engine
+from peftkit.infer.jobs import Sampling
 from peftkit.model import load_model, prepare_for_training
 from peftkit.model.families import stateful_layers
 from peftkit.model.loading import check_family

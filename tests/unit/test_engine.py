@@ -16,7 +16,8 @@ from peftkit.data.render import render_prompt
 from peftkit.data.template import stop_token_ids
 from peftkit.errors import PeftkitError
 from peftkit.infer.chat import load_for_chat
-from peftkit.infer.engine import Engine, QueueFull, Sampling
+from peftkit.infer.engine import Engine
+from peftkit.infer.jobs import QueueFull, Sampling
 
 TEXTS = ["hi", "a much longer question here, with more words in it than the others", "two", "three words here",
          "x", "高勇：男，中国国籍", "Name a colour.", "Count to three, then stop."]
@@ -48,8 +49,8 @@ def test_continuous_batching_equals_one_at_a_time(model_and_tok) -> None:
     # 3 rows for 8 requests, and a cache barely longer than the longest request: shifts and compactions happen
     engine = Engine(model, tok, slots=3, max_len=max(len(p) + b for p, b in zip(prompts, budgets)) + 2)
     shifts = []
-    real_shift = engine._shift
-    engine._shift = lambda d: (shifts.append(d), real_shift(d))[1]
+    real_shift = engine.slot_cache.shift
+    engine.slot_cache.shift = lambda n, d: (shifts.append(d), real_shift(n, d))[1]
     finished: list[int] = []
     jobs = engine.generate(prompts, samplings, on_done=lambda i, job: finished.append(i))
     assert [len(j.tokens) for j in jobs] == budgets and all(j.finish_reason == "length" for j in jobs)
@@ -57,7 +58,7 @@ def test_continuous_batching_equals_one_at_a_time(model_and_tok) -> None:
         assert job.tokens == _alone(model, tok, prompt, sampling)
     assert sorted(finished) == list(range(8)) and finished != sorted(finished, key=lambda i: -len(prompts[i]))
     assert any(d < 0 for d in shifts) and any(d > 0 for d in shifts)  # both directions were exercised
-    assert not engine.active and engine.t == 0
+    assert not engine.active and engine.slot_cache.t == 0
 
 
 def test_stop_token_ends_a_row_and_is_reported(tiny_model_dir: Path) -> None:
@@ -543,7 +544,8 @@ def test_a_kv_cache_that_does_not_fit_is_refused_at_start(model_and_tok, monkeyp
     """The engine's rows × tokens are checked against the KV budget before anything is allocated (a server that
     reserved more than the machine has stopped answering, even /health); serve's default context is shortened to
     what fits, an asked-for one that does not fit is refused; a batch job runs fewer rows at a time."""
-    from peftkit.infer.engine import KV_CACHE_ENV, engine_for, fitting_context, kv_bytes_per_token
+    from peftkit.infer.engine import engine_for
+    from peftkit.infer.kv import KV_CACHE_ENV, fitting_context, kv_bytes_per_token
 
     model, tok = model_and_tok
     per_token = kv_bytes_per_token(model)

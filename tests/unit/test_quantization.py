@@ -88,7 +88,7 @@ def test_peftkit_layer_patches_on_a_quantized_base(tiny_model_dir: Path, tokeniz
     output layer and equals the standard loss and gradients on a 4-bit base; merging for generation is skipped."""
     from peftkit.config.schema import DataArgs
     from peftkit.data import build_collator, prepare_data
-    from peftkit.infer.engine import adapters_merged
+    from peftkit.infer.merging import adapters_merged
     from peftkit.model.value_head import hidden_states_as_logits
     from peftkit.train.fused_lora import fused_lora_forward
     from peftkit.train.loss import chunked_causal_lm_loss, supports_chunked_loss

@@ -19,7 +19,8 @@ from peftkit.data.render import render_prompt
 from peftkit.errors import PeftkitError
 from peftkit.eval.loss import eval_loss
 from peftkit.eval.metrics import METRICS, reference_text
-from peftkit.infer.engine import adapters_merged, generate_batch
+from peftkit.infer.engine import generate_batch
+from peftkit.infer.merging import adapters_merged
 from peftkit.model.dtypes import autocast_dtype
 from peftkit.stages import stage as stage_of
 

@@ -11,7 +11,8 @@ from peftkit.config.schema import GenerateArgs, ModelArgs
 from peftkit.data.formats import Message
 from peftkit.data.render import render_prompt
 from peftkit.data.template import apply_template
-from peftkit.infer.engine import Sampling, engine_for
+from peftkit.infer.engine import engine_for
+from peftkit.infer.jobs import Sampling
 from peftkit.model import load_tokenizer
 from peftkit.model.loading import load_trained
 

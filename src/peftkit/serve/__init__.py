@@ -66,7 +66,7 @@ def serve(spec: tuple[Any, list[str], str, str | None], host: str, port: int, ap
         if len(served) > 1:
             raise PeftkitError("--served-model-name names one model; with several adapters use --adapter NAME=RUN")
         served = {served_name: next(iter(served.values()))}
-    from peftkit.infer.engine import fitting_context, model_context
+    from peftkit.infer.kv import fitting_context, model_context
 
     if dtype is not None:  # stored once in that dtype: bf16 autocast would cast the float32 weights every step
         import torch  # (served the demo adapter 2x slower than float32, benchmarks/RESULTS.md)

@@ -28,7 +28,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from peftkit.errors import ConfigError
-from peftkit.infer.engine import QueueFull
+from peftkit.infer.jobs import QueueFull
 from peftkit.serve.requests import CHAT_READER, COMPLETIONS_READER, MAX_BODY_BYTES, ApiError, Reader, _parse, _read_json
 from peftkit.serve.responses import CHAT_WRITER, COMPLETIONS_WRITER, Writer, _completion, _error_response, _sse
 from peftkit.serve.service import Outcome, Request, Service

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
-from peftkit.infer.engine import Job
+from peftkit.infer.jobs import Job
 from peftkit.infer.tools import Call, DeltaSplitter, Parsed, parse_output
 from peftkit.serve.service import Outcome, Request, Service
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from peftkit.data.formats import Message
 from peftkit.data.render import render_prompt
-from peftkit.infer.engine import PREFIX_MIN_TOKENS, Engine, Job, Sampling
+from peftkit.infer.engine import PREFIX_MIN_TOKENS, Engine
+from peftkit.infer.jobs import Job, Sampling
 
 
 @dataclass

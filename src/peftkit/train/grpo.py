@@ -49,7 +49,9 @@ def engine_sampler(tokenizer: Any, args: Any) -> Sampler:
         """(prompt ids, prompt mask, answer ids) with every prompt repeated num_generations times, adjacent."""
         import torch
 
-        from peftkit.infer.engine import Sampling, adapters_merged, engine_for
+        from peftkit.infer.engine import engine_for
+        from peftkit.infer.jobs import Sampling
+        from peftkit.infer.merging import adapters_merged
 
         g = args.num_generations
         ids = inputs["input_ids"].repeat_interleave(g, 0)
@@ -58,7 +60,7 @@ def engine_sampler(tokenizer: Any, args: Any) -> Sampler:
         sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, top_k=args.top_k)
         unwrapped = getattr(model, "module", model)  # not the DDP wrapper
-        with adapters_merged(unwrapped):  # 1.5x faster sampling; unmerged after, to 1e-7 (infer/engine.py)
+        with adapters_merged(unwrapped):  # 1.5x faster sampling; unmerged after, to 1e-7 (infer/merging.py)
             engine = engine_for(unwrapped, tokenizer, prompts, sampling.max_new_tokens, slots=len(prompts))
             jobs = engine.generate(prompts, sampling)
         # each answer with the end-of-turn token that ended it (learning to stop), then padding
