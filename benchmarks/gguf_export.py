@@ -29,7 +29,7 @@ def main() -> None:
     from peftkit.data.dataset import load_messages
     from peftkit.data.render import render_prompt
     from peftkit.export import export
-    from peftkit.export.merge import export_gguf
+    from peftkit.export.llamacpp import export_gguf
     from peftkit.infer.engine import generate_batch
 
     logging.basicConfig(level=logging.INFO, format="[peftkit] %(message)s")
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     run = Path(args.run)
     if args.no_limit:
-        import peftkit.export.merge as merge
+        import peftkit.export.llamacpp as merge
 
         merge.GGUF_MAX_LOGIT_DIFF = dict.fromkeys(merge.GGUF_MAX_LOGIT_DIFF, float("inf"))
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))

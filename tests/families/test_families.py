@@ -136,22 +136,22 @@ def test_gguf_reads_back_or_is_refused_before_merging(family: str, family_dir: C
     back within the quantisation's limit (the check inside export_gguf); elsewhere a message before any merging."""
     from transformers import AutoConfig
 
-    from peftkit.export import merge
+    from peftkit.export import llamacpp
     from peftkit.model.families import gguf_refusal
 
     refusal = gguf_refusal(AutoConfig.from_pretrained(family_dir(family)))
     if refusal is None:
-        report = merge.export_gguf(family_run(family), tmp_path / "gguf", quant="f16")
-        assert report.max_logit_diff < merge.GGUF_MAX_LOGIT_DIFF["f16"]
+        report = llamacpp.export_gguf(family_run(family), tmp_path / "gguf", quant="f16")
+        assert report.max_logit_diff < llamacpp.GGUF_MAX_LOGIT_DIFF["f16"]
         record_property("capability", "yes")
         return
 
     def no_merging(*a, **k):
         raise AssertionError("merged before the refusal")
 
-    monkeypatch.setattr(merge, "_merged", no_merging)
+    monkeypatch.setattr(llamacpp, "load_merged", no_merging)
     with pytest.raises(PeftkitError, match=r"--format gguf: .*(not written here|sliding window|reader, which checks)"):
-        merge.export_gguf(family_run(family), tmp_path / "gguf")
+        llamacpp.export_gguf(family_run(family), tmp_path / "gguf")
     assert not (tmp_path / "gguf").exists()
     reason = ("sliding window" if "sliding" in refusal else refusal.split(" has ")[1].split(";")[0] if " assumes " in refusal
               else "architecture")
@@ -316,7 +316,7 @@ def test_gguf_with_the_published_values_the_reader_assumes_reads_back(family: st
     export_gguf's own check, on prompts longer than the window."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftkit.export.merge import GGUF_MAX_LOGIT_DIFF, export_gguf
+    from peftkit.export.llamacpp import GGUF_MAX_LOGIT_DIFF, export_gguf
     from tests.families.zoo import config_of
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)

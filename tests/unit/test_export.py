@@ -10,7 +10,7 @@ import torch
 
 from peftkit.config import load_config
 from peftkit.errors import PeftkitError
-from peftkit.export import export, merge
+from peftkit.export import checks, export
 from peftkit.train.run import train
 
 
@@ -49,7 +49,7 @@ def test_export_round_trip(ft: str, tiny_model_dir: Path, alpaca_file: Path, tmp
 
 def test_failed_logit_check_writes_nothing(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path, monkeypatch) -> None:
     _run(tiny_model_dir, alpaca_file, tmp_path / "run", "lora")
-    real = merge._logits
+    real = checks._logits
     calls = []
 
     def shifted(model, prompts):
@@ -57,7 +57,7 @@ def test_failed_logit_check_writes_nothing(tiny_model_dir: Path, alpaca_file: Pa
         logits = real(model, prompts)
         return logits if len(calls) == 1 else [x + 1e-3 for x in logits]
 
-    monkeypatch.setattr(merge, "_logits", shifted)
+    monkeypatch.setattr(checks, "_logits", shifted)
     with pytest.raises(PeftkitError, match="reloaded logits differ from the run's by 1.00e-03"):
         export(tmp_path / "run", tmp_path / "export")
     assert not (tmp_path / "export").exists()
@@ -85,3 +85,18 @@ def test_changed_chat_template_fails_the_check(tiny_model_dir: Path, alpaca_file
 def test_export_of_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(PeftkitError, match="not a peftkit output_dir"):
         export(tmp_path, tmp_path / "export")
+
+
+def test_the_export_targets_are_one_table_and_refuse_what_they_do_not_take(tmp_path: Path) -> None:
+    """--format merged (what refusals tell users to run) parses, like the table's other keys; a wrong format or an
+    option of another target is refused before anything is read."""
+    from peftkit.cli.parser import build_parser
+    from peftkit.export import TARGETS
+
+    assert list(TARGETS) == ["merged", "gguf", "gguf-lora"]
+    for fmt in (*TARGETS, "hf"):
+        assert build_parser().parse_args(["export", "--adapter", "r", "--out", "o", "--format", fmt]).format == fmt
+    with pytest.raises(PeftkitError, match=r"--format zip: one of merged, gguf, gguf-lora"):
+        export(tmp_path, tmp_path / "out", "zip")
+    with pytest.raises(PeftkitError, match=r"--format gguf-lora takes no quant"):
+        export(tmp_path, tmp_path / "out", "gguf-lora", quant="f16")

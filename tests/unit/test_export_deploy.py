@@ -117,7 +117,7 @@ def test_gguf_lora_refuses_what_llama_cpp_cannot_apply(lora_run, tmp_path: Path,
 
 
 def test_gguf_refuses_what_llama_cpp_cannot_run(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    from peftkit.export.merge import export_gguf
+    from peftkit.export.llamacpp import export_gguf
     from tests.helpers import MRPC, MRPC_COLUMNS
 
     run = tmp_path / "cls"
@@ -133,7 +133,7 @@ def test_llama_cpp_generates_what_transformers_generates(lora_run, tmp_path: Pat
                                     "source distribution for this machine; building it needs cmake and a C++ toolchain)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftkit.export.merge import export_gguf
+    from peftkit.export.llamacpp import export_gguf
 
     run, _ = lora_run
     report = export_gguf(run, tmp_path / "export", quant="f16")
@@ -201,7 +201,7 @@ def test_a_sentencepiece_style_tokenizer_is_refused_before_merging(lora_run, tmp
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from peftkit.export import merge
+    from peftkit.export import llamacpp
     from peftkit.export.gguf import tokenizer_refusal
 
     run = tmp_path / "run"
@@ -212,7 +212,7 @@ def test_a_sentencepiece_style_tokenizer_is_refused_before_merging(lora_run, tmp
     spm.pre_tokenizer = pre_tokenizers.Metaspace()
     spm.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     spm.save(str(run / "tokenizer.json"))
-    monkeypatch.setattr(merge, "_merged", lambda *a, **k: (_ for _ in ()).throw(AssertionError("merged")))
+    monkeypatch.setattr(llamacpp, "load_merged", lambda *a, **k: (_ for _ in ()).throw(AssertionError("merged")))
     with pytest.raises(PeftkitError, match=r"Metaspace vocabulary with byte fallback .*--format merged"):
-        merge.export_gguf(run, tmp_path / "gguf")
+        llamacpp.export_gguf(run, tmp_path / "gguf")
     assert not (tmp_path / "gguf").exists()

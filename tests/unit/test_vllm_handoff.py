@@ -103,16 +103,16 @@ def test_eval_engine_vllm_is_refused_before_any_work_where_it_cannot_serve_the_e
 
 def test_one_run_is_merged_once_and_again_only_when_it_changes(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import peftkit.export as targets
     from peftkit.config import load_config
-    from peftkit.export import merge
     from peftkit.train.run import train
 
     run = tmp_path / "run"
     train(load_config(None, tiny_run(tiny_model_dir, run, data=alpaca_file, max_steps=1)))
     monkeypatch.setenv(vllm.VLLM_CACHE_ENV, str(tmp_path / "cache"))
     exports = []
-    real = merge.export
-    monkeypatch.setattr(merge, "export", lambda *a, **k: exports.append(a) or real(*a, **k))
+    real = targets.export
+    monkeypatch.setattr(targets, "export", lambda *a, **k: exports.append(a) or real(*a, **k))
     first = vllm.merged_for_vllm(run)
     assert vllm.merged_for_vllm(run) == first and len(exports) == 1
     assert json.loads((first / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

@@ -89,23 +89,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from peftkit.export import export
+    """One target of export's table (export/__init__.py: TARGETS), then --push-to-hub."""
+    from peftkit.export import TARGETS, export
     from peftkit.export.hub import push_to_hub
-    from peftkit.export.merge import export_gguf, export_gguf_lora
 
-    if args.format == "gguf-lora":
-        report = export_gguf_lora(args.adapter, args.out, overwrite=args.overwrite)
-        print(f"exported the adapter to {report.out}: (alpha/r)·B·A equals peft's delta weights within "
-              f"{report.max_logit_diff:.2g}; llama.cpp: `llama-cli -m BASE.gguf --lora {report.out}`")
-    elif args.format == "gguf":
-        report = export_gguf(args.adapter, args.out, quant=args.quant, overwrite=args.overwrite)
-        print(f"exported to {report.out}: max logit difference {report.max_logit_diff:.3g} ({args.quant}), "
-              f"{report.records_checked} training records re-rendered identically; Ollama: "
-              f"`ollama create NAME -f {Path(args.out) / 'Modelfile'}`")
-    else:
-        report = export(args.adapter, args.out, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-        print(f"exported to {report.out}: max logit difference {report.max_logit_diff:.2e}, "
-              f"{report.records_checked} training records re-rendered identically")
+    fmt = "merged" if args.format == "hf" else args.format  # hf: the name this format had first
+    options = {k: getattr(args, k) for k in TARGETS[fmt].options}
+    report = export(args.adapter, args.out, fmt, overwrite=args.overwrite, **options)
+    print(TARGETS[fmt].landed(report, options))
     if args.push_to_hub:
         print(f"pushed to {push_to_hub(Path(args.out), args.push_to_hub, args.private)}")
     return 0

@@ -79,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the folder to write: new, empty, or a previous export (replaced whole)")
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it holds other files")
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size, e.g. 500MB")
-    p.add_argument("--format", choices=("hf", "gguf", "gguf-lora"), default="hf",
-                   help="hf: a transformers folder (default); gguf: one GGUF file for llama.cpp / Ollama + a Modelfile; "
-                        "gguf-lora: the LoRA adapter alone, for llama.cpp's --lora on the base model's GGUF")
+    p.add_argument("--format", choices=("merged", "hf", "gguf", "gguf-lora"), default="merged",
+                   help="merged: a transformers folder (default; hf is the same); gguf: one GGUF file for llama.cpp / "
+                        "Ollama + a Modelfile; gguf-lora: the LoRA adapter alone, for llama.cpp's --lora on the base "
+                        "model's GGUF")
     p.add_argument("--quant", choices=("f16", "bf16", "q8_0"), default="q8_0", help="GGUF weight type (default q8_0)")
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="after the checks pass, upload the export as this hub model repo")
     p.add_argument("--private", action="store_true", help="create the hub repo private")

@@ -5,7 +5,7 @@ here: tensor names from `gguf.get_tensor_name_map`, Llama's q / k rows permuted 
 layout, 1-D tensors (norms, biases) kept in float32, a tied output layer left out (llama.cpp reuses the
 embedding). The tokenizer goes in as a GPT-2 style BPE vocabulary with its merges, special token ids and
 the run's chat template, so llama.cpp and Ollama render prompts as training did. The file is read back
-by transformers (`gguf_file=`) in export's checks (export/merge.py: export_gguf).
+by transformers (`gguf_file=`) in export's checks (export/llamacpp.py: export_gguf).
 """
 
 from __future__ import annotations

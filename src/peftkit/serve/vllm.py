@@ -112,7 +112,8 @@ def merged_for_vllm(run: str | Path) -> Path:
     """A LoRA run merged (peftkit export, verified) into $PEFTKIT_VLLM_CACHE (default PEFTKIT_HOME/vllm)/RUN/DIGEST,
     the digest taken over the adapter's files: exported once, reused while the run is unchanged. A freeze / full
     run is itself a model."""
-    from peftkit.export.merge import EXPORT_MARKER, export
+    from peftkit.export import export
+    from peftkit.export.checks import EXPORT_MARKER
     from peftkit.model.resolve import peftkit_home
 
     run = Path(run).resolve()
