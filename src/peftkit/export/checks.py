@@ -18,6 +18,7 @@ from peftkit.data.dataset import Dialogue, conversations
 from peftkit.data.encode import encode_messages
 from peftkit.data.render import render_prompt
 from peftkit.errors import PeftkitError
+from peftkit.infer.merging import merged
 from peftkit.model.families import float64_load_kwargs
 from peftkit.model.loading import load_trained
 from peftkit.model.quantization import prequantized
@@ -161,8 +162,7 @@ def load_merged(run: Run) -> _Merged:
     model, stored_dtype = _load_run(run, entry, tokenizer.pad_token_id)
     prompts = _check_prompts(tokenizer, entry)
     reference = _logits(model, prompts)
-    if finetuning_type == "lora":
-        model = model.merge_and_unload()  # in float64: the only rounding is the final cast
+    model = merged(model)  # in float64: the only rounding is the final cast (a quantized base was refused)
     records = _training_records(run, limit=16) if entry.chat_template else []
     return _Merged(finetuning_type, entry, tokenizer, model, stored_dtype, prompts, reference, records)
 

@@ -1,10 +1,23 @@
-"""LoRA merged into the base weights for generation (eval, GRPO's sampling), unmerged after."""
+"""The one place LoRA is merged into base weights: for good (serve's single adapter, export), or while generating
+(eval, GRPO's sampling) and unmerged after."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
 from typing import Any
+
+
+def merged(model: Any) -> Any:
+    """A single adapter folded into the weights for good, the plain model back (one matmul per projection); a model
+    without one, with several, or on a quantized base (merging would requantize it) comes back as it is."""
+    from peft import PeftModel
+
+    from peftkit.model.quantization import is_quantized
+
+    if not isinstance(model, PeftModel) or len(model.peft_config) != 1 or is_quantized(model):
+        return model
+    return model.merge_and_unload()
 
 
 @contextlib.contextmanager

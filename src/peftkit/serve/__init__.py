@@ -28,8 +28,6 @@ def load_served(spec: tuple[Any, list[str], str, str | None]) -> tuple[Any, Any,
     of adapters). One adapter is merged into the weights in memory (the run is untouched): one matmul per
     projection; on a quantized base it stays unmerged. Several are loaded side by side, unmerged; each
     request's model picks its adapter."""
-    from peft import PeftModel
-
     from peftkit.infer.chat import load_for_chat
 
     model_args, adapters, stage, template = spec
@@ -37,10 +35,9 @@ def load_served(spec: tuple[Any, list[str], str, str | None]) -> tuple[Any, Any,
     first = next(iter(named.values()), None)
     model, tokenizer = load_for_chat(model_args, first, stage, template)
     if len(named) <= 1:
-        from peftkit.model.quantization import is_quantized
+        from peftkit.infer.merging import merged
 
-        if isinstance(model, PeftModel) and not is_quantized(model):  # merging would requantize a quantized base
-            model = model.merge_and_unload()
+        model = merged(model)
         name = next(iter(named), None) or Path(model_args.name_or_path).name
         return model, tokenizer, {name: None}
     peft_names: dict[str, str | None] = {}
