@@ -154,6 +154,7 @@ def test_train_end_line_has_no_loss(tiny_model_dir: Path, alpaca_file: Path, tmp
 
 def test_speedups_off_runs_the_libraries_own_code(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path,
                                                   alpaca_file: Path, tmp_path: Path, caplog) -> None:
+    import peftkit.libraries as libraries
     import peftkit.train.speedups as speedups
     import peftkit.train.trainer as trainer_module
 
@@ -167,7 +168,7 @@ def test_speedups_off_runs_the_libraries_own_code(monkeypatch: pytest.MonkeyPatc
     train(load_config(None, [*base, f"train.output_dir={tmp_path / 'b'}"]))
     assert calls[0] == "fused" and "chunked" in calls
     calls.clear()
-    monkeypatch.setitem(speedups.TESTED_VERSIONS, "peft", ((0, 0), (0, 1)))  # as if peft were newer than tested
+    monkeypatch.setitem(libraries.TESTED_VERSIONS, "peft", ((0, 0), (0, 1)))  # as if peft were newer than tested
     with caplog.at_level("WARNING", logger="peftkit"):
         train(load_config(None, [*base, f"train.output_dir={tmp_path / 'c'}"]))
     assert calls == [] and "train.peftkit_speedups: off for peft" in caplog.text

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import weakref
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,14 +37,18 @@ def _file_digest(path: Path) -> str:
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
-    """A hash of everything in the tokenizer that changes token ids; remembered on the object."""
+    """A hash of everything in the tokenizer that changes token ids; remembered per tokenizer object (hashing the
+    vocabulary again for every dataset is what it saves)."""
     stamp = (tokenizer.chat_template, len(tokenizer), str(tokenizer.special_tokens_map))
-    cached = getattr(tokenizer, "_peftkit_digest", None)
+    cached = _DIGESTS.get(tokenizer)
     if cached and cached[0] == stamp:
         return cached[1]
     digest = _tokenizer_digest(tokenizer)
-    tokenizer._peftkit_digest = (stamp, digest)
+    _DIGESTS[tokenizer] = (stamp, digest)
     return digest
+
+
+_DIGESTS: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyDictionary()
 
 
 def _tokenizer_digest(tokenizer: Any) -> str:

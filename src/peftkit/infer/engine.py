@@ -32,6 +32,7 @@ from peftkit.infer.choosing import Generators, Vocab, choose, json_closed, logpr
 from peftkit.infer.jobs import Job, QueueFull, Sampling
 from peftkit.infer.kv import check_fits, kv_budget, kv_bytes_per_token
 from peftkit.infer.slots import SlotCache
+from peftkit.libraries import warn_untested
 from peftkit.model.dtypes import autocast
 from peftkit.model.families import sliding_window, stateful_layers
 
@@ -68,7 +69,9 @@ class Engine:
         self.max_queue, self.prefill_tokens, self.adapters = max_queue, prefill_tokens, adapters
         self.stops = set(stop_token_ids(tokenizer))
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns until 5.40)
+        # transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns until 5.40);
+        # the slot cache subclasses its CacheLayerMixin (libraries.py: TOUCH_POINTS)
+        warn_untested("peftkit's generation engine", ("transformers",), "; its cache layer may not fit")
         self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         self.device = next(model.parameters()).device
         self.slot_cache = SlotCache(slots, max_len, model.config.get_text_config().num_hidden_layers, self.device)

@@ -20,6 +20,11 @@ def _frozen_copy(model: Any) -> Any:
 # The stage table's objectives (peftkit/stages.py): (model, RunConfig, reference, tokenizer) -> the loss;
 # `reference` builds the frozen reference model when one is needed (freeze / full tuning: no adapter to disable).
 def pairwise_reward(model: Any, cfg: Any, reference: Callable[[], Any], tokenizer: Any) -> PairwiseReward:
+    """Its scores pass the output layer through (libraries.py: TOUCH_POINTS), said outside the tested versions."""
+    from peftkit.libraries import warn_untested
+
+    warn_untested("stage rm: the value head reads hidden states through the output layer's pass-through",
+                  ("transformers",))
     return PairwiseReward()
 
 

@@ -6,7 +6,8 @@ the same multi-megabyte activations every step, so every step faults in and zero
 Raising both thresholds keeps that memory in the process between steps. Measured with
 `benchmarks/one_step.py --steps 4` (2-core CPU, SmolLM2-135M, 8 x 512 packed): fp32 82.3 -> 77.6 s
 for the 4 steps, bf16 34.8 -> 33.0 s, peak RSS unchanged (8.1 / 5.3 GB): the peak is the
-activations of one step either way. Set PEFTKIT_DEFAULT_MALLOC=1 to leave glibc as it is.
+activations of one step either way. Behind train.peftkit_speedups (off leaves glibc as it is), as is
+PEFTKIT_DEFAULT_MALLOC=1.
 """
 
 from __future__ import annotations

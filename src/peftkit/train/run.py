@@ -92,7 +92,7 @@ def _train(cfg: RunConfig, args: Any, resume_command: str) -> TrainResult:
 
     start = time.time()
     set_seed(args.seed)  # before the adapter is created: its initialisation must not depend on what ran before
-    if args.device.type == "cpu":
+    if args.device.type == "cpu" and train_extras(cfg.train).peftkit_speedups != "off":
         keep_freed_memory()  # each step's activations reuse the heap instead of fresh pages (train/allocator.py)
     resume = _start_run(cfg, args, resume_command)
     tokenizer, data = _prepare_data(cfg, args)

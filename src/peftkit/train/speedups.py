@@ -23,47 +23,19 @@ import logging
 from contextlib import ExitStack
 from typing import Any
 
+from peftkit.libraries import warn_untested
 from peftkit.train.fused_lora import fused_lora_forward
 from peftkit.train.precision import one_cast_per_activation
 
 logger = logging.getLogger("peftkit")
 
-# [lowest, first untested) major.minor of each library the patches read the internals of.
-TESTED_VERSIONS = {"peft": ((0, 17), (0, 22)), "transformers": ((5, 0), (5, 25))}
-_warned: set[str] = set()
-
-
-def _major_minor(version: str) -> tuple[int, int]:
-    parts = (version.split("+")[0].split(".") + ["0", "0"])[:2]
-    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)  # type: ignore[return-value]
-
-
-def untested_versions() -> list[str]:
-    """The libraries installed at a version outside TESTED_VERSIONS, as 'name version'."""
-    from importlib.metadata import version
-
-    out = []
-    for name, (low, high) in TESTED_VERSIONS.items():
-        installed = version(name)
-        if not low <= _major_minor(installed) < high:
-            out.append(f"{name} {installed}")
-    return out
-
-
 def speedups_enabled(mode: str) -> bool:
-    """Whether `train.peftkit_speedups` (auto | on | off) turns the patches on here; warns once when versions rule them out."""
+    """Whether `train.peftkit_speedups` (auto | on | off) turns the patches on here: not outside the library versions
+    they were written against (libraries.py: TESTED_VERSIONS; one warning, then the libraries' own code)."""
     if mode == "off":
         return False
-    untested = untested_versions()
-    if untested:
-        key = ", ".join(untested)
-        if key not in _warned:
-            _warned.add(key)
-            logger.warning("train.peftkit_speedups: off for %s (written against %s); training runs the libraries' "
-                           "own code", key, ", ".join(f"{n} {a[0]}.{a[1]}-{b[0]}.{b[1] - 1}"
-                                                       for n, (a, b) in TESTED_VERSIONS.items()))
-        return False
-    return True
+    return not warn_untested("train.peftkit_speedups: off", ("peft", "transformers"),
+                             "; training runs the libraries' own code")
 
 
 def training_speedups(model: Any, mode: str, autocast: bool, compiled: bool) -> ExitStack:

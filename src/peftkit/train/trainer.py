@@ -18,6 +18,7 @@ from peftkit.atomic import write_json_atomic
 from peftkit.config.schema import FinetuningArgs
 from peftkit.constants import FINETUNING_ARGS_FILE, IGNORE_INDEX, TRAINING_ARGS_FILE
 from peftkit.errors import PeftkitError
+from peftkit.libraries import warn_untested
 from peftkit.model.finetuning import LORA_INIT_DIR
 from peftkit.model.heads import sums_tokens
 from peftkit.model.value_head import (
@@ -125,6 +126,8 @@ class PeftTrainer(Seq2SeqTrainer):
                                "output layer, a label smoother, a trained output layer across processes, a stage "
                                "whose loss is not next-token cross-entropy: rm, dpo, cls) or not needed (train."
                                "use_liger_kernel: Liger's fused linear cross-entropy never builds the logits either)")
+        if requested:  # honoured as set, and said where the output layer's pass-through was not tested
+            warn_untested("train.chunked_loss: true", ("transformers",), "; honoured as set")
         return possible and speedups_enabled(self.speedups) if requested is None else bool(requested)
 
     @override
