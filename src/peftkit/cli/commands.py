@@ -105,7 +105,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from peftkit.serve import serve
+    from peftkit.serve import ServeOptions, serve
 
     if args.print_vllm:
         from peftkit.serve import named_adapters
@@ -126,9 +126,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not loopback and not api_key:
         logger.warning("serving on %s without --api-key: anyone who reaches this address can use the model", args.host)
     model, adapters, stage, template = model_spec(args)
-    serve((model, adapters or [], stage, template), args.host, args.port, api_key, args.max_tokens_limit,
-          args.served_model_name, slots=args.slots, max_queue=args.max_queue, request_timeout=args.request_timeout,
-          max_model_len=args.max_model_len, dtype=serve_dtype(args.dtype))
+    serve((model, adapters or [], stage, template), ServeOptions(
+        args.host, args.port, api_key, args.max_tokens_limit, args.served_model_name, slots=args.slots,
+        max_queue=args.max_queue, request_timeout=args.request_timeout, max_model_len=args.max_model_len,
+        dtype=serve_dtype(args.dtype)))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,38 +49,51 @@ def load_served(spec: tuple[Any, list[str], str, str | None]) -> tuple[Any, Any,
     return model, tokenizer, peft_names
 
 
-def serve(spec: tuple[Any, list[str], str, str | None], host: str, port: int, api_key: str | None,
-          max_tokens_limit: int, served_name: str | None, slots: int = 16, max_queue: int = 64,
-          request_timeout: float = 600, max_model_len: int | None = None, dtype: str | None = None) -> None:
-    """Load the model once and serve it until interrupted; the context window is `max_model_len` (default: the
-    model's, shortened to what the KV cache budget holds for `slots` rows)."""
+@dataclass(frozen=True)
+class ServeOptions:
+    """`peftkit serve`'s options for peftkit's own engine (the CLI flags of the same names)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_tokens_limit: int = 1024  # the largest max_tokens a request may ask for
+    served_name: str | None = None  # --served-model-name: one model's name in /v1/models
+    slots: int = 16  # rows of the running batch
+    max_queue: int = 64
+    request_timeout: float = 600
+    max_model_len: int | None = None  # the context window; None: the model's, shortened to what the KV budget holds
+    dtype: str | None = None  # the weights' dtype while serving; None: as loaded (float32)
+
+
+def serve(spec: tuple[Any, list[str], str, str | None], o: ServeOptions) -> None:
+    """Load the model once and serve it until interrupted."""
     import uvicorn
 
     from peftkit.serve.app import create_app
     from peftkit.serve.service import Service
 
     model, tokenizer, served = load_served(spec)
-    if served_name is not None:
+    if o.served_name is not None:
         if len(served) > 1:
             raise PeftkitError("--served-model-name names one model; with several adapters use --adapter NAME=RUN")
-        served = {served_name: next(iter(served.values()))}
+        served = {o.served_name: next(iter(served.values()))}
     from peftkit.infer.kv import fitting_context, model_context
 
-    if dtype is not None:  # stored once in that dtype: bf16 autocast would cast the float32 weights every step
+    if o.dtype is not None:  # stored once in that dtype: bf16 autocast would cast the float32 weights every step
         import torch  # (served the demo adapter 2x slower than float32, benchmarks/RESULTS.md)
 
-        model.to(getattr(torch, dtype))
-    context = fitting_context(model, slots, None, max_model_len)  # refused here, before serving, when it cannot fit
+        model.to(getattr(torch, o.dtype))
+    context = fitting_context(model, o.slots, None, o.max_model_len)  # refused here, before serving, when it cannot fit
     adapters = [a for a in served.values() if a is not None] or None
-    service = Service(model, tokenizer, context, slots=slots, max_queue=max_queue, adapters=adapters,
-                      request_timeout=request_timeout)
-    app = create_app(service, served, api_key=api_key, max_tokens_limit=max_tokens_limit)
+    service = Service(model, tokenizer, context, slots=o.slots, max_queue=o.max_queue, adapters=adapters,
+                      request_timeout=o.request_timeout)
+    app = create_app(service, served, api_key=o.api_key, max_tokens_limit=o.max_tokens_limit)
     full = model_context(model)
     logger.info("serving %s on http://%s:%d/v1 (context window %d tokens%s, %d rows, queue %d)%s",
-                ", ".join(map(repr, served)), host, port, context,
-                f" of the model's {full}: what the KV cache budget holds" if context < full else "", slots, max_queue,
-                "" if api_key else " without an API key")
+                ", ".join(map(repr, served)), o.host, o.port, context,
+                f" of the model's {full}: what the KV cache budget holds" if context < full else "", o.slots, o.max_queue,
+                "" if o.api_key else " without an API key")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=o.host, port=o.port, log_level="warning")
     finally:
         service.close()

@@ -30,7 +30,7 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from peftkit.errors import ConfigError
 from peftkit.infer.jobs import QueueFull
 from peftkit.serve.requests import CHAT_READER, COMPLETIONS_READER, MAX_BODY_BYTES, ApiError, Reader, _parse, _read_json
-from peftkit.serve.responses import CHAT_WRITER, COMPLETIONS_WRITER, Writer, _completion, _error_response, _sse
+from peftkit.serve.responses import CHAT_WRITER, COMPLETIONS_WRITER, Header, Writer, _completion, _error_response, _sse
 from peftkit.serve.service import Outcome, Request, Service
 
 
@@ -150,10 +150,10 @@ async def _complete(http: HttpRequest, server: Server, reader: Reader, writer: W
     except QueueFull as e:
         return _error_response(429, f"the server is busy ({e}); retry later", "rate_limit_exceeded")
     name = body["model"]
-    ident, created = f"{writer.id_prefix}-{uuid.uuid4().hex}", int(time.time())
+    header = Header(f"{writer.id_prefix}-{uuid.uuid4().hex}", int(time.time()), name)
     cancel = threading.Event()  # set when the client goes away: generation stops at the next token
     if stream:
-        events = _sse(service, request, jobs, ident, created, name, include_usage, cancel, writer)
+        events = _sse(service, request, jobs, header, include_usage, cancel, writer)
         return StreamingResponse(_until_disconnect(events, cancel, server.waiting), media_type="text/event-stream")
     outcomes = [Outcome() for _ in jobs]
 
@@ -167,7 +167,7 @@ async def _complete(http: HttpRequest, server: Server, reader: Reader, writer: W
             cancel.set()
             for job in jobs:
                 job.cancel()
-    return _completion(service, request, work.result(), outcomes, ident, created, name, len(ids), writer)
+    return _completion(service, request, work.result(), outcomes, header, len(ids), writer)
 
 
 def _prompt_ids(service: Service, request: Request) -> list[int]:

@@ -137,8 +137,17 @@ COMPLETIONS_WRITER = Writer("cmpl", "text_completion", "text_completion",
                             _text_logprobs, _text_chunks)
 
 
-def _completion(service: Service, request: Request, texts: list[str], outcomes: list[Outcome], ident: str,
-                created: int, name: str, prompt_tokens: int, writer: Writer) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Header:
+    """What every body and chunk of one response repeats: its id, creation time and the model name asked for."""
+
+    id: str
+    created: int
+    model: str
+
+
+def _completion(service: Service, request: Request, texts: list[str], outcomes: list[Outcome], header: Header,
+                prompt_tokens: int, writer: Writer) -> dict[str, Any]:
     """A chat.completion (or text_completion) body: one choice per answer, with logprobs when asked."""
     choices = []
     for k, (text, o) in enumerate(zip(texts, outcomes)):
@@ -148,13 +157,13 @@ def _completion(service: Service, request: Request, texts: list[str], outcomes: 
             choice["logprobs"] = writer.logprobs(service.tokenizer, o.logprobs, 0)
         choices.append(choice)
     completion = sum(o.completion_tokens for o in outcomes)
-    return {"id": ident, "object": writer.object, "created": created, "model": name, "choices": choices,
+    return {"id": header.id, "object": writer.object, "created": header.created, "model": header.model, "choices": choices,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                       "total_tokens": prompt_tokens + completion}}
 
 
-def _sse(service: Service, request: Request, jobs: list[Job], ident: str, created: int, model_name: str,
-         include_usage: bool, cancel: threading.Event, writer: Writer) -> Generator[str, None, None]:
+def _sse(service: Service, request: Request, jobs: list[Job], header: Header, include_usage: bool,
+         cancel: threading.Event, writer: Writer) -> Generator[str, None, None]:
     """Server-sent events in OpenAI's chunk format, choice by choice, ending with `data: [DONE]`."""
     outcomes = [Outcome() for _ in jobs]
     reported = [0] * len(jobs)  # each answer's tokens whose logprobs a chunk has carried
@@ -167,8 +176,8 @@ def _sse(service: Service, request: Request, jobs: list[Job], ident: str, create
             reported[index] += len(pending)
             choice["logprobs"] = writer.logprobs(service.tokenizer, pending, texts[index]) if pending else None
         texts[index] += len(choice.get("text", ""))
-        data: dict[str, Any] = {"id": ident, "object": writer.chunk_object, "created": created, "model": model_name,
-                                "choices": [{**choice, "finish_reason": finish}]}
+        data: dict[str, Any] = {"id": header.id, "object": writer.chunk_object, "created": header.created,
+                                "model": header.model, "choices": [{**choice, "finish_reason": finish}]}
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     try:
@@ -185,7 +194,7 @@ def _sse(service: Service, request: Request, jobs: list[Job], ident: str, create
         completion = sum(o.completion_tokens for o in outcomes)
         usage = {"prompt_tokens": len(jobs[0].prompt), "completion_tokens": completion,
                  "total_tokens": len(jobs[0].prompt) + completion}
-        data = {"id": ident, "object": writer.chunk_object, "created": created, "model": model_name, "choices": [],
-                "usage": usage}
+        data = {"id": header.id, "object": writer.chunk_object, "created": header.created, "model": header.model,
+                "choices": [], "usage": usage}
         yield f"data: {json.dumps(data)}\n\n"
     yield "data: [DONE]\n\n"
