@@ -45,11 +45,17 @@ def _json(path: Path) -> dict[str, Any]:
         raise PeftkitError(f"{path}: cannot be read ({e})") from e
 
 
+def config_file(path: str | Path) -> Path:
+    """Where a run keeps the resolved config it ran with: train writes it, a resume compares against it, the board
+    resumes from it."""
+    return Path(path) / CONFIG_FILE
+
+
 def run_config(path: str | Path) -> tuple[str | None, dict[str, Any]]:
     """A run's config.yaml as text and as a mapping ((None, {}) when it is missing or unreadable): what the board
     shows and compares, and what the model card describes, as written."""
     try:
-        text = (Path(path) / CONFIG_FILE).read_text(encoding="utf-8")
+        text = config_file(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None, {}
     try:

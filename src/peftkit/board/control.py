@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftkit.board.runs import confined
-from peftkit.constants import CONFIG_FILE
 from peftkit.errors import PeftkitError
+from peftkit.rundir import config_file
 
 _CONFIG_SUFFIXES = (".yaml", ".yml")
 _CWD_LOCK = threading.Lock()  # the board's own requests use absolute paths only
@@ -75,7 +75,7 @@ class Launcher:
         return self._launch(path, overrides)
 
     def resume(self, run_dir: Path) -> Path:
-        config = run_dir / CONFIG_FILE
+        config = config_file(run_dir)
         if not config.is_file():
             raise ControlError(409, f"{run_dir.name} has no config.yaml to resume from")
         # the saved config's output_dir may be relative to wherever it was first started: name this folder

@@ -18,7 +18,7 @@ import yaml
 from peftkit.atomic import storage_errors, write_json_atomic
 from peftkit.config import RunConfig, build_training_arguments, dump_config
 from peftkit.config.load import to_dict, trackers, train_extras
-from peftkit.constants import CONFIG_FILE, DATA_REPORT_FILE, RUN_SUMMARY_FILE
+from peftkit.constants import DATA_REPORT_FILE, RUN_SUMMARY_FILE
 from peftkit.data import PreparedData, apply_template, build_collator, prepare_data
 from peftkit.errors import ConfigError, PeftkitError
 from peftkit.eval.predict import predict
@@ -32,6 +32,7 @@ from peftkit.model.finetuning import (
     save_initial_adapter,
 )
 from peftkit.objectives.build import build_objective
+from peftkit.rundir import config_file
 from peftkit.stages import stage as stage_of
 from peftkit.train.allocator import keep_freed_memory
 from peftkit.train.callbacks import LogCallback, StopCallback, TrackerConfig, swanlab_callback
@@ -110,9 +111,9 @@ def _start_run(cfg: RunConfig, args: Any, resume_command: str) -> Path | None:
     with args.main_process_first(desc="checking checkpoints"):
         resume = resolve_resume(output_dir, train_extras(cfg.train), resume_command)
     if args.should_save and resume is not None:
-        _check_same_config(cfg, output_dir / CONFIG_FILE)
+        _check_same_config(cfg, config_file(output_dir))
     if args.should_save:
-        dump_config(cfg, output_dir / CONFIG_FILE)
+        dump_config(cfg, config_file(output_dir))
     if resume is not None:
         logger.info("resuming from %s", resume)
     return resume
