@@ -2,7 +2,6 @@
 
     .venv/bin/python benchmarks/cpu_fraction.py                 # both configs, the run as `bf16: auto` picks it
     .venv/bin/python benchmarks/cpu_fraction.py --steps 6 --profile
-    CPU_FRACTION_FROZEN_BF16=1 .venv/bin/python benchmarks/cpu_fraction.py   # a lever: frozen weights in bf16
     CPU_FRACTION_ATTENTION=eager .venv/bin/python benchmarks/cpu_fraction.py  # a lever: another attention
 
 Prints (1) torch.mm's rate at the model's shapes in fp32 and bf16, (2) for each config the training step's real
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FROZEN_BF16, ATTENTION = "CPU_FRACTION_FROZEN_BF16", "CPU_FRACTION_ATTENTION"  # levers, set in the environment
+ATTENTION = "CPU_FRACTION_ATTENTION"  # a lever, set in the environment
 SHAPES = [(512, 576, 1536), (512, 1536, 576), (512, 576, 576), (512, 576, 192)]  # SmolLM2-135M's projections
 
 
@@ -132,11 +131,6 @@ def run_config(name: str, steps: int, profile: bool) -> dict:
 
     model = load_model(replace(cfg.model, dtype=training_dtype(cfg.model.dtype, cfg.train, on_cuda=False)))
     model = prepare_for_training(model, cfg.finetuning)
-    if os.environ.get(FROZEN_BF16) and bf16:  # lever: frozen projections stored in bf16 (no cast per forward)
-        head = model.get_output_embeddings()
-        for m in model.modules():
-            if type(m) is torch.nn.Linear and not m.weight.requires_grad and m is not head:
-                m.weight.data = m.weight.data.to(torch.bfloat16)
     if os.environ.get(ATTENTION):  # lever: another attention implementation (eager, sdpa)
         model.get_base_model().set_attn_implementation(os.environ[ATTENTION])
     model.train()
@@ -158,7 +152,7 @@ def run_config(name: str, steps: int, profile: bool) -> dict:
         return time.perf_counter() - t, loss.item()
 
     result: dict = {"config": name, "bf16": bf16, "steps": []}
-    with training_speedups(model, "auto", autocast=bf16, compiled=False):
+    with training_speedups(model, "auto", autocast="bfloat16" if bf16 else None, compiled=False):
         step(step_rows[0])  # warm-up: allocator, kernels
         for chosen in step_rows[1:]:
             seconds, loss = step(chosen)

@@ -53,7 +53,7 @@ def run(bf16: bool, steps: int, profile: bool) -> dict:
         return loss.item()
 
     result: dict = {"bf16": bf16, "real_tokens": real, "steps": []}
-    with training_speedups(model, "auto", autocast=bf16, compiled=False):  # as PeftTrainer.train
+    with training_speedups(model, "auto", autocast="bfloat16" if bf16 else None, compiled=False):  # as PeftTrainer.train
         for _ in range(steps):
             t = time.perf_counter()
             loss = step()

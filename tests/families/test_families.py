@@ -252,7 +252,7 @@ def test_speedups_auto_equal_off(family: str, family_dir: Callable[[str], Path],
     def loss_and_grads(speedups: str) -> tuple[float, dict[str, torch.Tensor]]:
         model.zero_grad()
         torch.manual_seed(1)  # the same dropout masks (GPT-2 trains with dropout)
-        with training_speedups(model, speedups, autocast=False, compiled=False):
+        with training_speedups(model, speedups, autocast=None, compiled=False):
             lm = causal_lm(model)
             if speedups == "auto" and supports_chunked_loss(lm):
                 with hidden_states_as_logits(lm) as head:

@@ -138,6 +138,72 @@ def test_cpu_measured_patches_stay_off_on_other_devices_unless_asked(device: str
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(device)
     model = prepare_for_training(model, FinetuningArgs(finetuning_type="lora"))
     norm = model.base_model.model.model.layers[0].input_layernorm
-    with training_speedups(model, mode, autocast=True, compiled=False):
+    with training_speedups(model, mode, autocast="bfloat16", compiled=False):
         assert bool(norm._forward_hooks) == patched
     assert not norm._forward_hooks
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_frozen_weights_stored_in_bf16_train_bit_identically_and_come_back(tied: bool, tiny_model_dir: Path,
+                                                                           tokenizer, alpaca_file: Path) -> None:
+    """Under bf16 autocast each matmul takes the bf16 cast of its weight: stored once in bf16, the loss and every
+    LoRA gradient are the same bits; the float32 weights (the very tensors) are back after, the output layer and the
+    embeddings it may share never cast."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.train.precision import frozen_projections_in
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    if tied:  # SmolLM2's layout: the output layer is the embedding matrix
+        base.lm_head.weight = base.model.embed_tokens.weight
+    model = prepare_for_training(base, FinetuningArgs(finetuning_type="lora", lora_rank=4, lora_target="all"))
+    for layer in (m for m in model.modules() if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {})):
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)  # B = 0 would make A's gradient zero
+    model.train()
+    batch = build_collator(tokenizer, packing=True)(pack_examples(
+        prepare_data(DataArgs(train=str(alpaca_file)), tokenizer).train.to_list(), 128))
+    weights = {n: (p, p.data_ptr()) for n, p in model.named_parameters() if not p.requires_grad}
+
+    def loss_and_grads(stored: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        with frozen_projections_in(model, torch.bfloat16) if stored else nullcontext() as count:
+            if stored:
+                assert count == 7 * model.config.num_hidden_layers  # q k v o gate up down of every layer
+                assert model.get_output_embeddings().weight.dtype == torch.float32
+                assert model.get_input_embeddings().weight.dtype == torch.float32
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(**batch).loss
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_grads(False)
+    stored_loss, stored_grads = loss_and_grads(True)
+    assert torch.equal(stored_loss, loss)
+    assert grads.keys() == stored_grads.keys() and grads
+    for name, grad in grads.items():
+        assert torch.equal(stored_grads[name], grad), name
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert p is weights[name][0] and p.data_ptr() == weights[name][1] and p.dtype == torch.float32, name
+
+
+def test_generation_inside_training_leaves_bf16_frozen_weights_unmerged(tiny_model_dir: Path) -> None:
+    """Merging LoRA into bf16 weights and unmerging after would not give them back (GRPO samples every step)."""
+    from transformers import AutoModelForCausalLM
+
+    from peftkit.infer.merging import adapters_merged
+    from peftkit.train.precision import frozen_projections_in
+
+    model = prepare_for_training(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                 FinetuningArgs(finetuning_type="lora", lora_rank=4))
+    for layer in (m for m in model.modules() if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {})):
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    lora = [m for m in model.modules() if hasattr(m, "merged_adapters")]
+    with adapters_merged(model):
+        assert all(m.merged for m in lora)  # float32 weights: merged for generation
+    with frozen_projections_in(model, torch.bfloat16):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with adapters_merged(model):
+            assert not any(m.merged for m in lora)
+        assert all(torch.equal(before[n], p) for n, p in model.named_parameters())

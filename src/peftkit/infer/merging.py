@@ -25,15 +25,20 @@ def adapters_merged(model: Any) -> Iterator[None]:
     """LoRA folded into the base weights while generating, unfolded after (1.55x faster greedy decoding of
     SmolLM2-135M r16 all-linear, batch 50 on a 2-core CPU: each projection is one matmul instead of three).
     Unmerging leaves the weights equal to 1e-7 relative (float rounding), far below any check here.
-    Models without LoRA layers, already merged, with several adapters loaded or on a quantized base (merging
-    would requantize it) are left alone."""
+    Models without LoRA layers, already merged, with several adapters loaded, on a quantized base (merging
+    would requantize it) or with base weights in bf16 / fp16 (training's frozen weights on CUDA, or on a CPU inside
+    train/precision.py's frozen_projections_in: unmerging in that precision would not give the weights back, and the
+    rounding would add up over GRPO's steps) are left alone."""
+    import torch
     from peft import PeftModel
 
     from peftkit.model.quantization import is_quantized
 
     layers = [m for m in model.modules() if hasattr(m, "merged_adapters")] if isinstance(model, PeftModel) else []
+    low = any(getattr(getattr(m, "base_layer", None), "weight", torch.empty(0)).dtype in (torch.bfloat16, torch.float16)
+              for m in layers)
     merge = bool(layers) and not any(m.merged for m in layers) and len(model.peft_config) == 1 \
-        and not is_quantized(model)
+        and not is_quantized(model) and not low
     if merge:
         model.merge_adapter()
     was_training = model.training

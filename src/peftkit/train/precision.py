@@ -46,3 +46,28 @@ def one_cast_per_activation(model: Any) -> Iterator[None]:
             h.remove()
         for m, enabled in adapters.items():
             m.cast_input_dtype_enabled = enabled
+
+
+@contextmanager
+def frozen_projections_in(model: Any, dtype: Any) -> Iterator[int]:
+    """Inside, the frozen nn.Linear weights are stored in `dtype` (autocast's), the float32 originals back after.
+
+    Autocast casts every float32 weight to bfloat16 again in every forward (2,456 casts, 15% of a demo step on the
+    CPU, benchmarks/RESULTS.md); stored once in bfloat16, each matmul takes the same bfloat16 values, so forward and
+    gradients are bit-identical. The output layer (tied to the embeddings on many models: their lookup would turn
+    bfloat16) and any weight that trains keep float32. Yields how many weights it stored."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    shared = {id(head.weight)} if head is not None else set()
+    originals = []
+    for module in model.modules():
+        if type(module) is torch.nn.Linear and module is not head and not module.weight.requires_grad \
+                and module.weight.dtype == torch.float32 and id(module.weight) not in shared:
+            originals.append((module.weight, module.weight.data))
+            module.weight.data = module.weight.data.to(dtype)
+    try:
+        yield len(originals)
+    finally:
+        for weight, data in originals:
+            weight.data = data

@@ -12,6 +12,9 @@ code only. What each changes:
 - one cast per activation (train/precision.py, bf16 / fp16 only, not on a quantized base): the normalised
   activation is cast once for all its consumers, and peft's up-cast of LoRA inputs is off. The forward is bit-identical;
   the gradient reaching the norm sums its consumers' contributions in bf16 instead of float32.
+- frozen weights stored once in bf16 (train/precision.py, CPU with bf16 autocast, not on a quantized base): the
+  frozen projections' float32 weights are kept in bf16 while training runs (the originals back after), instead of
+  autocast casting each again in every forward. Bit-identical: each matmul takes the same bf16 values.
 - chunked loss (train/loss.py, `train.chunked_loss` unset): the output layer is skipped in the forward
   and the cross-entropy runs over supervised positions a chunk at a time. Same value and gradients to
   1e-5 (tests/unit/test_chunked_loss.py). An explicit `train.chunked_loss: true` is honoured either way.
@@ -25,7 +28,7 @@ from typing import Any
 
 from peftkit.libraries import warn_untested
 from peftkit.train.fused_lora import fused_lora_forward
-from peftkit.train.precision import one_cast_per_activation
+from peftkit.train.precision import frozen_projections_in, one_cast_per_activation
 
 logger = logging.getLogger("peftkit")
 
@@ -38,8 +41,8 @@ def speedups_enabled(mode: str) -> bool:
                              "; training runs the libraries' own code")
 
 
-def training_speedups(model: Any, mode: str, autocast: bool, compiled: bool) -> ExitStack:
-    """What PeftTrainer.train runs inside; the model is back as it was after."""
+def training_speedups(model: Any, mode: str, autocast: str | None, compiled: bool) -> ExitStack:
+    """What PeftTrainer.train runs inside (`autocast`: its dtype, None for float32); the model is back as it was after."""
     stack = ExitStack()
     if not speedups_enabled(mode):
         return stack
@@ -52,4 +55,8 @@ def training_speedups(model: Any, mode: str, autocast: bool, compiled: bool) -> 
 
     if autocast and not is_quantized(model):  # bitsandbytes layers cast their input themselves
         stack.enter_context(one_cast_per_activation(model))
+        if on_cpu and autocast == "bfloat16":
+            import torch
+
+            stack.enter_context(frozen_projections_in(model, torch.bfloat16))
     return stack

@@ -60,7 +60,8 @@ class PeftTrainer(Seq2SeqTrainer):
     @override
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """Inside train.peftkit_speedups (train/speedups.py): patches that exist only while training runs."""
-        with training_speedups(self.model, self.speedups, self.args.bf16 or self.args.fp16, self.args.torch_compile):
+        autocast = "bfloat16" if self.args.bf16 else "float16" if self.args.fp16 else None
+        with training_speedups(self.model, self.speedups, autocast, self.args.torch_compile):
             return super().train(*args, **kwargs)
 
     @override
