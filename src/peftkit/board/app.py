@@ -143,8 +143,6 @@ def create_app(runs_dir: Path, token: str | None = None, root: Path | None = Non
     runs_dir = runs_dir.resolve()
     launcher = Launcher(runs_dir, root or runs_dir.parent)
     board = _Board(runs_dir, launcher)
-    log_of, run_id, resolve, info, all_runs = board.log_of, board.run_id, board.resolve, board.info, board.all_runs
-    logs = board.logs
     app = FastAPI(title="peftkit board", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.launcher = launcher
     app.middleware("http")(_token_guard(token))
@@ -152,6 +150,16 @@ def create_app(runs_dir: Path, token: str | None = None, root: Path | None = Non
     @app.exception_handler(ControlError)
     async def control_error(request: Request, e: ControlError) -> JSONResponse:
         return JSONResponse({"error": e.message}, status_code=e.status)
+
+    # registered in this order: /api/runs/{rid:path} matches any deeper path, so it comes last
+    _page_routes(app)
+    _list_routes(app, board)
+    _run_routes(app, board)
+    return app
+
+
+def _page_routes(app: FastAPI) -> None:
+    """The page and its static files, apart from the API so each route table stays readable."""
 
     @app.get("/")
     def index() -> Response:
@@ -164,9 +172,14 @@ def create_app(runs_dir: Path, token: str | None = None, root: Path | None = Non
             raise ControlError(404, f"no static file {name!r}")
         return FileResponse(path, media_type=_MEDIA[path.suffix])
 
+
+def _list_routes(app: FastAPI, board: _Board) -> None:
+    """The endpoints over all runs and configs (list, launch, compare): none of them names one run."""
+    runs_dir, launcher = board.runs_dir, board.launcher
+
     @app.get("/api/runs")
     def runs() -> dict[str, Any]:
-        return {"runs_dir": str(runs_dir), "runs": [info(d) for d in all_runs()]}
+        return {"runs_dir": str(runs_dir), "runs": [board.info(d) for d in board.all_runs()]}
 
     @app.get("/api/configs")
     def configs() -> dict[str, Any]:
@@ -179,19 +192,24 @@ def create_app(runs_dir: Path, token: str | None = None, root: Path | None = Non
         if not isinstance(config, str) or not isinstance(overrides, list):
             raise ControlError(400, 'the body must be {"config": "path/to/config.yaml", "overrides": ["k=v", ...]}')
         run_dir = launcher.start(config, overrides)
-        return {"id": run_id(run_dir)}
+        return {"id": board.run_id(run_dir)}
 
     @app.get("/api/compare")
     def compare(ids: Annotated[tuple[str, ...], Query()] = ()) -> dict[str, Any]:
-        dirs = [resolve(i) for i in ids]
-        return {"ids": [run_id(d) for d in dirs], "config_diff": config_diff([read_config(d)[1] for d in dirs])}
+        dirs = [board.resolve(i) for i in ids]
+        return {"ids": [board.run_id(d) for d in dirs], "config_diff": config_diff([read_config(d)[1] for d in dirs])}
+
+
+def _run_routes(app: FastAPI, board: _Board) -> None:
+    """The endpoints of one run (log, files, stop, resume, details); the catch-all details route is added last."""
+    launcher = board.launcher
 
     @app.get("/api/runs/{rid:path}/log")
     def log(rid: str, since: int = 0) -> dict[str, Any]:
-        run_dir = resolve(rid)
-        lines = log_of(run_dir)
+        run_dir = board.resolve(rid)
+        lines = board.log_of(run_dir)
         since = since if 0 <= since <= len(lines) else 0  # a rewritten (resumed) log: start over
-        return {"since": since, "next": len(lines), "lines": lines[since:], "file": logs[run_dir].file_id}
+        return {"since": since, "next": len(lines), "lines": lines[since:], "file": board.logs[run_dir].file_id}
 
     @app.get("/api/runs/{rid:path}/files/{name}")
     def file(rid: str, name: str) -> Response:
@@ -210,13 +228,11 @@ def create_app(runs_dir: Path, token: str | None = None, root: Path | None = Non
 
     @app.get("/api/runs/{rid:path}")
     def run(rid: str) -> dict[str, Any]:
-        run_dir = resolve(rid)
+        run_dir = board.resolve(rid)
         text, _ = read_config(run_dir)
-        return {**info(run_dir), "config": text, "data_report": read_json(run_dir / DATA_REPORT_FILE),
+        return {**board.info(run_dir), "config": text, "data_report": read_json(run_dir / DATA_REPORT_FILE),
                 "files": run_files(run_dir), "summary": read_json(run_dir / RUN_SUMMARY_FILE),
                 "console": launcher.console_tail(run_dir)}
-
-    return app
 
 
 def _mtime(path: Path) -> float | None:

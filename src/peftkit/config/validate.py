@@ -153,15 +153,28 @@ def _check_training_arguments(train: dict[str, Any], stage: str) -> list[str]:
     """Let transformers check what only it knows (strategies, schedulers, best-model rules)."""
     if not train.get("output_dir"):
         return ["train.output_dir: missing — where checkpoints and logs go, e.g. train.output_dir=outputs/my_run"]
-    issues = []
-    for key, package, extra in (("deepspeed", "deepspeed", "pip install deepspeed"),
-                                ("use_liger_kernel", "liger_kernel", "pip install liger-kernel; its kernels need CUDA")):
-        if train.get(key) and importlib.util.find_spec(package) is None:
-            return [f"train.{key}: the {package} package is not installed ({extra})"]
+    missing = _missing_backend(train)
+    if missing:
+        return [missing]
     try:
         args = build_training_arguments(train, stage)
     except (ValueError, TypeError, ImportError) as e:
         return [f"train: transformers rejected these TrainingArguments: {e}"]
+    return _check_argument_values(train, args) + _check_trackers(train)
+
+
+def _missing_backend(train: dict[str, Any]) -> str | None:
+    """The first optional backend the section asks for but is not installed, named before transformers is asked."""
+    for key, package, extra in (("deepspeed", "deepspeed", "pip install deepspeed"),
+                                ("use_liger_kernel", "liger_kernel", "pip install liger-kernel; its kernels need CUDA")):
+        if train.get(key) and importlib.util.find_spec(package) is None:
+            return f"train.{key}: the {package} package is not installed ({extra})"
+    return None
+
+
+def _check_argument_values(train: dict[str, Any], args: Any) -> list[str]:
+    """Values transformers accepts but training cannot use (read from the built arguments, defaults filled in)."""
+    issues = []
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(args, key) < 1:
             issues.append(f"train.{key}={getattr(args, key)}: must be at least 1")
@@ -175,6 +188,12 @@ def _check_training_arguments(train: dict[str, Any], stage: str) -> list[str]:
         if args.eval_strategy == "no":
             issues.append("train.early_stopping_patience: needs evaluations — set train.eval_strategy (steps or "
                           "epoch) and data.eval or data.val_size")
+    return issues
+
+
+def _check_trackers(train: dict[str, Any]) -> list[str]:
+    """Trackers in train.report_to whose package is missing, so the extra to install is named before the run."""
+    issues = []
     report_to = train.get("report_to")
     for tracker in [report_to] if isinstance(report_to, str) else report_to or []:
         modules = TRACKER_MODULES.get(tracker, ())

@@ -207,42 +207,16 @@ def prepare_data(args: DataArgs, tokenizer: Any, stage: str = "sft") -> Prepared
     if args.streaming:
         return _prepare_streaming(train_specs, eval_specs, args, tokenizer, stage)
     key = cache.fingerprint(train_specs, eval_specs, args, tokenizer, stage)
-    if key and not args.overwrite_cache:
-        hit = cache.load_cache(key)
-        if hit:
-            splits, saved = hit
-            logger.info("tokenized data from the cache %s (data.overwrite_cache: true rebuilds it)", cache.cache_dir(key))
-            return PreparedData(splits["train"], splits.get("eval"), DataReport.from_dict(saved))
+    cached = _from_cache(key, args)
+    if cached is not None:
+        return cached
 
     report = DataReport(cutoff_len=args.cutoff_len, mask=args.mask, stage=stage)
     if head_of(stage).classes:
         report.classes = _classes(train_specs, args)
-    parts = []
-    for spec in train_specs:
-        part, counts = encode_dataset(spec, args, tokenizer, stage, report.classes)
-        parts.append(part)
-        report.datasets.append(counts)
-    train = _mix(parts, args)
-    if not len(train):
-        raise DataError(", ".join(s.path for s in train_specs), None, None,
-                        "no example left to train on:\n" + report.summary())
-    eval_ds = None
-    if eval_specs:
-        eval_parts = [encode_dataset(spec, args, tokenizer, stage, report.classes)[0] for spec in eval_specs]
-        eval_ds = _mix(eval_parts, DataArgs(mix_strategy="concat"))
-    elif args.val_size:
-        size = int(args.val_size) if args.val_size >= 1 else args.val_size
-        split = train.train_test_split(test_size=size, seed=args.seed)
-        train, eval_ds = split["train"], split["test"]
-
-    lengths, report.supervised_tokens = _token_stats(train)
-    report.examples, report.tokens = len(train), sum(lengths)
-    report.length_percentiles = percentiles(lengths)
-    report.eval_examples = len(eval_ds) if eval_ds is not None else 0
-    report.example = describe_example(tokenizer, train[0])
-    if "desirable" in train.column_names:  # kto: both kinds, since a run without one of them learns nothing useful
-        desirable = sum(train["desirable"])
-        report.judged = {"desirable": desirable, "undesirable": len(train) - desirable}
+    train = _encode_train(train_specs, args, tokenizer, stage, report)
+    train, eval_ds = _eval_split(train, eval_specs, args, tokenizer, stage, report.classes)
+    _describe(report, train, eval_ds, tokenizer)
     if head_of(stage).end_of_turn:
         _check_end_of_turn_supervised(tokenizer, train[:20]["labels"], train_specs)
 
@@ -253,6 +227,57 @@ def prepare_data(args: DataArgs, tokenizer: Any, stage: str = "sft") -> Prepared
     if key:
         cache.save_cache(key, {"train": train, "eval": eval_ds}, report.as_dict())
     return PreparedData(train, eval_ds, report)
+
+
+def _from_cache(key: str | None, args: DataArgs) -> PreparedData | None:
+    """The cached datasets for `key`, or None: a miss, no key (nothing to fingerprint), or overwrite_cache."""
+    if key and not args.overwrite_cache:
+        hit = cache.load_cache(key)
+        if hit:
+            splits, saved = hit
+            logger.info("tokenized data from the cache %s (data.overwrite_cache: true rebuilds it)", cache.cache_dir(key))
+            return PreparedData(splits["train"], splits.get("eval"), DataReport.from_dict(saved))
+    return None
+
+
+def _encode_train(specs: list[DatasetSpec], args: DataArgs, tokenizer: Any, stage: str, report: DataReport) -> Any:
+    """The training datasets encoded, counted in `report` and mixed; an empty result is an error, said with the counts."""
+    parts = []
+    for spec in specs:
+        part, counts = encode_dataset(spec, args, tokenizer, stage, report.classes)
+        parts.append(part)
+        report.datasets.append(counts)
+    train = _mix(parts, args)
+    if not len(train):
+        raise DataError(", ".join(s.path for s in specs), None, None,
+                        "no example left to train on:\n" + report.summary())
+    return train
+
+
+def _eval_split(train: Any, eval_specs: list[DatasetSpec], args: DataArgs, tokenizer: Any, stage: str,
+                classes: list[str] | None) -> tuple[Any, Any | None]:
+    """(train, eval): eval from its own datasets, else split off train by val_size, else none."""
+    eval_ds = None
+    if eval_specs:
+        eval_parts = [encode_dataset(spec, args, tokenizer, stage, classes)[0] for spec in eval_specs]
+        eval_ds = _mix(eval_parts, DataArgs(mix_strategy="concat"))
+    elif args.val_size:
+        size = int(args.val_size) if args.val_size >= 1 else args.val_size
+        split = train.train_test_split(test_size=size, seed=args.seed)
+        train, eval_ds = split["train"], split["test"]
+    return train, eval_ds
+
+
+def _describe(report: DataReport, train: Any, eval_ds: Any | None, tokenizer: Any) -> None:
+    """Fill `report` with the unpacked datasets' sizes, lengths and an example (packing would hide them)."""
+    lengths, report.supervised_tokens = _token_stats(train)
+    report.examples, report.tokens = len(train), sum(lengths)
+    report.length_percentiles = percentiles(lengths)
+    report.eval_examples = len(eval_ds) if eval_ds is not None else 0
+    report.example = describe_example(tokenizer, train[0])
+    if "desirable" in train.column_names:  # kto: both kinds, since a run without one of them learns nothing useful
+        desirable = sum(train["desirable"])
+        report.judged = {"desirable": desirable, "undesirable": len(train) - desirable}
 
 
 def _classes(specs: list[DatasetSpec], args: DataArgs) -> list[str]:

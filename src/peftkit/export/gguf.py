@@ -118,8 +118,6 @@ def write_gguf(model_dir: Path, path: Path, quant: str, tokenizer: Any, chat_tem
         PeftkitError: an architecture this writer does not support (`quant` is checked by export_gguf).
     """
     import gguf
-    import numpy as np
-    from safetensors.numpy import load_file
 
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     hf_arch = (config.get("architectures") or ["?"])[0]
@@ -131,14 +129,24 @@ def write_gguf(model_dir: Path, path: Path, quant: str, tokenizer: Any, chat_tem
              "q8_0": gguf.GGMLQuantizationType.Q8_0}[quant]
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
              "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
-    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads") or heads
 
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(config.get("_name_or_path") or path.stem)
     _hyperparameters(writer, config, arch)
     writer.add_file_type(ftype)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _vocabulary(writer, model_dir, config, tokenizer, chat_template)
+    count = _weights(writer, model_dir, config, hf_arch, arch, qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return count
+
+
+def _vocabulary(writer: Any, model_dir: Path, config: dict[str, Any], tokenizer: Any, chat_template: str | None) -> None:
+    """The tokenizer as a GPT-2 style BPE vocabulary with merges, special ids and the run's chat template."""
+    import gguf
 
     n_vocab = config["vocab_size"]
     tokens, types = _tokens(tokenizer, n_vocab)
@@ -151,21 +159,21 @@ def write_gguf(model_dir: Path, path: Path, quant: str, tokenizer: Any, chat_tem
     special.chat_template = chat_template or special.chat_template  # the run's template, as training rendered it
     special.add_to_gguf(writer, quiet=True)
 
+
+def _weights(writer: Any, model_dir: Path, config: dict[str, Any], hf_arch: str, arch: str, qtype: Any) -> int:
+    """Every tensor of the checkpoint under its GGUF name, in llama.cpp's layout; returns how many were added."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), layers)
     state: dict[str, Any] = {}
     for shard in sorted(model_dir.glob("*.safetensors")):
         state.update(load_file(str(shard)))
     count = 0
     experts: dict[tuple[int, str], dict[int, Any]] = {}
-
-    def add(name: str, part: Any) -> None:
-        if part.ndim == 1:
-            writer.add_tensor(name, part)
-        elif qtype == gguf.GGMLQuantizationType.Q8_0 and part.shape[-1] % 32:
-            writer.add_tensor(name, part.astype(np.float16))  # Q8_0 blocks are 32 wide; llama.cpp does the same
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(part, qtype), raw_dtype=qtype)
-
     for hf_name, tensor in state.items():
         if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue  # llama.cpp uses token_embd when there is no output tensor
@@ -181,16 +189,25 @@ def write_gguf(model_dir: Path, path: Path, quant: str, tokenizer: Any, chat_tem
             data = _permute(data, heads if "q_proj" in hf_name else kv_heads)
         if arch.startswith("gemma") and hf_name.endswith("norm.weight"):
             data = data + 1  # Gemma's norms scale by (1 + weight); llama.cpp's graph (and its converter) by weight
-        add(name, data)
+        _add_tensor(writer, name, data, qtype)
         count += 1
     for (layer, kind), by_index in sorted(experts.items()):
-        add(f"blk.{layer}.ffn_{kind}_exps.weight", np.stack([by_index[e] for e in sorted(by_index)]))
+        _add_tensor(writer, f"blk.{layer}.ffn_{kind}_exps.weight", np.stack([by_index[e] for e in sorted(by_index)]), qtype)
         count += 1
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
     return count
+
+
+def _add_tensor(writer: Any, name: str, part: Any, qtype: Any) -> None:
+    """One tensor in `qtype`, except where llama.cpp keeps another type (1-D in float32, rows not 32-wide for Q8_0)."""
+    import gguf
+    import numpy as np
+
+    if part.ndim == 1:
+        writer.add_tensor(name, part)
+    elif qtype == gguf.GGMLQuantizationType.Q8_0 and part.shape[-1] % 32:
+        writer.add_tensor(name, part.astype(np.float16))  # Q8_0 blocks are 32 wide; llama.cpp does the same
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(part, qtype), raw_dtype=qtype)
 
 
 def modelfile(gguf_name: str, stop_tokens: list[str]) -> str:

@@ -59,43 +59,66 @@ def resolve_resume(output_dir: Path, extras: TrainExtras, resume_command: str) -
     finished = [n for n in FINISHED_RUN_FILES if (Path(output_dir) / n).exists()]
     resume = extras.resume_from_checkpoint
     if resume is True:
-        target = latest_complete(output_dir)
-        if target is None and finished and not extras.overwrite_output_dir:
-            raise PeftkitError(f"{output_dir} holds a finished run ({', '.join(finished)}) and no checkpoint to "
-                               "resume from; choose another train.output_dir, or start over with "
-                               "train.overwrite_output_dir=true (deletes it)")
-        if target is None:
-            logger.info("resume_from_checkpoint: no complete checkpoint in %s, starting fresh", output_dir)
+        target = _latest_to_resume(output_dir, finished, extras)
     elif isinstance(resume, str) and resume:
-        target = Path(resume)
-        if not (target / COMPLETE_MARKER).is_file():
-            raise PeftkitError(f"train.resume_from_checkpoint={resume!r}: not a complete peftkit checkpoint "
-                               f"(no {COMPLETE_MARKER}: missing, or its write was interrupted); "
-                               "use train.resume_from_checkpoint=true for the latest complete one")
+        target = _named_checkpoint(resume)
     else:
         target = None
-        if existing and not extras.overwrite_output_dir:
-            raise PeftkitError(
-                f"{output_dir} already holds checkpoints ({', '.join(p.name for _, p, _ in existing)}). Resume with "
-                f"`{resume_command}`, or start over with train.overwrite_output_dir=true (deletes them)"
-            )
-        if finished and not extras.overwrite_output_dir:
-            raise PeftkitError(
-                f"{output_dir} already holds a finished run ({', '.join(finished)}); choose another "
-                "train.output_dir, or start over with train.overwrite_output_dir=true (deletes it)"
-            )
-        if extras.overwrite_output_dir and (existing or finished):
-            for _, p, _ in existing:
-                shutil.rmtree(p)
-            for name in _RUN_FILES:
-                (Path(output_dir) / name).unlink(missing_ok=True)
-            logger.info("overwrite_output_dir: deleted the previous run in %s (%d checkpoint(s))", output_dir,
-                        len(existing))
+        _start_over(output_dir, existing, finished, extras, resume_command)
+    _remove_interrupted(existing)
+    return target
+
+
+def _latest_to_resume(output_dir: Path, finished: list[str], extras: TrainExtras) -> Path | None:
+    """resume_from_checkpoint: true — the latest complete one, or a fresh start if that replaces no finished run."""
+    target = latest_complete(output_dir)
+    if target is None and finished and not extras.overwrite_output_dir:
+        raise PeftkitError(f"{output_dir} holds a finished run ({', '.join(finished)}) and no checkpoint to "
+                           "resume from; choose another train.output_dir, or start over with "
+                           "train.overwrite_output_dir=true (deletes it)")
+    if target is None:
+        logger.info("resume_from_checkpoint: no complete checkpoint in %s, starting fresh", output_dir)
+    return target
+
+
+def _named_checkpoint(resume: str) -> Path:
+    """resume_from_checkpoint: a path — accepted only with its completion marker (a killed write is never resumed)."""
+    target = Path(resume)
+    if not (target / COMPLETE_MARKER).is_file():
+        raise PeftkitError(f"train.resume_from_checkpoint={resume!r}: not a complete peftkit checkpoint "
+                           f"(no {COMPLETE_MARKER}: missing, or its write was interrupted); "
+                           "use train.resume_from_checkpoint=true for the latest complete one")
+    return target
+
+
+def _start_over(output_dir: Path, existing: list[tuple[int, Path, bool]], finished: list[str], extras: TrainExtras,
+                resume_command: str) -> None:
+    """A fresh run: refuse to replace a previous one unless overwrite_output_dir, which then deletes exactly its files."""
+    if existing and not extras.overwrite_output_dir:
+        raise PeftkitError(
+            f"{output_dir} already holds checkpoints ({', '.join(p.name for _, p, _ in existing)}). Resume with "
+            f"`{resume_command}`, or start over with train.overwrite_output_dir=true (deletes them)"
+        )
+    if finished and not extras.overwrite_output_dir:
+        raise PeftkitError(
+            f"{output_dir} already holds a finished run ({', '.join(finished)}); choose another "
+            "train.output_dir, or start over with train.overwrite_output_dir=true (deletes it)"
+        )
+    if extras.overwrite_output_dir and (existing or finished):
+        for _, p, _ in existing:
+            shutil.rmtree(p)
+        for name in _RUN_FILES:
+            (Path(output_dir) / name).unlink(missing_ok=True)
+        logger.info("overwrite_output_dir: deleted the previous run in %s (%d checkpoint(s))", output_dir,
+                    len(existing))
+
+
+def _remove_interrupted(existing: list[tuple[int, Path, bool]]) -> None:
+    """Delete checkpoints without a completion marker (killed writes), so no later run resumes from one."""
     for _, p, ok in existing:
         if not ok and p.exists():
             logger.warning("removing %s: its write was interrupted (no completion marker)", p)
             shutil.rmtree(p)
-    return target
 
 
 # Keys that may differ between a run and its resumption: how to resume, and where (the board passes an absolute path).
