@@ -24,7 +24,7 @@ from peftkit.model.families import stateful_layers
 from peftkit.model.loading import check_family
 from peftkit.train.run import train
 from tests.families.zoo import FAMILIES, NO_PACKING, STATEFUL, WINDOW
-from tests.helpers import assert_packed_equals_one_by_one, tiny_run
+from tests.helpers import REPO, assert_packed_equals_one_by_one, tiny_run
 
 LM_FAMILIES = sorted(FAMILIES)
 
@@ -213,9 +213,10 @@ def test_a_family_the_tier_has_not_run_is_checked_on_the_model_itself(
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gpt2", "mixtral"])
-def test_chat_and_serve_load_the_runs_own_base(family: str, family_dir: Callable[[str], Path],
-                                               family_run: Callable[[str], Path], capsys) -> None:
-    """`--adapter RUN` alone loads the base the run trained on (adapter_config.json), not the embedded model."""
+def test_chat_serve_and_eval_load_the_runs_own_base(family: str, family_dir: Callable[[str], Path],
+                                                    family_run: Callable[[str], Path], tmp_path: Path, capsys) -> None:
+    """`--adapter RUN` loads the base the run trained on (adapter_config.json), not the embedded model: alone, and
+    with an eval config that names no model (export reads the run's base too: the export test above)."""
     from peftkit.cli import main
     from peftkit.cli.models import _run_spec
     from peftkit.serve import load_served
@@ -223,6 +224,11 @@ def test_chat_and_serve_load_the_runs_own_base(family: str, family_dir: Callable
     run = family_run(family)
     assert main(["chat", "--adapter", str(run), "--prompt", "Hi", "--max-new-tokens", "3"]) == 0
     assert "Traceback" not in capsys.readouterr().err
+    data = tmp_path / "dev.json"
+    data.write_text(json.dumps([{"instruction": "Say hello.", "input": "", "output": "Hello!"}]))
+    assert main(["eval", str(REPO / "examples/resume_ner_lora.yaml"), f"eval.dataset={data}", "eval.metrics=[exact_match]",
+                 "generate.max_new_tokens=2", "--adapter", str(run), "--out", str(tmp_path / "e")]) == 0
+    assert (tmp_path / "e" / "predict_results.json").is_file()
     model, _, served = load_served(_run_spec([str(run)]))
     expected = json.loads((family_dir(family) / "config.json").read_text())["architectures"][0]
     assert type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__ == expected

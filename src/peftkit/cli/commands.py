@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 
 from peftkit import __version__
-from peftkit.cli.models import eval_engine, model_spec, serve_dtype, serve_engine
+from peftkit.cli.models import eval_engine, model_spec, run_model, serve_dtype, serve_engine
 from peftkit.errors import PeftkitError
 from peftkit.hosts import is_loopback
 
@@ -58,12 +58,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from peftkit.model.resolve import resolve_model
         from peftkit.serve.vllm import merged_for_vllm, vllm_generator
 
-        tokenizer = load_chat_tokenizer(cfg.model, args.adapter, cfg.stage, cfg.data.template)
+        tokenizer = load_chat_tokenizer(*run_model(cfg.model, args.adapter), cfg.stage, cfg.data.template)
         folder = merged_for_vllm(args.adapter) if args.adapter else Path(resolve_model(cfg.model.name_or_path))
         results = predict(None, tokenizer, cfg, out, generator=vllm_generator(folder, tokenizer, cfg.generate,
                                                                                 args.vllm_args))
     else:
-        model, tokenizer = load_for_chat(cfg.model, args.adapter, cfg.stage, cfg.data.template)
+        model, tokenizer = load_for_chat(*run_model(cfg.model, args.adapter), cfg.stage, cfg.data.template)
         results = predict(model, tokenizer, cfg, out)
     print(json.dumps(results, indent=2, ensure_ascii=False))
     logger.info("eval results written to %s", out)

@@ -41,8 +41,33 @@ def model_spec(args: argparse.Namespace) -> tuple[Any, Any, str, str | None]:
             return _run_spec(args.adapter)
         return ModelArgs(name_or_path=args.model or EMBEDDED_MODEL), args.adapter, "sft", None
     cfg = load_config(args.config, args.overrides)
-    model = replace(cfg.model, name_or_path=args.model) if args.model else cfg.model
-    return model, args.adapter, cfg.stage, cfg.data.template
+    if args.model:
+        return replace(cfg.model, name_or_path=args.model), args.adapter, cfg.stage, cfg.data.template
+    return (*run_model(cfg.model, args.adapter), cfg.stage, cfg.data.template)
+
+
+def run_model(model: Any, adapter: Any) -> tuple[Any, Any]:
+    """(ModelArgs, adapter) that load `adapter` (a run folder, or serve's list of them) with the config's model
+    settings: a LoRA run on the base it trained on (adapter_config.json; said when model.name_or_path names another,
+    which would not load), a freeze / full run as the model itself."""
+    from dataclasses import replace
+
+    from peftkit.rundir import read_run
+    from peftkit.serve import named_adapters
+
+    if not adapter:
+        return model, adapter
+    run = read_run(next(iter(named_adapters(adapter if isinstance(adapter, list) else [adapter]).values())))
+    if not run.is_adapter:
+        return replace(model, name_or_path=str(run.path), quantization_bit=None), [] if isinstance(adapter, list) else None
+    from pathlib import Path
+
+    from peftkit.model.resolve import resolve_model
+
+    if Path(run.base_model).resolve() != Path(resolve_model(model.name_or_path)).resolve():
+        logger.info("--adapter %s trained on %s: loading that base (not model.name_or_path=%s)", run.path,
+                    run.base_model, model.name_or_path)
+    return replace(model, name_or_path=run.base_model), adapter
 
 
 def _run_spec(adapter: str | list[str]) -> tuple[Any, Any, str, str | None]:
