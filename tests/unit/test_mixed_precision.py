@@ -207,3 +207,34 @@ def test_generation_inside_training_leaves_bf16_frozen_weights_unmerged(tiny_mod
         with adapters_merged(model):
             assert not any(m.merged for m in lora)
         assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("stage", ["grpo", "dpo"])
+def test_stages_that_sample_or_keep_a_reference_train_with_frozen_bf16_weights(
+        stage: str, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 autocast on the CPU stores the frozen weights in bf16 while training runs: GRPO's sampling (the engine,
+    inside the loss) and DPO's reference model run on them."""
+    from contextlib import contextmanager
+
+    import peftkit.train.speedups as speedups
+    from peftkit.config import load_config
+    from peftkit.train.run import train
+    from tests.helpers import DPO, REPO, tiny_run
+
+    stored, real = [], speedups.frozen_projections_in
+
+    @contextmanager
+    def counted(model, dtype):
+        with real(model, dtype) as n:
+            stored.append(n)
+            yield n
+
+    monkeypatch.setattr(speedups, "frozen_projections_in", counted)
+
+    data = {"grpo": [f"data.train={REPO / 'data/resume_ner/dev.json'}", "data.format=alpaca", "data.max_samples=4",
+                     "grpo.max_new_tokens=6", "grpo.num_generations=2", "grpo.rewards=[ner_json_f1]"],
+            "dpo": [f"data.train={DPO}", "data.format=preference", "data.max_samples=4"]}[stage]
+    result = train(load_config(None, tiny_run(tiny_model_dir, tmp_path / "run", *data, "train.bf16=true", stage=stage,
+                                              cutoff_len=96, max_steps=2, batch_size=2)))
+    assert stored and stored[0] > 0  # the lever ran
+    assert result.summary["train_loss"] == result.summary["train_loss"]  # finite, not NaN
