@@ -4,6 +4,7 @@ were written against, and every touch point of a library's internals with its gu
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Literal
@@ -38,15 +39,22 @@ def _major_minor(version: str) -> tuple[int, int]:
 
 def untested_versions(libraries: tuple[str, ...] | None = None) -> list[str]:
     """The libraries (of TESTED_VERSIONS, or those named) installed at a version outside their tested range."""
-    from importlib.metadata import version
-
     out = []
     for name in libraries or tuple(TESTED_VERSIONS):
         low, high = TESTED_VERSIONS[name]
-        installed = version(name)
+        installed = _installed(name)
         if not low <= _major_minor(installed) < high:
             out.append(f"{name} {installed}")
     return out
+
+
+@functools.cache
+def _installed(name: str) -> str:
+    """A library's installed version, read once per process (the engine asks on every start: each chat reply, each
+    GRPO step)."""
+    from importlib.metadata import version
+
+    return version(name)
 
 
 def tested_range() -> str:

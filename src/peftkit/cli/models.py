@@ -50,40 +50,42 @@ def run_model(model: Any, adapter: Any) -> tuple[Any, Any]:
     """(ModelArgs, adapter) that load `adapter` (a run folder, or serve's list of them) with the config's model
     settings: a LoRA run on the base it trained on (adapter_config.json; said when model.name_or_path names another,
     which would not load), a freeze / full run as the model itself."""
-    from dataclasses import replace
-
-    from peftkit.rundir import read_run
-    from peftkit.serve import named_adapters
-
     if not adapter:
         return model, adapter
-    run = read_run(next(iter(named_adapters(adapter if isinstance(adapter, list) else [adapter]).values())))
-    if not run.is_adapter:
-        return replace(model, name_or_path=str(run.path), quantization_bit=None), [] if isinstance(adapter, list) else None
-    from pathlib import Path
+    run = _first_run(adapter)
+    if run.is_adapter:
+        from pathlib import Path
 
-    from peftkit.model.resolve import resolve_model
+        from peftkit.model.resolve import resolve_model
 
-    if Path(run.base_model).resolve() != Path(resolve_model(model.name_or_path)).resolve():
-        logger.info("--adapter %s trained on %s: loading that base (not model.name_or_path=%s)", run.path,
-                    run.base_model, model.name_or_path)
-    return replace(model, name_or_path=run.base_model), adapter
+        if Path(run.base_model).resolve() != Path(resolve_model(model.name_or_path)).resolve():
+            logger.info("--adapter %s trained on %s: loading that base (not model.name_or_path=%s)", run.path,
+                        run.base_model, model.name_or_path)
+    return _on_run(model, run, adapter)
 
 
 def _run_spec(adapter: str | list[str]) -> tuple[Any, Any, str, str | None]:
     """model_spec for `--adapter RUN` alone: the (first) run's base model as it trained, its stage and template; a
     freeze / full run is itself the model."""
-    from dataclasses import replace
+    run = _first_run(adapter)
+    return (*_on_run(run.model, run, adapter), run.stage, run.template)
 
+
+def _first_run(adapter: Any) -> Any:
+    """The run of `--adapter RUN` (serve's first, when several are given)."""
     from peftkit.rundir import read_run
     from peftkit.serve import named_adapters
 
-    first = next(iter(named_adapters(adapter if isinstance(adapter, list) else [adapter]).values()))
-    run = read_run(first)
+    return read_run(next(iter(named_adapters(adapter if isinstance(adapter, list) else [adapter]).values())))
+
+
+def _on_run(model: Any, run: Any, adapter: Any) -> tuple[Any, Any]:
+    """`model`'s settings on the run: a LoRA run's base with its adapter(s), or a freeze / full run itself, alone."""
+    from dataclasses import replace
+
     if run.is_adapter:
-        return replace(run.model, name_or_path=run.base_model), adapter, run.stage, run.template
-    whole = replace(run.model, name_or_path=str(run.path), quantization_bit=None)
-    return whole, [] if isinstance(adapter, list) else None, run.stage, run.template
+        return replace(model, name_or_path=run.base_model), adapter
+    return replace(model, name_or_path=str(run.path), quantization_bit=None), [] if isinstance(adapter, list) else None
 
 
 def serve_dtype(choice: str) -> str | None:

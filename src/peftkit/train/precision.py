@@ -59,11 +59,10 @@ def frozen_projections_in(model: Any, dtype: Any) -> Iterator[int]:
     import torch
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    shared = {id(head.weight)} if head is not None else set()
     originals = []
     for module in model.modules():
         if type(module) is torch.nn.Linear and module is not head and not module.weight.requires_grad \
-                and module.weight.dtype == torch.float32 and id(module.weight) not in shared:
+                and module.weight.dtype == torch.float32:
             originals.append((module.weight, module.weight.data))
             module.weight.data = module.weight.data.to(dtype)
     try:
