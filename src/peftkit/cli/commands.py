@@ -21,11 +21,12 @@ def cmd_data(args: argparse.Namespace) -> int:
     from peftkit.data import apply_template, describe_example, prepare_data
     from peftkit.data.packing import unpack_row
     from peftkit.model import load_tokenizer
+    from peftkit.model.loading import load_processor
 
     cfg = load_config(args.config, args.overrides)
-    tokenizer = load_tokenizer(cfg.model)  # the tokenizer only: no weights are loaded
+    tokenizer = load_tokenizer(cfg.model)  # the tokenizer (and an image-text model's processor): no weights are loaded
     apply_template(tokenizer, cfg.data.template, cfg.stage)
-    data = prepare_data(cfg.data, tokenizer, cfg.stage)
+    data = prepare_data(cfg.data, tokenizer, cfg.stage, load_processor(cfg.model))
     print(data.report.summary())
     from peftkit.model.quantization import estimate_memory
 

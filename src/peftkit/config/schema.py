@@ -152,6 +152,15 @@ class FinetuningArgs:
     freeze_trainable_modules: list[str] | None = _f(
         None, "freeze: module name fragments that train instead of the last layers (e.g. [mlp])."
     )
+    freeze_vision_tower: bool = _f(
+        True, "Image-text models: keep the vision encoder frozen; false trains it in full (beside LoRA, or with "
+        "freeze / full tuning).")
+    freeze_multi_modal_projector: bool = _f(
+        True, "Image-text models: keep the projector (image features to text embeddings) frozen; false trains it "
+        "in full.")
+    freeze_language_model: bool = _f(
+        False, "Image-text models: keep the language model frozen (freeze / full tuning), so only an unfrozen "
+        "vision tower or projector trains.")
 
 
 # eval.metrics' names: scored by eval/metrics.py's METRICS (on generated answers), and "loss" (eval/loss.py). Named

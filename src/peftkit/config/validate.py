@@ -55,6 +55,9 @@ def _check_finetuning(ft: FinetuningArgs) -> list[str]:
                           "output_dir of a LoRA run)")
     if ft.loraplus_lr_ratio is not None and ft.loraplus_lr_ratio <= 0:
         issues.append(f"finetuning.loraplus_lr_ratio={ft.loraplus_lr_ratio}: must be positive (16 is common)")
+    if ft.finetuning_type == "lora" and ft.freeze_language_model:
+        issues.append("finetuning.freeze_language_model: true leaves LoRA nothing to adapt; use finetuning_type: "
+                      "freeze (with freeze_vision_tower / freeze_multi_modal_projector: false for what trains)")
     if ft.finetuning_type != "lora" and (ft.use_dora or ft.use_rslora or ft.loraplus_lr_ratio or ft.modules_to_save
                                          or ft.adapter_name_or_path):
         issues.append(f"finetuning: use_dora / use_rslora / loraplus_lr_ratio / modules_to_save / adapter_name_or_path apply to "

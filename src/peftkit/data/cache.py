@@ -64,8 +64,9 @@ def _tokenizer_digest(tokenizer: Any) -> str:
 
 
 def fingerprint(train: list[DatasetSpec], eval_: list[DatasetSpec], args: DataArgs, tokenizer: Any,
-                stage: str = "sft") -> str | None:
-    """The cache key, or None when a dataset has no local files to hash."""
+                stage: str = "sft", images: str | None = None) -> str | None:
+    """The cache key, or None when a dataset has no local files to hash; `images` is an image-text run's digest of
+    its images and processor (data/dataset.py)."""
     files: list[Any] = []
     for spec in [*train, None, *eval_]:  # None separates train from eval
         if spec is None:
@@ -75,7 +76,8 @@ def fingerprint(train: list[DatasetSpec], eval_: list[DatasetSpec], args: DataAr
             return None
         files.append([asdict(spec), [(str(f), _file_digest(f)) for f in data_files(spec.path)]])
     options = {k: v for k, v in asdict(args).items() if k not in _NOT_IN_KEY}
-    key = json.dumps([__version__, stage, options, files, tokenizer_digest(tokenizer)], sort_keys=True, default=str)
+    key = json.dumps([__version__, stage, options, files, tokenizer_digest(tokenizer), *([images] if images else [])],
+                     sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 

@@ -131,6 +131,45 @@ class PromptCollator:
                 "prompt": [e["prompt"] for e in examples], "reference": [e["reference"] for e in examples]}
 
 
+class ImageCollator:
+    """An image-text run's batches: the stage's collator builds the tokens; the processor's image processor turns
+    the batch's images (each example's `images` references, in order) into the model's pixel inputs
+    (pixel_values and their companions: image_grid_thw, pixel_attention_mask, ...), as the processor's own call
+    does for the same texts. Per-token image inputs a family reads (Gemma 3's token_type_ids) are made from the ids.
+    """
+
+    def __init__(self, base: Any, processor: Any) -> None:
+        from peftkit.data.images import image_token_ids
+
+        self.base, self.processor = base, processor
+        self.marks = sorted(image_token_ids(processor))
+        self.token_types = _per_token_image_inputs(processor)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        from peftkit.data.images import load_image
+
+        refs = [list(e.get("images") or []) for e in examples]
+        batch = self.base([{k: v for k, v in e.items() if k != "images"} for e in examples])
+        if not any(refs):
+            return batch
+        pictures = [[load_image(r) for r in row] for row in refs if row]
+        batch.update(self.processor.image_processor(images=pictures, return_tensors="pt"))
+        image_token = getattr(self.processor, "image_token_id", None)
+        for key in self.token_types:  # 1 where the image's (soft) tokens are
+            batch[key] = (batch["input_ids"] == image_token).to(torch.long)
+        return batch
+
+
+def _per_token_image_inputs(processor: Any) -> list[str]:
+    """The per-token inputs the processor's own call returns beside input_ids (Gemma 3's token_type_ids, which its
+    forward needs in training to let an image's tokens attend to each other)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    probe = processor(text=[tokenizer.decode([tokenizer.eos_token_id])], add_special_tokens=False)
+    return [k for k in ("token_type_ids", "mm_token_type_ids") if k in probe]
+
+
 def chosen_and_rejected(rows: Any) -> tuple[Any, Any]:
     """Split what a PairCollator batch produced (any per-row tensor) back into its chosen and rejected halves."""
     return rows.chunk(2)
@@ -142,16 +181,19 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 def build_collator(tokenizer: Any, packing: bool, fixed_shape: tuple[int, int] | None = None, stage: str = "sft",
-                   flatten: bool = False) -> Any:
+                   flatten: bool = False, processor: Any = None) -> Any:
     """The collator of the stage (and `data.packing`): packed rows, for a stage that packs, go to PackedCollator;
     records one by one to the collator the stage table names, built from the tokenizer.
 
     `fixed_shape` (rows, cutoff_len) pads every packed batch to one shape, for torch.compile; `flatten`
-    (model/attention.py's flattens) sends packed rows as one row.
+    (model/attention.py's flattens) sends packed rows as one row. An image-text model's `processor` adds the pixel
+    inputs of records with images (never packed: data/dataset.py refuses it).
     """
+    from peftkit.model.loading import has_images
     from peftkit.stages import stage as stage_of
 
     entry = stage_of(stage)
     if packing and entry.packing:
         return PackedCollator(_pad_id(tokenizer), fixed_shape, flatten)
-    return entry.load("collator")(tokenizer)
+    collator = entry.load("collator")(tokenizer)
+    return ImageCollator(collator, processor) if has_images(processor) else collator

@@ -6,6 +6,7 @@ in a DataReport, written to data_report.json.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from peftkit.data.sources import iter_records
 from peftkit.data.template import stop_token_ids
 from peftkit.errors import ConfigError, DataError
 from peftkit.model.heads import head_of
+from peftkit.model.loading import has_images
 
 logger = logging.getLogger("peftkit")
 _CHUNK = 1000  # samples tokenized per call
@@ -50,6 +52,7 @@ class PreparedData:
     train: Any  # datasets.Dataset or IterableDataset of input_ids / labels (/ position_ids when packed)
     eval: Any | None
     report: DataReport
+    processor: Any = None  # an image-text model's processor: batches read the examples' `images` through it
 
 
 def iter_samples(spec: DatasetSpec, args: DataArgs, drops: Drops | None = None) -> Iterator[tuple[Sample, tuple[str, str]]]:
@@ -118,6 +121,9 @@ def _encode(samples: list[Sample], wheres: list[tuple[str, str]], tokenizer: Any
         part = wheres[start : start + _CHUNK]
         for examples, (file, loc) in zip(encoding(tokenizer, samples[start : start + _CHUNK], part), part):
             out += [(ex, f"{file}: {loc}") for ex in examples]
+    if has_images(encoding.processor):  # an image-text run: every example has the column the collator reads
+        for ex, _ in out:
+            ex.extra.setdefault("images", [])
     return out
 
 
@@ -129,12 +135,14 @@ def _encode_batch(batch: dict[str, list[Any]], tokenizer: Any, encoding: Encodin
 
 
 def encode_dataset(spec: DatasetSpec, args: DataArgs, tokenizer: Any, stage: str = "sft",
-                   classes: list[str] | None = None) -> tuple[Any, DatasetCounts]:
-    """One dataset encoded for `stage` (in `preprocessing_num_workers` processes if more than one) and its counts."""
+                   classes: list[str] | None = None, processor: Any = None) -> tuple[Any, DatasetCounts]:
+    """One dataset encoded for `stage` (in `preprocessing_num_workers` processes if more than one) and its counts;
+    records with images through an image-text model's `processor`."""
     from datasets import Dataset
 
     skip = args.on_bad_record == "skip"
-    encoding = Encoding(args.cutoff_len, args.mask, stage, classes, strict=not skip, reasoning=args.reasoning)
+    encoding = Encoding(args.cutoff_len, args.mask, stage, classes, strict=not skip, reasoning=args.reasoning,
+                        processor=processor)
     counts = DatasetCounts(spec.path, spec.format or args.format)
     samples, wheres = [], []
     for sample, where in iter_samples(spec, args, counts.drops if skip else None):
@@ -199,52 +207,82 @@ def _specs(args: DataArgs, key: str) -> list[DatasetSpec]:
     return specs
 
 
-def prepare_data(args: DataArgs, tokenizer: Any, stage: str = "sft") -> PreparedData:
-    """Train (and eval) datasets for `stage`, from the cache when nothing that shapes them changed."""
+def prepare_data(args: DataArgs, tokenizer: Any, stage: str = "sft", processor: Any = None) -> PreparedData:
+    """Train (and eval) datasets for `stage`, from the cache when nothing that shapes them changed; records with
+    images through an image-text model's `processor`."""
     train_specs, eval_specs = _specs(args, "train"), _specs(args, "eval")
     if not train_specs:
         raise ConfigError(["data.train: missing — the file(s) to train on"])
     if args.streaming:
-        return _prepare_streaming(train_specs, eval_specs, args, tokenizer, stage)
-    key = cache.fingerprint(train_specs, eval_specs, args, tokenizer, stage)
-    cached = _from_cache(key, args)
+        return _prepare_streaming(train_specs, eval_specs, args, tokenizer, stage, processor)
+    key = cache.fingerprint(train_specs, eval_specs, args, tokenizer, stage,
+                            _images_key([*train_specs, *eval_specs], args, processor))
+    cached = _from_cache(key, args, processor)
     if cached is not None:
         return cached
 
     report = DataReport(cutoff_len=args.cutoff_len, mask=args.mask, stage=stage)
     if head_of(stage).classes:
         report.classes = _classes(train_specs, args)
-    train = _encode_train(train_specs, args, tokenizer, stage, report)
-    train, eval_ds = _eval_split(train, eval_specs, args, tokenizer, stage, report.classes)
-    _describe(report, train, eval_ds, tokenizer)
+    train = _encode_train(train_specs, args, tokenizer, stage, report, processor)
+    train, eval_ds = _eval_split(train, eval_specs, args, tokenizer, stage, report.classes, processor)
+    _describe(report, train, eval_ds, tokenizer, processor)
     if head_of(stage).end_of_turn:
         _check_end_of_turn_supervised(tokenizer, train[:20]["labels"], train_specs)
 
     if args.packing:
+        _check_no_images(train, eval_ds)
         train = _pack(train, args.cutoff_len)
         report.packing = {"rows": len(train), "efficiency": round(report.tokens / (len(train) * args.cutoff_len), 4)}
         eval_ds = _pack(eval_ds, args.cutoff_len) if eval_ds is not None else None
     if key:
         cache.save_cache(key, {"train": train, "eval": eval_ds}, report.as_dict())
-    return PreparedData(train, eval_ds, report)
+    return PreparedData(train, eval_ds, report, processor)
 
 
-def _from_cache(key: str | None, args: DataArgs) -> PreparedData | None:
+def _images_key(specs: list[DatasetSpec], args: DataArgs, processor: Any) -> str | None:
+    """For an image-text run, what the cache key adds: the processor's configuration and the bytes of every image
+    the records refer to (an image changed in place is a new key). None for a text run."""
+    if not has_images(processor):
+        return None
+    from peftkit.data.images import digest
+
+    refs = [ref for spec in specs for sample, _ in iter_samples(spec, args, Drops()) for ref in sample.get("images", [])]
+    config = processor.image_processor.to_json_string() + str(processor.chat_template)
+    return digest(refs) + hashlib.sha256(config.encode()).hexdigest()
+
+
+def _check_no_images(*splits: Any) -> None:
+    """data.packing refused for records with images: isolation of packed image records (their pixel inputs, the
+    3-D rope positions of Qwen-VL models) is not proven, so their loss could differ from the records one by one."""
+    if any(ds is not None and "images" in ds.column_names and any(ds["images"]) for ds in splits):
+        _refuse_packed_images()
+
+
+def _refuse_packed_images() -> None:
+    raise ConfigError([
+        "data.packing: records with images are not packed (peftkit has not proven a packed row of image records "
+        "equal to the records one by one: image inputs and Qwen-VL's 3-D rope positions would have to restart per "
+        "record). Set data.packing: false"])
+
+
+def _from_cache(key: str | None, args: DataArgs, processor: Any = None) -> PreparedData | None:
     """The cached datasets for `key`, or None: a miss, no key (nothing to fingerprint), or overwrite_cache."""
     if key and not args.overwrite_cache:
         hit = cache.load_cache(key)
         if hit:
             splits, saved = hit
             logger.info("tokenized data from the cache %s (data.overwrite_cache: true rebuilds it)", cache.cache_dir(key))
-            return PreparedData(splits["train"], splits.get("eval"), DataReport.from_dict(saved))
+            return PreparedData(splits["train"], splits.get("eval"), DataReport.from_dict(saved), processor)
     return None
 
 
-def _encode_train(specs: list[DatasetSpec], args: DataArgs, tokenizer: Any, stage: str, report: DataReport) -> Any:
+def _encode_train(specs: list[DatasetSpec], args: DataArgs, tokenizer: Any, stage: str, report: DataReport,
+                  processor: Any = None) -> Any:
     """The training datasets encoded, counted in `report` and mixed; an empty result is an error, said with the counts."""
     parts = []
     for spec in specs:
-        part, counts = encode_dataset(spec, args, tokenizer, stage, report.classes)
+        part, counts = encode_dataset(spec, args, tokenizer, stage, report.classes, processor)
         parts.append(part)
         report.datasets.append(counts)
     train = _mix(parts, args)
@@ -255,11 +293,11 @@ def _encode_train(specs: list[DatasetSpec], args: DataArgs, tokenizer: Any, stag
 
 
 def _eval_split(train: Any, eval_specs: list[DatasetSpec], args: DataArgs, tokenizer: Any, stage: str,
-                classes: list[str] | None) -> tuple[Any, Any | None]:
+                classes: list[str] | None, processor: Any = None) -> tuple[Any, Any | None]:
     """(train, eval): eval from its own datasets, else split off train by val_size, else none."""
     eval_ds = None
     if eval_specs:
-        eval_parts = [encode_dataset(spec, args, tokenizer, stage, classes)[0] for spec in eval_specs]
+        eval_parts = [encode_dataset(spec, args, tokenizer, stage, classes, processor)[0] for spec in eval_specs]
         eval_ds = _mix(eval_parts, DataArgs(mix_strategy="concat"))
     elif args.val_size:
         size = int(args.val_size) if args.val_size >= 1 else args.val_size
@@ -268,13 +306,22 @@ def _eval_split(train: Any, eval_specs: list[DatasetSpec], args: DataArgs, token
     return train, eval_ds
 
 
-def _describe(report: DataReport, train: Any, eval_ds: Any | None, tokenizer: Any) -> None:
-    """Fill `report` with the unpacked datasets' sizes, lengths and an example (packing would hide them)."""
+def _describe(report: DataReport, train: Any, eval_ds: Any | None, tokenizer: Any, processor: Any = None) -> None:
+    """Fill `report` with the unpacked datasets' sizes, lengths, images and an example (packing would hide them)."""
     lengths, report.supervised_tokens = _token_stats(train)
     report.examples, report.tokens = len(train), sum(lengths)
     report.length_percentiles = percentiles(lengths)
     report.eval_examples = len(eval_ds) if eval_ds is not None else 0
     report.example = describe_example(tokenizer, train[0])
+    if has_images(processor) and any(train["images"]):
+        from peftkit.data.images import image_token_ids
+
+        marks = image_token_ids(processor)
+        rows = [(len(refs), sum(t in marks for t in ids)) for refs, ids in zip(train["images"], train["input_ids"])
+                if refs]
+        report.images = {"examples": len(rows), "images": sum(n for n, _ in rows),
+                         "tokens": percentiles([t for _, t in rows])}
+        report.example = describe_example(tokenizer, next(row for row in train if row["images"]))
     if "desirable" in train.column_names:  # kto: both kinds, since a run without one of them learns nothing useful
         desirable = sum(train["desirable"])
         report.judged = {"desirable": desirable, "undesirable": len(train) - desirable}
@@ -307,7 +354,7 @@ def _pack(ds: Any, cutoff_len: int) -> Any:
 
 
 def _prepare_streaming(train_specs: list[DatasetSpec], eval_specs: list[DatasetSpec], args: DataArgs,
-                       tokenizer: Any, stage: str) -> PreparedData:
+                       tokenizer: Any, stage: str, processor: Any = None) -> PreparedData:
     """IterableDatasets read and tokenized as the trainer asks for them; packing on the fly."""
     from datasets import IterableDataset
 
@@ -324,10 +371,12 @@ def _prepare_streaming(train_specs: list[DatasetSpec], eval_specs: list[DatasetS
             logger.warning("%s: dropped %d: %s (first: %s)", spec.path, entry["count"], reason, entry["first"])
 
     encoding = Encoding(args.cutoff_len, args.mask, stage, strict=args.on_bad_record == "error",
-                        reasoning=args.reasoning)
+                        reasoning=args.reasoning, processor=processor)
 
     def _kept(chunk: list[tuple[Sample, tuple[str, str]]], drops: Drops) -> Iterator[dict[str, Any]]:
         for ex, where in _encode([s for s, _ in chunk], [w for _, w in chunk], tokenizer, encoding):
+            if args.packing and ex.extra.get("images"):
+                _refuse_packed_images()
             if ex.drop:
                 drops.add(ex.drop, where)
             else:
@@ -349,7 +398,7 @@ def _prepare_streaming(train_specs: list[DatasetSpec], eval_specs: list[DatasetS
                         example=describe_example(tokenizer, first), stage=stage)
     _check_end_of_turn_supervised(tokenizer, [first["labels"]], train_specs)
     eval_ds = stream(eval_specs, DataArgs(mix_strategy="concat")) if eval_specs else None
-    return PreparedData(train, eval_ds, report)
+    return PreparedData(train, eval_ds, report, processor)
 
 
 def _check_end_of_turn_supervised(tokenizer: Any, labels: list[list[int]], specs: list[DatasetSpec]) -> None:
@@ -366,14 +415,14 @@ def _check_end_of_turn_supervised(tokenizer: Any, labels: list[list[int]], specs
 
 
 def encode_records(paths: list[str], args: DataArgs, tokenizer: Any, stage: str,
-                   classes: list[str] | None = None) -> list[tuple[Sample, str, Encoded]]:
+                   classes: list[str] | None = None, processor: Any = None) -> list[tuple[Sample, str, Encoded]]:
     """Every example of `paths` beside its record and that record's location (rm / dpo / cls: one per record,
     kto: two for a preference pair; a dropped one says why).
 
     Evaluation writes one line per record, so it needs each example beside the record it came from.
     """
     items = [item for spec in file_specs(paths, args) for item in iter_samples(spec, args)]
-    encoding = Encoding(args.cutoff_len, args.mask, stage, classes, reasoning=args.reasoning)
+    encoding = Encoding(args.cutoff_len, args.mask, stage, classes, reasoning=args.reasoning, processor=processor)
     out = []
     for start in range(0, len(items), _CHUNK):
         part = items[start : start + _CHUNK]
@@ -384,12 +433,12 @@ def encode_records(paths: list[str], args: DataArgs, tokenizer: Any, stage: str,
 
 
 def build_dataset(paths: list[str], args: DataArgs, tokenizer: Any, stage: str = "sft",
-                  classes: list[str] | None = None) -> tuple[Any, DataReport]:
+                  classes: list[str] | None = None, processor: Any = None) -> tuple[Any, DataReport]:
     """One unpacked, uncached dataset of `paths` for `stage` (for evaluation and tests)."""
     report = DataReport(cutoff_len=args.cutoff_len, mask=args.mask, stage=stage, classes=classes)
     parts = []
     for spec in file_specs(paths, args):
-        part, counts = encode_dataset(spec, replace(args, packing=False), tokenizer, stage, classes)
+        part, counts = encode_dataset(spec, replace(args, packing=False), tokenizer, stage, classes, processor)
         parts.append(part)
         report.datasets.append(counts)
     ds = _mix(parts, DataArgs(mix_strategy="concat"))

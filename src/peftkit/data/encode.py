@@ -14,6 +14,7 @@ from typing import Any
 from peftkit.constants import IGNORE_INDEX
 from peftkit.data.formats import Message, Sample, sft_messages
 from peftkit.data.labels import (
+    IMAGE_CUT,
     NO_JUDGEMENT,
     PROMPT_TOO_LONG,
     TEMPLATE,
@@ -22,9 +23,11 @@ from peftkit.data.labels import (
     label_conversation,
     label_document,
     turn_texts,
+    unsupervised,
 )
-from peftkit.data.render import check_template_shows, renderer, template_messages, tokenize
-from peftkit.errors import DataError
+from peftkit.data.render import check_template_shows, image_renderer, renderer, template_messages, tokenize
+from peftkit.errors import ConfigError, DataError
+from peftkit.model.loading import has_images
 from peftkit.stages import stage as stage_of
 
 
@@ -38,6 +41,7 @@ class Encoding:
     classes: list[str] | None = None  # cls: class names by index
     strict: bool = True  # a template error raises (on_bad_record: error) or drops the record
     reasoning: str = "train"  # data.reasoning: train | mask | drop
+    processor: Any = None  # an image-text model's processor: records with images are encoded through it
 
     def __call__(self, tokenizer: Any, samples: list[Sample], wheres: list[tuple[str, str]]) -> list[list[Encoded]]:
         return stage_of(self.stage).load("encoder")(tokenizer, samples, wheres, self)
@@ -52,6 +56,8 @@ def encode_samples(tokenizer: Any, samples: list[Sample], wheres: Wheres, option
 
     options.strict=False turns a template error into a dropped record instead of raising it.
     """
+    if any(s.get("images") for s in samples):
+        return _with_images(tokenizer, samples, wheres, options)
     conversations = [sft_messages(s) for s in samples]
     first = next(((m, s.get("tools")) for m, s in zip(conversations, samples) if m is not None), None)
     render = renderer(tokenizer, *first) if first is not None else None
@@ -86,6 +92,77 @@ def encode_samples(tokenizer: Any, samples: list[Sample], wheres: Wheres, option
                 raise
             out.append([Encoded([], [], drop=TEMPLATE)])
     return out
+
+
+def _with_images(tokenizer: Any, samples: list[Sample], wheres: Wheres, options: Encoding) -> list[list[Encoded]]:
+    """encode_samples for a chunk with images: the records with images through the processor, one by one, the
+    others as text."""
+    if not has_images(options.processor):
+        raise ConfigError(["data: the records have images, but the model has no image processor (it is not an "
+                           "image-text checkpoint, or its folder lacks preprocessor_config.json); use an image-text "
+                           "model, or data without images"])
+    text = [n for n, s in enumerate(samples) if not s.get("images")]
+    out: list[list[Encoded]] = [[] for _ in samples]
+    for n, examples in zip(text, encode_samples(tokenizer, [samples[n] for n in text], [wheres[n] for n in text],
+                                                 options) if text else []):
+        out[n] = examples
+    for n, sample in enumerate(samples):
+        if sample.get("images"):
+            try:
+                out[n] = encode_image_sample(options.processor, sample, wheres[n], options)
+            except DataError:
+                if options.strict:
+                    raise
+                out[n] = [Encoded([], [], drop=TEMPLATE)]
+    return out
+
+
+def encode_image_sample(processor: Any, sample: Sample, where: tuple[str, int | str],
+                        options: Encoding) -> list[Encoded]:
+    """One conversation with images as its example: rendered by the processor's chat template, each rendering
+    tokenized by the processor (which expands each image into its tokens), labelled by data/labels.py with the
+    image tokens never supervised; `images` (the references) rides along for the collator.
+
+    Truncation that would cut an image's tokens drops the record (IMAGE_CUT): a half image is not an input the
+    model can read."""
+    from peftkit.data.images import image_token_ids, load_image
+
+    messages = sft_messages(sample) or []
+    try:
+        pictures = [load_image(ref) for ref in sample["images"]]
+    except ValueError as e:
+        raise DataError(where[0], where[1], "images", str(e)) from None
+    render = image_renderer(processor)
+    check_template_shows(processor.chat_template, render, [sample], options.reasoning)
+    texts = turn_texts(render, messages, sample.get("tools"), options.reasoning, where)
+    seen, before = 0, []  # images shown before each assistant turn
+    for m in messages:
+        if m["role"] == "assistant":
+            before.append(seen)
+        elif isinstance(m["content"], list):
+            seen += sum(p["type"] == "image" for p in m["content"])
+    ids = [processor_ids(processor, t, pictures[: before[n // 3]]) if t else [] for n, t in enumerate(texts)]
+    whole = label_conversation(messages, ids, 2**31, options.mask, where)
+    if len(whole) > 1:
+        raise DataError(where[0], where[1], None, f"{TEMPLATE}: a conversation with images must be one example, "
+                        "and this chat template shows earlier turns differently from the last one")
+    fitted = label_conversation(messages, ids, options.cutoff_len, options.mask, where)[0]
+    if fitted.drop:
+        return [fitted]
+    marks = image_token_ids(processor)
+    if sum(t in marks for t in fitted.input_ids) < sum(t in marks for t in whole[0].input_ids):
+        return [Encoded([], [], truncated=True, drop=IMAGE_CUT)]
+    shown = max((before[n] for n in range(len(before)) if len(ids[3 * n]) < len(whole[0].input_ids)), default=0)
+    fitted.labels = unsupervised(fitted.input_ids, list(fitted.labels), marks)  # type: ignore[arg-type]
+    fitted.extra["images"] = sample["images"][:shown]
+    return [fitted]
+
+
+def processor_ids(processor: Any, text: str, images: list[Any]) -> list[int]:
+    """The ids of a rendered text with each image's placeholder expanded into its tokens, as the processor's own
+    apply_chat_template tokenizes (no special tokens added: the template wrote them)."""
+    out = processor(text=[text], images=images or None, add_special_tokens=False)
+    return list(out["input_ids"][0])
 
 
 def encode_messages(

@@ -6,6 +6,9 @@ A sample is one of
   {"messages": [...], "chosen": msg, "rejected": msg}   a preference pair after a prompt conversation
   {"text": str}                                         a document (continued pre-training)
   {"text": str, "text_pair": str | None, "label": ...}  a classification record
+A user or system message with images has as content a list of parts ({"type": "text", "text"} and
+{"type": "image"}, as image-text chat templates read them), and the sample lists the images in order as
+"images" (data/images.py's references: absolute paths or data: URLs).
 Messages are {"role", "content"} plus an optional "train": false, which is never supervised, and the
 keys chat templates read for tools and reasoning (transformers' convention, so they render through
 `apply_chat_template` unchanged): an assistant's `tool_calls` [{type: function, function: {name, arguments}}]
@@ -19,6 +22,7 @@ import json
 from collections.abc import Callable
 from typing import Any, NotRequired, TypedDict
 
+from peftkit.data import images as image_refs
 from peftkit.errors import DataError, kind_of
 
 
@@ -34,7 +38,7 @@ class Message(TypedDict):
     """One turn of a conversation; `train: false` keeps an assistant turn out of the labels."""
 
     role: str
-    content: str
+    content: str | list[dict[str, str]]  # a list of text / image parts where a user or system message has images
     train: NotRequired[bool]
     tool_calls: NotRequired[list[ToolCall]]
     reasoning_content: NotRequired[str]
@@ -172,7 +176,9 @@ def _message(raw: Any, tags: dict[str, str], field: str, at: Where) -> Message:
         raise at.error(f"{field}.role", f"unknown role {role!r}; allowed: {', '.join(_ROLES)}")
     if content is None and calls:
         content = ""  # OpenAI: an assistant message that only calls tools has content null
-    if not isinstance(content, str):
+    if isinstance(content, list):
+        content = _parts(content, role, field, at)
+    if not isinstance(content, (str, list)):
         raise at.error(field, f"content must be a string, got {kind_of(content)}")
     message: Message = {"role": role, "content": content}
     _tool_fields(message, raw, calls, field, at)
@@ -181,6 +187,85 @@ def _message(raw: Any, tags: dict[str, str], field: str, at: Where) -> Message:
     if raw.get("train") is False:
         message["train"] = False
     return message
+
+
+def _parts(raw: list[Any], role: str, field: str, at: Where) -> str | list[dict[str, str]]:
+    """OpenAI content parts as template parts: text parts, and images ({"type": "image_url", "image_url": {"url"}}
+    or {"type": "image", "path" | "url" | "image"}) as {"type": "image", "image": reference} until the sample
+    collects them. Text parts alone become a string."""
+    parts: list[dict[str, str]] = []
+    for i, part in enumerate(raw):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+            continue
+        if kind not in ("image", "image_url"):
+            raise at.error(f"{field}.content[{i}]", "a content part must be {\"type\": \"text\", \"text\": ...}, "
+                           "{\"type\": \"image_url\", \"image_url\": {\"url\": ...}} or {\"type\": \"image\", \"path\": ...}")
+        url = part.get("image_url")
+        ref = url.get("url") if isinstance(url, dict) else url if kind == "image_url" else next(
+            (part[k] for k in ("path", "url", "image") if isinstance(part.get(k), str)), None)
+        if not isinstance(ref, str) or not ref:
+            raise at.error(f"{field}.content[{i}]", "an image part needs its image: a path, or a data: URL")
+        if role not in ("user", "system"):
+            raise at.error(f"{field}.content[{i}]", f"images go in user (or system) messages, not {role!r} ones")
+        parts.append({"type": "image", "image": ref})
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts
+
+
+def _placeholders(messages: list[Message], refs: list[Any], at: Where) -> None:
+    """LLaMA-Factory's layout: the record's `images`, in order, where its messages say <image> (in front of the
+    first user message when none does)."""
+    if not isinstance(refs, list) or not all(isinstance(r, str) and r for r in refs):
+        raise at.error("images", "must be a list of image paths (or data: URLs)")
+    said = sum(m["content"].count(image_refs.PLACEHOLDER) for m in messages if isinstance(m["content"], str))
+    if said == 0:
+        first = next((m for m in messages if m["role"] == "user"), None)
+        if first is None or not isinstance(first["content"], str):
+            raise at.error("images", "the record has images but no user message to show them in")
+        first["content"] = image_refs.PLACEHOLDER * len(refs) + first["content"]
+    elif said != len(refs):
+        raise at.error("images", f"{len(refs)} image(s) listed but the messages have {said} "
+                       f"{image_refs.PLACEHOLDER} placeholder(s); they must match")
+    queue = list(refs)
+    for i, m in enumerate(messages):
+        content = m["content"]
+        if not isinstance(content, str) or image_refs.PLACEHOLDER not in content:
+            continue
+        if m["role"] not in ("user", "system"):
+            raise at.error(f"messages[{i}]", f"images go in user (or system) messages, not {m['role']!r} ones")
+        parts: list[dict[str, str]] = []
+        for n, piece in enumerate(content.split(image_refs.PLACEHOLDER)):
+            if n:
+                parts.append({"type": "image", "image": queue.pop(0)})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        m["content"] = parts
+
+
+def _collect_images(sample: Sample, at: Where) -> None:
+    """The images of the sample's messages as sample["images"] (resolved against the dataset's folder, each checked
+    readable), their parts left as {"type": "image"}."""
+    from pathlib import Path
+
+    base = Path(at.file).parent
+    found: list[str] = []
+    for i, m in enumerate(sample["messages"]):
+        if not isinstance(m["content"], list):
+            continue
+        for j, part in enumerate(m["content"]):
+            if part["type"] != "image":
+                continue
+            try:
+                ref = image_refs.resolve(part.pop("image"), base)
+                image_refs.check_image(ref)
+            except ValueError as e:
+                raise at.error(f"messages[{i}].content[{j}]", f"image {len(found)}: {e}") from None
+            found.append(ref)
+    if found:
+        sample["images"] = found
 
 
 def _tool_fields(message: Message, raw: dict[str, Any], calls: Any, field: str, at: Where) -> None:
@@ -201,7 +286,7 @@ def _tool_fields(message: Message, raw: dict[str, Any], calls: Any, field: str, 
 def _reasoning(message: Message, raw: dict[str, Any], field: str, at: Where) -> None:
     """An assistant message's `reasoning_content` (or `reasoning`), or the <think>...</think> its content opens with."""
     reasoning = raw.get("reasoning_content", raw.get("reasoning"))
-    if reasoning is None:
+    if reasoning is None and isinstance(message["content"], str):  # (an assistant's content is text: _parts)
         reasoning, message["content"] = split_reasoning(message["content"])
     elif not isinstance(reasoning, str):
         raise at.error(f"{field}.reasoning_content", f"must be a string, got {kind_of(reasoning)}")
@@ -222,6 +307,9 @@ def _conversation(record: dict[str, Any], at: Where, tags: dict[str, str] | None
     if isinstance(system, str) and system and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
     sample: Sample = {"messages": messages}
+    if record.get("images"):
+        _placeholders(messages, record["images"], at)
+    _collect_images(sample, at)
     if record.get("tools"):  # rendered by the chat template (apply_chat_template's `tools`), as at inference
         try:
             sample["tools"] = normalize_tools(record["tools"])
@@ -234,7 +322,11 @@ def alpaca(record: dict[str, Any], at: Where, tags: dict[str, str] | None = None
     """instruction (+ input on a new line) → output, after the optional system and history turns."""
     messages = _alpaca_prompt(record, at)
     messages.append({"role": "assistant", "content": _text(record, "output", at, required=True)})
-    return _judged({"messages": messages}, record)
+    sample: Sample = {"messages": messages}
+    if record.get("images"):
+        _placeholders(messages, record["images"], at)
+        _collect_images(sample, at)
+    return _judged(sample, record)
 
 
 def _judged(sample: Sample, record: dict[str, Any]) -> Sample:
@@ -288,7 +380,7 @@ def preference(record: dict[str, Any], at: Where, tags: dict[str, str] | None = 
             value = value[-1]
         answer = {"role": "assistant", "content": value} if isinstance(value, str) else _message(
             value, {**DEFAULT_TAGS, **(tags or {})}, key, at)
-        if answer["role"] != "assistant" or not (answer["content"].strip() or answer.get("tool_calls")):
+        if answer["role"] != "assistant" or not (str(answer["content"]).strip() or answer.get("tool_calls")):
             raise at.error(key, "must be a non-empty assistant answer (a string, or a gpt / assistant message)")
         sample[key] = answer
     return sample

@@ -27,6 +27,7 @@ TOO_SHORT = "document block shorter than 2 tokens"
 NO_JUDGEMENT = "kto: `label` is not true / false"
 PROMPT_TOO_LONG = "prompt longer than cutoff_len"
 UNKNOWN_CLASS = "label not among the training data's classes"
+IMAGE_CUT = "cutoff_len would cut through an image's tokens"
 
 
 @dataclass
@@ -181,3 +182,8 @@ def label_document(ids: list[int], cutoff_len: int) -> list[Encoded]:
     """A document cut into blocks of cutoff_len, every token supervised: nothing is thrown away."""
     blocks = [ids[i : i + cutoff_len] for i in range(0, len(ids), cutoff_len)]
     return [Encoded(b, list(b)) if len(b) > 1 else Encoded([], [], drop=TOO_SHORT) for b in blocks]
+
+
+def unsupervised(input_ids: list[int], labels: list[int], token_ids: set[int]) -> list[int]:
+    """The labels with every position holding one of `token_ids` (an image's tokens) left out of the loss."""
+    return [IGNORE_INDEX if t in token_ids else label for t, label in zip(input_ids, labels)]

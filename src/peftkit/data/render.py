@@ -64,6 +64,15 @@ def renderer(tokenizer: Any, first: list[Message] | None = None, tools: list[dic
     return fast
 
 
+def image_renderer(processor: Any) -> Any:
+    """render(messages, add_generation_prompt, tools=None) through an image-text processor's own chat template,
+    which writes each {"type": "image"} part as the model's image placeholder."""
+    def render(messages: list[dict], gen: bool, tools: list[dict] | None = None) -> str:
+        return processor.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
+
+    return render
+
+
 def tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """Token ids of many texts in one call of the Rust tokenizer (no offsets: not needed here)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

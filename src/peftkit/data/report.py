@@ -64,6 +64,7 @@ class DataReport:
     stage: str = "sft"
     classes: list[str] | None = None  # cls: class names by index
     judged: dict[str, int] | None = None  # kto: how many desirable and undesirable examples
+    images: dict[str, Any] | None = None  # image-text runs: examples with images, images, image tokens per example
 
     @property
     def records(self) -> int:
@@ -122,6 +123,9 @@ class DataReport:
             if not all(self.judged.values()):
                 lines.append("WARNING: kto learns from the contrast of desirable and undesirable answers; this data "
                              "has only one kind")
+        if self.images:
+            lines.append(f"images: {self.images['images']} in {self.images['examples']} examples; image tokens per "
+                         f"example {self.images['tokens']}")
         if self.classes:
             lines.append(f"classes: {', '.join(f'{i}={name}' for i, name in enumerate(self.classes))}")
         if self.packing:
@@ -149,6 +153,13 @@ def describe_example(tokenizer: Any, example: dict[str, Any]) -> str:
     return text
 
 
+_REPEATS = re.compile(r"(<[^<>\s]{1,40}>)\1{3,}")  # an image's run of placeholder tokens, shown once with its count
+
+
+def _shown(text: str) -> str:
+    return _REPEATS.sub(lambda m: f"{m.group(1)}x{len(m.group(0)) // len(m.group(1))}", text)
+
+
 def _spans(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
     parts, current, supervised = [], [], None
     for token, label in zip(input_ids, labels):
@@ -160,5 +171,5 @@ def _spans(tokenizer: Any, input_ids: list[int], labels: list[int]) -> str:
         current.append(token)
     parts.append((bool(supervised), current))
     return "".join(
-        f"[[{tokenizer.decode(ids)}]]" if sup else tokenizer.decode(ids) for sup, ids in parts
+        f"[[{tokenizer.decode(ids)}]]" if sup else _shown(tokenizer.decode(ids)) for sup, ids in parts
     )

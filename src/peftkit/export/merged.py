@@ -57,7 +57,7 @@ def export_merged(run_dir: str | Path, out: str | Path, max_shard_size: str = "2
         for extra in head.files:  # rm's value head, carried along
             if (run_dir / extra).is_file():
                 shutil.copy2(run_dir / extra, tmp / extra)
-        reloaded = head.auto_class().from_pretrained(tmp, dtype=torch.float64, **float64_load_kwargs(model.config))
+        reloaded = head.auto_class(model.config).from_pretrained(tmp, dtype=torch.float64, **float64_load_kwargs(model.config))
         diff = max_diff(run.reference, reloaded, run.prompts)
         if diff >= MAX_LOGIT_DIFF:
             raise PeftkitError(

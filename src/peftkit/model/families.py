@@ -44,7 +44,11 @@ LAYER_NAME_PATTERN = r"\.(?:layers?|h|blocks)\.{index}\."
 
 # Module names of an image-text model's vision side (tower, projector): freeze tuning's layer numbers count the
 # language model's decoder layers only, so these never match them.
-VISION_PARTS = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "mm_projector", "embed_vision")
+VISION_PARTS = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "mm_projector", "embed_vision",
+                "connector")
+TOWERS = ("vision_tower", "visual", "vision_model")  # the vision encoder's module, by family
+PROJECTORS = ("multi_modal_projector", "mm_projector", "embed_vision", "connector")  # image features → text embeddings
+VISUAL_PROJECTORS = ("merger", "deepstack_merger_list")  # Qwen-VL's, inside `visual`
 
 # transformers architecture → GGUF architecture (the ones transformers can also read back to check).
 GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "llama",
@@ -67,6 +71,26 @@ GGUF_READER_FIXED: dict[str, dict[str, Any]] = {"Qwen3ForCausalLM": {"head_dim":
                      "Gemma2ForCausalLM": {**_GEMMA, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0},
                      "Gemma3ForCausalLM": {**_GEMMA, "attn_logit_softcapping": None, "final_logit_softcapping": None,
                                            "use_bidirectional_attention": False, "rope_parameters": DEFAULT}}
+
+
+def is_image_text(config: Any) -> bool:
+    """An image-text checkpoint (a vision tower beside its language model), loaded as AutoModelForImageTextToText."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def vision_parts(model: Any) -> tuple[list[str], list[str]]:
+    """(vision tower, projector) module names of an image-text model: what finetuning.freeze_vision_tower and
+    freeze_multi_modal_projector keep frozen (Qwen-VL's projector, `visual.merger`, sits inside its tower)."""
+    towers: list[str] = []
+    projectors: list[str] = []
+    for name, _ in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        if leaf in PROJECTORS or (parent.endswith("visual") and leaf in VISUAL_PROJECTORS):
+            projectors.append(name)
+        elif leaf in TOWERS and not any(name.startswith(t + ".") for t in towers):
+            towers.append(name)
+    return towers, projectors
 
 
 def text_config(config: Any) -> Any:

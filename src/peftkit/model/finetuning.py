@@ -10,7 +10,14 @@ from typing import Any
 from peftkit.config.load import adapter_paths
 from peftkit.config.schema import FinetuningArgs
 from peftkit.errors import ConfigError
-from peftkit.model.families import LAYER_NAME_PATTERN, VISION_PARTS, text_config, transposed_projections
+from peftkit.model.families import (
+    LAYER_NAME_PATTERN,
+    VISION_PARTS,
+    is_image_text,
+    text_config,
+    transposed_projections,
+    vision_parts,
+)
 from peftkit.model.heads import Head, head_of
 from peftkit.model.quantization import is_quantized, prepare_quantized
 
@@ -34,9 +41,12 @@ def prepare_for_training(model: Any, args: FinetuningArgs, stage: str = "sft", g
     if args.finetuning_type == "lora":
         model = _apply_lora(model, args, head)
     elif args.finetuning_type == "freeze":
-        _freeze_all_but(model, _freeze_trainable_names(model, args) + head.freeze_names(model))
+        language = [] if args.freeze_language_model and is_image_text(model.config) else _freeze_trainable_names(
+            model, args)
+        _freeze_all_but(model, language + head.freeze_names(model) + _unfrozen_vision(model, args, parameters=True))
     else:
         model.requires_grad_(True)
+        _freeze_vision(model, args)
     head.prepare(model, adapter_paths(args)[-1] if adapter_paths(args) else None)
     trainable, total = count_parameters(model)
     logger.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
@@ -103,7 +113,7 @@ def _apply_lora(model: Any, args: FinetuningArgs, head: Head) -> Any:
         fan_in_fan_out=transposed_projections(model),
         init_lora_weights=True if args.init_lora_weights == "default" else args.init_lora_weights,
         modules_to_save=_modules_to_save(model, args, head),
-        exclude_modules=head.lora_exclude,
+        exclude_modules=_lora_exclude(model, args, head),
     )
     try:
         return get_peft_model(model, config)
@@ -112,8 +122,47 @@ def _apply_lora(model: Any, args: FinetuningArgs, head: Head) -> Any:
 
 
 def _modules_to_save(model: Any, args: FinetuningArgs, head: Head) -> list[str] | None:
-    names = list(dict.fromkeys([*(args.modules_to_save or []), *head.trained_in_full(model)]))
+    names = list(dict.fromkeys([*(args.modules_to_save or []), *head.trained_in_full(model),
+                                *_unfrozen_vision(model, args)]))
     return names or None
+
+
+def _lora_exclude(model: Any, args: FinetuningArgs, head: Head) -> str | list[str] | None:
+    """What LoRA never wraps: the head's exclusions and, in an image-text model, its vision tower and projector
+    (LoRA adapts the language model; an unfrozen tower or projector trains in full). One regex when there are
+    vision parts, as peft matches a list by name suffix only."""
+    if not is_image_text(model.config):
+        return head.lora_exclude
+    towers, projectors = vision_parts(model)
+    names = [*towers, *projectors, *(head.lora_exclude or [])]
+    return "|".join(rf"(?:.*\.)?{re.escape(n)}(?:\..*)?" for n in names) or None
+
+
+def _unfrozen_vision(model: Any, args: FinetuningArgs, parameters: bool = False) -> list[str]:
+    """The vision tower and projector modules (or, with `parameters`, their parameter names) that
+    freeze_vision_tower / freeze_multi_modal_projector: false train in full; none for a text model."""
+    if not is_image_text(model.config):
+        return []
+    towers, projectors = vision_parts(model)
+    modules = (towers if not args.freeze_vision_tower else []) + (projectors if not args.freeze_multi_modal_projector
+                                                                    else [])
+    if not parameters:
+        return modules
+    return [n for n, _ in model.named_parameters() if any(n.startswith(m + ".") for m in modules)]
+
+
+def _freeze_vision(model: Any, args: FinetuningArgs) -> None:
+    """Full tuning of an image-text model: the vision tower, projector and language model its keys keep frozen."""
+    if not is_image_text(model.config):
+        return
+    towers, projectors = vision_parts(model)
+    frozen = (towers if args.freeze_vision_tower else []) + (projectors if args.freeze_multi_modal_projector else [])
+    trained = set(_unfrozen_vision(model, args, parameters=True))
+    for name, p in model.named_parameters():
+        in_vision = any(name.startswith(m + ".") for m in towers + projectors)
+        if (in_vision and name not in trained and any(name.startswith(m + ".") for m in frozen)) or (
+                args.freeze_language_model and not in_vision):
+            p.requires_grad_(False)
 
 
 def _decoder_layer_count(model: Any) -> int:

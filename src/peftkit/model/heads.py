@@ -24,11 +24,14 @@ class Head:
     lora_exclude: list[str] | None = None  # modules LoRA must not wrap (they train in full)
     files: tuple[str, ...] = ()  # the head's own files beside a run's weights: an export carries them along
 
-    def auto_class(self) -> Any:
-        """The transformers class that loads this head's model (and its export)."""
-        from transformers import AutoModelForCausalLM
+    def auto_class(self, config: Any = None) -> Any:
+        """The transformers class that loads this head's model (and its export): an image-text checkpoint (its
+        `config`) as the image-text model it is, so images reach its vision tower (text data works too)."""
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-        return AutoModelForCausalLM
+        from peftkit.model.families import is_image_text
+
+        return AutoModelForImageTextToText if config is not None and is_image_text(config) else AutoModelForCausalLM
 
     def config_kwargs(self, classes: list[str] | None) -> dict[str, Any]:
         """from_pretrained's keywords that shape the head (a classifier's labels)."""
@@ -103,7 +106,7 @@ class ClassifierHead(Head):
     end_of_turn = False
     task_type = "SEQ_CLS"  # peft trains the classification head in full
 
-    def auto_class(self) -> Any:
+    def auto_class(self, config: Any = None) -> Any:
         from transformers import AutoModelForSequenceClassification
 
         return AutoModelForSequenceClassification

@@ -62,6 +62,33 @@ def load_tokenizer(args: ModelArgs, padding_side: str = "right") -> Any:
     return tokenizer
 
 
+def load_processor(args: ModelArgs) -> Any | None:
+    """An image-text model's processor (its tokenizer, image processor and chat template), or None: a text model, or
+    an image-text checkpoint without image-processor files (it then trains and answers on text only)."""
+    from peftkit.model.families import is_image_text
+
+    try:
+        config = load_model_config(args)
+    except ModelError:  # a tokenizer-only folder (`peftkit data`): no model to have images
+        return None
+    if not is_image_text(config):
+        return None
+    from transformers import AutoProcessor
+
+    path = resolve_model(args.name_or_path)
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:  # no processor files: the folder has a tokenizer only
+        logger.info("%s: no image processor (%s); images cannot be used", path, str(e).splitlines()[0][:200])
+        return None
+    return processor if has_images(processor) else None
+
+
+def has_images(processor: Any) -> bool:
+    """Whether a loaded processor reads images (an image-text model's), not a bare tokenizer."""
+    return processor is not None and getattr(processor, "image_processor", None) is not None
+
+
 def load_model(args: ModelArgs, head: Head | None = None, classes: list[str] | None = None,
                pad_token_id: int | None = None, **from_pretrained: Any) -> Any:
     """The model of `head` (default: the causal LM's own) in the configured dtype and attention implementation.
@@ -90,7 +117,8 @@ def load_model(args: ModelArgs, head: Head | None = None, classes: list[str] | N
     kwargs |= from_pretrained
 
     head = head or HEADS["lm"]
-    model = _from_pretrained(head.auto_class(), path, "model", **head.config_kwargs(classes), **kwargs)
+    model = _from_pretrained(head.auto_class(load_model_config(args)), path, "model", **head.config_kwargs(classes),
+                             **kwargs)
     if head.classes and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     keep_unpacked_4bit(model)  # bnb-quantized bases (quantization_bit or a pre-quantized bnb checkpoint)

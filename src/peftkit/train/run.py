@@ -31,6 +31,7 @@ from peftkit.model.finetuning import (
     LORA_INIT_DIR,
     save_initial_adapter,
 )
+from peftkit.model.loading import load_processor
 from peftkit.objectives.build import build_objective
 from peftkit.rundir import config_file
 from peftkit.stages import stage as stage_of
@@ -122,8 +123,9 @@ def _start_run(cfg: RunConfig, args: Any, resume_command: str) -> Path | None:
 def _prepare_data(cfg: RunConfig, args: Any) -> tuple[Any, PreparedData]:
     tokenizer = load_tokenizer(cfg.model)
     apply_template(tokenizer, cfg.data.template, cfg.stage)
+    processor = load_processor(cfg.model)  # an image-text model's: records with images are encoded through it
     with args.main_process_first(desc="preparing data"):  # the others then read the main process's cache
-        data = prepare_data(cfg.data, tokenizer, cfg.stage)
+        data = prepare_data(cfg.data, tokenizer, cfg.stage, processor)
     if args.should_save:
         write_json_atomic(Path(args.output_dir) / DATA_REPORT_FILE, data.report.as_dict())
         logger.info("data:\n%s\nexample (supervised spans in [[...]]):\n%s", data.report.summary(), data.report.example)
@@ -278,8 +280,9 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, tokenizer: Any, data: P
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=build_collator(tokenizer, cfg.data.packing, fixed_shape, cfg.stage,
-                                     flatten=cfg.data.packing and flattens(model.config._attn_implementation)),
-        processing_class=tokenizer,
+                                     flatten=cfg.data.packing and flattens(model.config._attn_implementation),
+                                     processor=data.processor),
+        processing_class=data.processor or tokenizer,  # saved with each checkpoint: a processor's files load too
         callbacks=callbacks,
         compute_metrics=metrics if has_eval else None,
         preprocess_logits_for_metrics=preprocess_logits_for_accuracy if has_eval and objective is None else None,
