@@ -342,8 +342,9 @@ def build_training_arguments(train: dict[str, Any], stage: str = "sft", quantize
         args["report_to"] = [t for t in trackers(train) if t != "swanlab"] or "none"
     if train.get("early_stopping_patience"):
         args.setdefault("metric_for_best_model", "eval_loss")
-    if STAGES[stage].objective is not None:
-        args["remove_unused_columns"] = False
+    # peftkit's datasets hold only what its collators read, and some of it is no model input (an objective's
+    # rejected_* columns, an image record's `images`): Trainer must not drop them
+    args["remove_unused_columns"] = False
     return Seq2SeqTrainingArguments(**args)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from peftkit.constants import IGNORE_INDEX
+from peftkit.errors import PeftkitError
 
 
 class PackedCollator:
@@ -153,6 +154,9 @@ class ImageCollator:
         refs = [list(e.get("images") or []) for e in examples]
         batch = self.base([{k: v for k, v in e.items() if k != "images"} for e in examples])
         if not any(refs):
+            if self.marks and bool(torch.isin(batch["input_ids"], torch.tensor(self.marks)).any()):
+                raise PeftkitError("a batch holds image tokens but no images: the examples lost their `images` "
+                                   "column (a model without pixels would read the placeholders as text)")
             return batch
         pictures = [[load_image(r) for r in row] for row in refs if row]
         batch.update(self.processor.image_processor(images=pictures, return_tensors="pt"))

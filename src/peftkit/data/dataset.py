@@ -95,6 +95,7 @@ class Dialogue(NamedTuple):
     messages: list[Message]
     where: tuple[str, str]
     tools: list[dict[str, Any]] | None = None
+    images: list[str] | None = None  # the images its messages show, in order (data/images.py references)
 
 
 def conversations(spec: DatasetSpec, args: DataArgs, limit: int | None = None) -> list[Dialogue]:
@@ -103,7 +104,7 @@ def conversations(spec: DatasetSpec, args: DataArgs, limit: int | None = None) -
     for sample, where in iter_samples(spec, args):
         messages = sft_messages(sample)
         if messages is not None:
-            out.append(Dialogue(messages, where, sample.get("tools")))
+            out.append(Dialogue(messages, where, sample.get("tools"), sample.get("images")))
             if len(out) == limit:
                 break
     return out
@@ -248,7 +249,7 @@ def _images_key(specs: list[DatasetSpec], args: DataArgs, processor: Any) -> str
     from peftkit.data.images import digest
 
     refs = [ref for spec in specs for sample, _ in iter_samples(spec, args, Drops()) for ref in sample.get("images", [])]
-    config = processor.image_processor.to_json_string() + str(processor.chat_template)
+    config = processor.to_json_string() + str(processor.chat_template)  # its image processor and token counts too
     return digest(refs) + hashlib.sha256(config.encode()).hexdigest()
 
 

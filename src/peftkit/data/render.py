@@ -73,6 +73,20 @@ def image_renderer(processor: Any) -> Any:
     return render
 
 
+def image_prompt(processor: Any, messages: list[Message], images: list[str],
+                 tools: list[dict] | None = None) -> tuple[list[int], dict[str, Any]]:
+    """An image conversation's prompt as training renders it (the processor's template, each image expanded into
+    its tokens) and the model's pixel inputs for it (pixel_values and their companions, as tensors)."""
+    from peftkit.data.images import load_image
+
+    text = image_renderer(processor)(template_messages(messages), True, tools)
+    out = processor(text=[text], images=[load_image(ref) for ref in images], add_special_tokens=False,
+                    return_tensors="pt")
+    ids = out.pop("input_ids")[0].tolist()
+    out.pop("attention_mask", None)
+    return ids, dict(out)
+
+
 def tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     """Token ids of many texts in one call of the Rust tokenizer (no offsets: not needed here)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -15,9 +15,13 @@ from peftkit.data.dataset import build_dataset
 def eval_loss(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, float]:
     """Token-weighted mean loss over every supervised token (not a mean of batch means), and its exp."""
     import torch
+
+    from peftkit.model.loading import load_processor
+
     data_args = replace(cfg.data, max_samples=cfg.eval.max_samples)
-    dataset, _ = build_dataset([str(cfg.eval.dataset)], data_args, tokenizer)
-    collate = build_collator(tokenizer, packing=False, stage=cfg.stage)  # the batches training builds
+    processor = load_processor(cfg.model)  # an image-text model's: records with images as training reads them
+    dataset, _ = build_dataset([str(cfg.eval.dataset)], data_args, tokenizer, processor=processor)
+    collate = build_collator(tokenizer, packing=False, stage=cfg.stage, processor=processor)  # as training builds them
     device = next(model.parameters()).device
     total, count = 0.0, 0
     model.eval()
@@ -25,7 +29,8 @@ def eval_loss(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, float]:
         for start in range(0, len(dataset), cfg.eval.batch_size):
             rows = [dataset[i] for i in range(start, min(start + cfg.eval.batch_size, len(dataset)))]
             batch = {k: v.to(device) for k, v in collate(rows).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            inputs = {k: v for k, v in batch.items() if k != "labels"}  # pixel inputs too, for records with images
+            logits = model(**inputs, use_cache=False).logits
             labels = batch["labels"][:, 1:]
             losses = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"

@@ -75,11 +75,12 @@ def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: 
     records and settings generates only the answers that are missing (`_resumed`)."""
     data_args = replace(cfg.data, max_samples=cfg.eval.max_samples)
     records = load_messages([str(cfg.eval.dataset)], data_args)
-    prompts = [render_prompt(tokenizer, r.messages[:-1], r.tools) for r in records]
+    prompts, pixels = _prompts(tokenizer, cfg, records)
     references = [reference_text(r.messages[-1]) for r in records]
     final = output_dir / PREDICTIONS_FILE.replace(".jsonl", f"{tag}.jsonl")
     partial = final.with_name(f".{final.name}.partial")
-    fingerprint = hashlib.sha256(json.dumps([prompts, asdict(cfg.generate)]).encode()).hexdigest()
+    shown = [r.images for r in records] if pixels else []  # an image changed means other prompts
+    fingerprint = hashlib.sha256(json.dumps([prompts, asdict(cfg.generate), shown]).encode()).hexdigest()
     answers: dict[int, list[int]] = _resumed(partial, fingerprint)
     todo = [i for i in range(len(prompts)) if i not in answers]
     if answers:
@@ -98,12 +99,16 @@ def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: 
             meter.update(len(tokens))
 
         if todo and generator is not None:
+            if pixels:
+                raise PeftkitError(f"eval.dataset={cfg.eval.dataset}: records with images are evaluated by "
+                                   "peftkit's engine here, not through --engine vllm")
             for k, tokens in enumerate(generator([prompts[i] for i in todo])):
                 done(k, tokens)
         elif todo:
             with adapters_merged(model):
                 generate_batch(model, tokenizer, [prompts[i] for i in todo], cfg.generate, autocast_dtype(cfg.train),
-                               slots=cfg.eval.batch_size, on_done=lambda k, job: done(k, job.tokens))
+                               slots=cfg.eval.batch_size, on_done=lambda k, job: done(k, job.tokens),
+                               pixels=[pixels[i] for i in todo] if pixels else None)
     seconds = time.time() - start
     ordered = [answers[i] for i in range(len(prompts))]
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in ordered]
@@ -125,6 +130,29 @@ def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: 
     write_text_atomic(final, "\n".join(lines) + "\n")
     partial.unlink(missing_ok=True)
     return metrics
+
+
+def _prompts(tokenizer: Any, cfg: RunConfig, records: list[Any]) -> tuple[list[list[int]], list[Any]]:
+    """Each record's prompt as training renders it, and for image records their pixel inputs (through the model's
+    processor; [] when no record has images)."""
+    if not any(r.images for r in records):
+        return [render_prompt(tokenizer, r.messages[:-1], r.tools) for r in records], []
+    from peftkit.data.render import image_prompt
+    from peftkit.model.loading import load_processor
+
+    processor = load_processor(cfg.model)
+    if processor is None:
+        raise PeftkitError(f"eval.dataset={cfg.eval.dataset}: the records have images, but {cfg.model.name_or_path} "
+                           "has no image processor (it is not an image-text checkpoint)")
+    prompts, pixels = [], []
+    for r in records:
+        if r.images:
+            ids, inputs = image_prompt(processor, r.messages[:-1], r.images, r.tools)
+        else:
+            ids, inputs = render_prompt(tokenizer, r.messages[:-1], r.tools), None
+        prompts.append(ids)
+        pixels.append(inputs)
+    return prompts, pixels
 
 
 def _resumed(partial: Path, fingerprint: str) -> dict[int, list[int]]:

@@ -34,7 +34,7 @@ from peftkit.infer.kv import check_fits, kv_budget, kv_bytes_per_token
 from peftkit.infer.slots import SlotCache
 from peftkit.libraries import warn_untested
 from peftkit.model.dtypes import autocast
-from peftkit.model.families import sliding_window, stateful_layers
+from peftkit.model.families import image_prompt_refusal, sliding_window, stateful_layers
 
 logger = logging.getLogger("peftkit")
 
@@ -97,21 +97,25 @@ class Engine:
         _contiguous_output_layer_input(model)
         if self._stateful:
             self.slots, self._prefix_allowed = 1, False
+        self._images_refused = image_prompt_refusal(model.config)
         check_fits(model, self.slots, max_len, dtype)
 
     # ---- submitting ---------------------------------------------------------------------------------------
 
-    def submit(self, prompt: list[int], sampling: Sampling) -> Job:
+    def submit(self, prompt: list[int], sampling: Sampling, pixels: dict[str, Any] | None = None) -> Job:
         """Queue a request; raises QueueFull when `max_queue` requests already wait, ValueError when it
-        cannot fit (prompt + max_new_tokens > max_len) or names an adapter this engine does not have."""
+        cannot fit (prompt + max_new_tokens > max_len) or names an adapter this engine does not have.
+        `pixels`: an image prompt's pixel inputs; such a prompt is prefilled alone, without a shared prefix."""
         if not prompt:
             raise ValueError("the prompt is empty")
+        if pixels and self._images_refused:
+            raise ValueError(self._images_refused)
         if len(prompt) + sampling.max_new_tokens > self.max_len:
             raise ValueError(f"the prompt has {len(prompt)} tokens and asks for {sampling.max_new_tokens} more; "
                              f"this engine holds {self.max_len} in all")
         if sampling.adapter is not None and sampling.adapter not in (self.adapters or []):
             raise ValueError(f"no adapter {sampling.adapter!r} here (loaded: {self.adapters or 'none'})")
-        job = Job(list(prompt), sampling)
+        job = Job(list(prompt), sampling, pixels=pixels or None)
         if sampling.json:
             from peftkit.infer.json_mode import JsonState
 
@@ -124,7 +128,8 @@ class Engine:
         return job
 
     def generate(self, prompts: list[list[int]], sampling: Sampling | list[Sampling],
-                 on_done: Callable[[int, Job], None] | None = None) -> list[Job]:
+                 on_done: Callable[[int, Job], None] | None = None,
+                 pixels: list[dict[str, Any] | None] | None = None) -> list[Job]:
         """Run `prompts` to completion (same order); in this thread, or on the scheduler thread if started.
         `on_done(index, job)` is called as each finishes, in finishing order.
 
@@ -135,7 +140,7 @@ class Engine:
         if len(common) >= PREFIX_MIN_TOKENS:
             self.set_prefix(list(common[: min(map(len, prompts)) - 1]))
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        jobs = {i: self.submit(prompts[i], samplings[i]) for i in order}
+        jobs = {i: self.submit(prompts[i], samplings[i], pixels[i] if pixels else None) for i in order}
         unfinished = order
         while unfinished:
             if self._thread is None:
@@ -220,6 +225,8 @@ class Engine:
                 if job.cancelled.is_set():
                     self.waiting.popleft()._finish("cancelled")
                     continue
+                if taken and (job.pixels or taken[0].pixels):
+                    break  # an image prompt is prefilled alone: its pixel inputs belong to its row
                 width = max(len(j.prompt) for j in [*taken, job])
                 if taken and width * (len(taken) + 1) > self.prefill_tokens:
                     break
@@ -234,7 +241,7 @@ class Engine:
             return False
         if self._stateful:
             return self._admit_alone(jobs[0])
-        p = self._prefix_len(jobs)
+        p = self._prefix_len(jobs) if not jobs[0].pixels else 0
         w = max(len(j.prompt) for j in jobs) - p  # the part computed now
         if p and any(p + w + j.sampling.max_new_tokens > self.max_len for j in jobs):
             p, w = 0, w + p  # the pads between prefix and answer would not fit: a plain prefill
@@ -242,7 +249,7 @@ class Engine:
         ids, positions = cache.prefill(a, [j.prompt for j in jobs], p, w, self.tokenizer.pad_token_id or 0,
                                        self._prefix_cache() if p else None)
         self.active += jobs
-        logits = self._forward((a, b), cache.t - w, ids, positions, cache.mask[a:b, : cache.t])
+        logits = self._forward((a, b), cache.t - w, ids, positions, cache.mask[a:b, : cache.t], jobs[0].pixels)
         self._emit(range(a, b), logits)
         return True
 
@@ -253,11 +260,11 @@ class Engine:
 
         self._own_cache = DynamicCache(config=self.model.config)
         self.active.append(job)
-        self._emit(range(1), self._forward_alone(torch.tensor([job.prompt], device=self.device)))
+        self._emit(range(1), self._forward_alone(torch.tensor([job.prompt], device=self.device), job.pixels))
         return True
 
-    def _forward_alone(self, ids: Any) -> Any:
-        extra: dict[str, Any] = {}
+    def _forward_alone(self, ids: Any, pixels: dict[str, Any] | None = None) -> Any:
+        extra: dict[str, Any] = {k: v.to(self.device) for k, v in (pixels or {}).items()}
         if self.adapters is not None:
             extra["adapter_names"] = [self.active[0].sampling.adapter or BASE_ADAPTER]
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kw: self._own_cache}, **extra)
@@ -297,9 +304,10 @@ class Engine:
         cache.positions[:n] += 1
         self._emit(range(n), logits)
 
-    def _forward(self, rows: tuple[int, int], pointer: int, ids: Any, positions: Any, mask: Any) -> Any:
+    def _forward(self, rows: tuple[int, int], pointer: int, ids: Any, positions: Any, mask: Any,
+                 pixels: dict[str, Any] | None = None) -> Any:
         self.slot_cache.point(rows, pointer)
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {k: v.to(self.device) for k, v in (pixels or {}).items()}
         if self.adapters is not None:
             extra["adapter_names"] = [j.sampling.adapter or BASE_ADAPTER for j in self.active[rows[0] : rows[1]]]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
@@ -365,11 +373,11 @@ def engine_for(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tok
 
 
 def generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], args: GenerateArgs,
-                   dtype: str | None = None, slots: int = 64,
-                   on_done: Callable[[int, Job], None] | None = None) -> list[list[int]]:
+                   dtype: str | None = None, slots: int = 64, on_done: Callable[[int, Job], None] | None = None,
+                   pixels: list[dict[str, Any] | None] | None = None) -> list[list[int]]:
     """New token ids for each prompt (end-of-turn token stripped), same order: the `generate` section's
-    settings, the model as it is (see infer/merging.py `adapters_merged`)."""
+    settings, the model as it is (see infer/merging.py `adapters_merged`); `pixels`, each image prompt's inputs."""
     if not prompts:
         return []
     engine = engine_for(model, tokenizer, prompts, args.max_new_tokens, slots, dtype)
-    return [job.tokens for job in engine.generate(prompts, Sampling.of(args), on_done)]
+    return [job.tokens for job in engine.generate(prompts, Sampling.of(args), on_done, pixels)]

@@ -52,6 +52,7 @@ class Job:
     stop_token: int | None = None  # the end-of-turn token that ended it (not in `tokens`)
     error: BaseException | None = None
     json_state: Any = None  # JSON mode: where in the grammar the answer is
+    pixels: dict[str, Any] | None = None  # an image prompt's pixel inputs (data/render.py image_prompt)
     submitted: float = field(default_factory=time.time)
     cancelled: threading.Event = field(default_factory=threading.Event)
     _changed: threading.Condition = field(default_factory=threading.Condition)

@@ -93,6 +93,27 @@ def vision_parts(model: Any) -> tuple[list[str], list[str]]:
     return towers, projectors
 
 
+# Image-text families whose image prompts peftkit's engine cannot prefill exactly: the engine gives every token a
+# 1-D position and a causal mask, so a family that positions an image in 3-D (Qwen-VL's mrope) or lets an image's
+# tokens attend to each other both ways (Gemma 3 / 4, PaliGemma) would answer differently from transformers' own.
+IMAGE_ENGINE_REFUSED = {
+    "qwen2_vl": "3-D rope positions", "qwen2_5_vl": "3-D rope positions", "qwen3_vl": "3-D rope positions",
+    "qwen3_vl_moe": "3-D rope positions", "qwen3_5": "3-D rope positions", "qwen3_5_moe": "3-D rope positions",
+    "gemma3": "bidirectional attention within an image", "gemma4": "bidirectional attention within an image",
+    "paligemma": "bidirectional attention over the prefix",
+}
+
+
+def image_prompt_refusal(config: Any) -> str | None:
+    """Why peftkit's engine refuses image prompts for this model (None: it answers them exactly)."""
+    model_type = getattr(config, "model_type", "")
+    if model_type not in IMAGE_ENGINE_REFUSED:
+        return None
+    return (f"image prompts: {model_type} gives an image {IMAGE_ENGINE_REFUSED[model_type]}, which peftkit's engine "
+            "does not reproduce (it would answer differently from transformers); serve or evaluate this model's "
+            "image prompts with --engine vllm")
+
+
 def text_config(config: Any) -> Any:
     """The language model's config (an image-text config's text part; a text config itself)."""
     get = getattr(config, "get_text_config", None)
