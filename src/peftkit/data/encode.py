@@ -56,8 +56,8 @@ def encode_samples(tokenizer: Any, samples: list[Sample], wheres: Wheres, option
 
     options.strict=False turns a template error into a dropped record instead of raising it.
     """
-    if any(s.get("images") for s in samples):
-        return _with_images(tokenizer, samples, wheres, options)
+    if has_images(options.processor) or any(s.get("images") for s in samples):
+        return _through_processor(tokenizer, samples, wheres, options)
     conversations = [sft_messages(s) for s in samples]
     first = next(((m, s.get("tools")) for m, s in zip(conversations, samples) if m is not None), None)
     render = renderer(tokenizer, *first) if first is not None else None
@@ -94,34 +94,37 @@ def encode_samples(tokenizer: Any, samples: list[Sample], wheres: Wheres, option
     return out
 
 
-def _with_images(tokenizer: Any, samples: list[Sample], wheres: Wheres, options: Encoding) -> list[list[Encoded]]:
-    """encode_samples for a chunk with images: the records with images through the processor, one by one, the
-    others as text."""
+def _through_processor(tokenizer: Any, samples: list[Sample], wheres: Wheres,
+                       options: Encoding) -> list[list[Encoded]]:
+    """encode_samples for an image-text model: every conversation (with images or not) through its processor, as
+    inference renders it; documents as text."""
     if not has_images(options.processor):
         raise ConfigError(["data: the records have images, but the model has no image processor (it is not an "
-                           "image-text checkpoint, or its folder lacks preprocessor_config.json); use an image-text "
+                           "image-text checkpoint, or its folder lacks the processor's files); use an image-text "
                            "model, or data without images"])
-    text = [n for n, s in enumerate(samples) if not s.get("images")]
+    documents = [n for n, s in enumerate(samples) if sft_messages(s) is None]
     out: list[list[Encoded]] = [[] for _ in samples]
-    for n, examples in zip(text, encode_samples(tokenizer, [samples[n] for n in text], [wheres[n] for n in text],
-                                                 options) if text else []):
+    text_only = replace(options, processor=None)
+    for n, examples in zip(documents, encode_samples(tokenizer, [samples[n] for n in documents],
+                                                      [wheres[n] for n in documents], text_only) if documents else []):
         out[n] = examples
     for n, sample in enumerate(samples):
-        if sample.get("images"):
-            try:
-                out[n] = encode_image_sample(options.processor, sample, wheres[n], options)
-            except DataError:
-                if options.strict:
-                    raise
-                out[n] = [Encoded([], [], drop=TEMPLATE)]
+        if n in documents:
+            continue
+        try:
+            out[n] = encode_image_sample(options.processor, sample, wheres[n], options)
+        except DataError:
+            if options.strict:
+                raise
+            out[n] = [Encoded([], [], drop=TEMPLATE)]
     return out
 
 
 def encode_image_sample(processor: Any, sample: Sample, where: tuple[str, int | str],
                         options: Encoding) -> list[Encoded]:
-    """One conversation with images as its example: rendered by the processor's chat template, each rendering
-    tokenized by the processor (which expands each image into its tokens), labelled by data/labels.py with the
-    image tokens never supervised; `images` (the references) rides along for the collator.
+    """One conversation of an image-text run (with images or not) as its example: rendered by the processor's chat
+    template, each rendering tokenized by the processor (which expands each image into its tokens), labelled by
+    data/labels.py with the image tokens never supervised; `images` (the references) rides along for the collator.
 
     Truncation that would cut an image's tokens drops the record (IMAGE_CUT): a half image is not an input the
     model can read."""
@@ -129,7 +132,7 @@ def encode_image_sample(processor: Any, sample: Sample, where: tuple[str, int | 
 
     messages = sft_messages(sample) or []
     try:
-        pictures = [load_image(ref) for ref in sample["images"]]
+        pictures = [load_image(ref) for ref in sample.get("images", [])]
     except ValueError as e:
         raise DataError(where[0], where[1], "images", str(e)) from None
     render = image_renderer(processor)
@@ -143,6 +146,8 @@ def encode_image_sample(processor: Any, sample: Sample, where: tuple[str, int | 
             seen += sum(p["type"] == "image" for p in m["content"])
     ids = [processor_ids(processor, t, pictures[: before[n // 3]]) if t else [] for n, t in enumerate(texts)]
     whole = label_conversation(messages, ids, 2**31, options.mask, where)
+    if not pictures:
+        return label_conversation(messages, ids, options.cutoff_len, options.mask, where)
     if len(whole) > 1:
         raise DataError(where[0], where[1], None, f"{TEMPLATE}: a conversation with images must be one example, "
                         "and this chat template shows earlier turns differently from the last one")

@@ -66,9 +66,11 @@ def renderer(tokenizer: Any, first: list[Message] | None = None, tools: list[dic
 
 def image_renderer(processor: Any) -> Any:
     """render(messages, add_generation_prompt, tools=None) through an image-text processor's own chat template,
-    which writes each {"type": "image"} part as the model's image placeholder."""
+    which writes each {"type": "image"} part as the model's image placeholder; text contents go in as text parts."""
     def render(messages: list[dict], gen: bool, tools: list[dict] | None = None) -> str:
-        return processor.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen)
+        parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str)
+                 else m for m in messages]  # image-text templates read a list of parts (LLaVA's, SmolVLM's only that)
+        return processor.apply_chat_template(parts, tools=tools, tokenize=False, add_generation_prompt=gen)
 
     return render
 
@@ -80,7 +82,7 @@ def image_prompt(processor: Any, messages: list[Message], images: list[str],
     from peftkit.data.images import load_image
 
     text = image_renderer(processor)(template_messages(messages), True, tools)
-    out = processor(text=[text], images=[load_image(ref) for ref in images], add_special_tokens=False,
+    out = processor(text=[text], images=[load_image(ref) for ref in images] or None, add_special_tokens=False,
                     return_tensors="pt")
     ids = out.pop("input_ids")[0].tolist()
     out.pop("attention_mask", None)

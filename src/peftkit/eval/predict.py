@@ -135,24 +135,21 @@ def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: 
 def _prompts(tokenizer: Any, cfg: RunConfig, records: list[Any]) -> tuple[list[list[int]], list[Any]]:
     """Each record's prompt as training renders it, and for image records their pixel inputs (through the model's
     processor; [] when no record has images)."""
-    if not any(r.images for r in records):
-        return [render_prompt(tokenizer, r.messages[:-1], r.tools) for r in records], []
     from peftkit.data.render import image_prompt
     from peftkit.model.loading import load_processor
 
     processor = load_processor(cfg.model)
     if processor is None:
-        raise PeftkitError(f"eval.dataset={cfg.eval.dataset}: the records have images, but {cfg.model.name_or_path} "
-                           "has no image processor (it is not an image-text checkpoint)")
+        if any(r.images for r in records):
+            raise PeftkitError(f"eval.dataset={cfg.eval.dataset}: the records have images, but "
+                               f"{cfg.model.name_or_path} has no image processor (it is not an image-text checkpoint)")
+        return [render_prompt(tokenizer, r.messages[:-1], r.tools) for r in records], []
     prompts, pixels = [], []
-    for r in records:
-        if r.images:
-            ids, inputs = image_prompt(processor, r.messages[:-1], r.images, r.tools)
-        else:
-            ids, inputs = render_prompt(tokenizer, r.messages[:-1], r.tools), None
+    for r in records:  # as an image-text run trained on them: through the processor's template
+        ids, inputs = image_prompt(processor, r.messages[:-1], r.images or [], r.tools)
         prompts.append(ids)
-        pixels.append(inputs)
-    return prompts, pixels
+        pixels.append(inputs or None)
+    return prompts, pixels if any(pixels) else []
 
 
 def _resumed(partial: Path, fingerprint: str) -> dict[int, list[int]]:
