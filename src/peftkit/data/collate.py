@@ -140,10 +140,11 @@ class ImageCollator:
     """
 
     def __init__(self, base: Any, processor: Any) -> None:
-        from peftkit.data.images import image_token_ids
+        from peftkit.data.images import image_token_ids, soft_token_id
 
         self.base, self.processor = base, processor
         self.marks = sorted(image_token_ids(processor))
+        self.soft_token = soft_token_id(processor)
         self.token_types = _per_token_image_inputs(processor)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -158,11 +159,12 @@ class ImageCollator:
                 raise PeftkitError("a batch holds image tokens but no images: the examples lost their `images` "
                                    "column (a model without pixels would read the placeholders as text)")
             return batch
-        pictures = [[load_image(r) for r in row] for row in refs if row]
-        batch.update(self.processor.image_processor(images=pictures, return_tensors="pt"))
-        image_token = getattr(self.processor, "image_token_id", None)
-        for key in self.token_types:  # 1 where the image's (soft) tokens are
-            batch[key] = (batch["input_ids"] == image_token).to(torch.long)
+        # nested per example, an empty list for one without images: Idefics3's pixel_values are (examples, images)
+        pictures = [[load_image(r) for r in row] for row in refs]
+        inputs = self.processor.image_processor(images=pictures, return_tensors="pt")
+        batch.update({k: v for k, v in inputs.items() if k != "num_crops"})  # (Gemma 3's: its processor drops it)
+        for key in self.token_types:  # 1 where each image feature goes (Gemma 3's soft tokens, Qwen-VL's pads)
+            batch[key] = (batch["input_ids"] == self.soft_token).to(torch.long)
         return batch
 
 

@@ -25,7 +25,14 @@ from peftkit.data.labels import (
     turn_texts,
     unsupervised,
 )
-from peftkit.data.render import check_template_shows, image_renderer, renderer, template_messages, tokenize
+from peftkit.data.render import (
+    adds_special_tokens,
+    check_template_shows,
+    image_renderer,
+    renderer,
+    template_messages,
+    tokenize,
+)
 from peftkit.errors import ConfigError, DataError
 from peftkit.model.loading import has_images
 from peftkit.stages import stage as stage_of
@@ -165,8 +172,8 @@ def encode_image_sample(processor: Any, sample: Sample, where: tuple[str, int | 
 
 def processor_ids(processor: Any, text: str, images: list[Any]) -> list[int]:
     """The ids of a rendered text with each image's placeholder expanded into its tokens, as the processor's own
-    apply_chat_template tokenizes (no special tokens added: the template wrote them)."""
-    out = processor(text=[text], images=images or None, add_special_tokens=False)
+    apply_chat_template tokenizes it."""
+    out = processor(text=[text], images=images or None, add_special_tokens=adds_special_tokens(processor, text))
     return list(out["input_ids"][0])
 
 

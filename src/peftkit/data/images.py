@@ -11,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,12 @@ PLACEHOLDER = "<image>"  # LLaMA-Factory's sharegpt / alpaca placeholder for the
 # Processor attributes that name a token belonging to an image (never supervised, never cut): image / soft tokens,
 # vision start / end, begin / end of image, Idefics3's fake-image and global-image tokens.
 _IMAGE_TOKEN_ATTRIBUTES = ("image_token", "boi_token", "eoi_token", "vision_start_token", "vision_end_token",
-                           "fake_image_token", "global_image_token", "image_start_token", "image_end_token",
-                           "video_token", "start_image_token", "end_image_token", "image_break_token")
+                           "fake_image_token", "global_image_token", "global_image_tag", "image_start_token",
+                           "image_end_token", "video_token", "start_image_token", "end_image_token",
+                           "image_break_token")
+# Added special tokens whose text says they belong to an image (Qwen2.5-VL's <|vision_start|>, which its processor
+# does not name; Gemma 3's <image_soft_token>, named by its tokenizer only).
+_IMAGE_WORDS = re.compile(r"image|vision|img|video", re.IGNORECASE)
 
 
 def resolve(ref: str, base: Path | None) -> str:
@@ -101,7 +106,19 @@ def image_token_ids(processor: Any) -> set[int]:
         value = getattr(processor, attribute, None)
         if isinstance(value, int):
             ids.add(value)
-    for token in tokenizer.get_added_vocab():  # Idefics3's <row_r_col_c> tile tokens
-        if token.startswith("<row_") and "_col_" in token:
-            ids.add(tokenizer.convert_tokens_to_ids(token))
+    for token, token_id in tokenizer.get_added_vocab().items():
+        if (token.startswith("<row_") and "_col_" in token) or (  # Idefics3's tile tokens
+                token in tokenizer.all_special_tokens and _IMAGE_WORDS.search(token)):
+            ids.add(token_id)
     return ids
+
+
+def soft_token_id(processor: Any) -> int | None:
+    """The id of the token each image feature replaces (Gemma 3's processor names its begin-of-image token
+    `image_token`; its tokenizer names the soft token)."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    for owner in (tokenizer, processor):
+        value = getattr(owner, "image_token_id", None)
+        if isinstance(value, int):
+            return value
+    return None

@@ -82,11 +82,18 @@ def image_prompt(processor: Any, messages: list[Message], images: list[str],
     from peftkit.data.images import load_image
 
     text = image_renderer(processor)(template_messages(messages), True, tools)
-    out = processor(text=[text], images=[load_image(ref) for ref in images] or None, add_special_tokens=False,
-                    return_tensors="pt")
+    out = processor(text=[text], images=[load_image(ref) for ref in images] or None,
+                    add_special_tokens=adds_special_tokens(processor, text), return_tensors="pt")
     ids = out.pop("input_ids")[0].tolist()
     out.pop("attention_mask", None)
     return ids, dict(out)
+
+
+def adds_special_tokens(processor: Any, text: str) -> bool:
+    """Whether tokenizing a rendered conversation adds the tokenizer's special tokens: as a processor's own
+    apply_chat_template decides, only when the template did not write the BOS itself (LLaVA's does not, Gemma's does)."""
+    bos = getattr(getattr(processor, "tokenizer", processor), "bos_token", None)
+    return not (bos and text.startswith(bos))
 
 
 def tokenize(tokenizer: Any, texts: list[str]) -> list[list[int]]:

@@ -78,6 +78,10 @@ def load_processor(args: ModelArgs) -> Any | None:
     path = resolve_model(args.name_or_path)
     try:
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+    except (ImportError, AttributeError) as e:  # Qwen-VL's and SmolVLM's video processor: torchvision only
+        raise ModelError(f"model.name_or_path={args.name_or_path!r}: its processor cannot be built here: "
+                         f"{str(e).splitlines()[0][:200]}. transformers builds this family's video processor with "
+                         "torchvision: install the torchvision release that matches your torch") from e
     except (OSError, ValueError, TypeError) as e:  # no processor files: the folder has a tokenizer only
         logger.info("%s: no image processor (%s); images cannot be used", path, str(e).splitlines()[0][:200])
         return None
