@@ -165,8 +165,11 @@ def test_freeze_and_full_tuning_train_the_right_parameters(family: str, kind: st
     model = load_model(ModelArgs(name_or_path=str(family_dir(family))))
     model = prepare_for_training(model, FinetuningArgs(finetuning_type=kind, freeze_trainable_layers=1))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    if kind == "full":
-        assert len(trainable) == len(list(model.parameters()))
+    if kind == "full":  # all of it; an image-text model's vision tower and projector stay frozen by default
+        from peftkit.model.families import vision_parts
+
+        vision = [m + "." for parts in vision_parts(model) for m in parts]
+        assert trainable == [n for n, _ in model.named_parameters() if not n.startswith(tuple(vision))] and trainable
     else:  # the last decoder layer only, whatever the family calls its layers (GPT-2: transformer.h.N)
         last = model.config.get_text_config().num_hidden_layers - 1
         assert trainable and all(f".{last}." in n for n in trainable)

@@ -105,7 +105,8 @@ def check_template(run_tokenizer: Any, exported: Any, records: list, cutoff_len:
 
     if isinstance(exported, Path):
         exported = AutoTokenizer.from_pretrained(exported)
-    for messages, where, tools in records:
+    for record in records:
+        messages, where, tools = record.messages, record.where, record.tools
         a, _ = encode_messages(run_tokenizer, messages, cutoff_len, where, tools=tools)
         b, _ = encode_messages(exported, messages, cutoff_len, where, tools=tools)
         if a != b:
