@@ -275,3 +275,66 @@ def test_truncation_never_cuts_an_image(vision_dir: Callable[[str], Path], image
     drops = report.datasets[0].drops.reasons
     assert drops["cutoff_len would cut through an image's tokens"]["count"] >= 1
     assert all(not row for row in ds["images"])
+
+
+def test_serve_answers_an_image_prompt_to_the_openai_client(vision_dir: Callable[[str], Path], image_data: Path,
+                                                           tmp_path: Path) -> None:
+    """A real `peftkit serve` process: a data: URL image answered as the engine answers it offline; a file under
+    --image-root is read, one outside it, a remote URL and a broken image are refused with 400s that say why."""
+    import base64
+
+    import openai
+
+    from peftkit.config.schema import ModelArgs
+    from peftkit.data.render import model_prompt
+    from peftkit.infer.engine import Engine
+    from peftkit.infer.jobs import Sampling
+    from peftkit.model import load_tokenizer
+    from peftkit.model.loading import load_model, load_processor
+    from tests.unit.test_serve import KEY, start_server
+
+    folder, red = vision_dir("llava"), image_data.parent / "images" / "red.png"
+    url = "data:image/png;base64," + base64.b64encode(red.read_bytes()).decode()
+    args = ModelArgs(name_or_path=str(folder))
+    ids, pixels = model_prompt(load_tokenizer(args), load_processor(args),
+                               [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
+                               [str(red)])
+    engine = Engine(load_model(args).eval(), load_tokenizer(args), slots=1, max_len=128)
+    offline = engine.generate([ids], Sampling(max_new_tokens=6, temperature=0.0), pixels=[pixels])[0].tokens
+    expected = load_tokenizer(args).decode(offline, skip_special_tokens=True)
+    servers = start_server("--model", str(folder), "--image-root", str(image_data.parent))
+    base = next(servers)
+    try:
+        client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=120)
+
+        def ask(image: str) -> str:
+            content = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Colour?"}]
+            answer = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}],
+                                                    max_tokens=6, temperature=0)
+            return answer.choices[0].message.content or ""
+
+        assert ask(url) == expected.strip() or ask(url) == expected
+        assert ask(str(red)) == ask(url)  # the same image as a file under --image-root
+        outside = tmp_path / "red.png"
+        outside.write_bytes(red.read_bytes())
+        broken = "data:image/png;base64," + base64.b64encode(b"not an image").decode()
+        for bad, said in ((str(outside), "--image-root"), ("https://example.com/a.png", "remote image URLs"),
+                          (broken, "not a readable image")):
+            with pytest.raises(openai.BadRequestError, match=said):
+                ask(bad)
+    finally:
+        next(servers, None)
+
+
+def test_chat_shows_an_image_with_the_prompt(vision_dir: Callable[[str], Path], image_data: Path) -> None:
+    import subprocess
+    import sys
+
+    red = image_data.parent / "images" / "red.png"
+    run = [sys.executable, "-m", "peftkit", "chat", "--model", str(vision_dir("llava")), "--prompt", "Colour?",
+           "--max-new-tokens", "4"]
+    shown = subprocess.run([*run, "--image", str(red)], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    missing = subprocess.run([*run, "--image", str(red.with_name("nope.png"))], capture_output=True, text=True,
+                             timeout=300)
+    assert missing.returncode == 2 and "nope.png does not exist" in missing.stderr

@@ -74,18 +74,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from peftkit.config.schema import GenerateArgs
     from peftkit.data.formats import Message
-    from peftkit.infer.chat import chat_loop, load_for_chat, reply
+    from peftkit.infer.chat import chat_images, chat_loop, load_for_chat, reply
 
     gen = GenerateArgs(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                        temperature=args.temperature or 1.0)
-    model, tokenizer = load_for_chat(*model_spec(args))
+    spec = model_spec(args)
+    model, tokenizer = load_for_chat(*spec)
+    images = chat_images(spec[0], args.image)
     if args.prompt is None:
-        chat_loop(model, tokenizer, gen, args.system)
+        chat_loop(model, tokenizer, gen, args.system, images=images)
         return 0
     messages: list[Message] = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": args.prompt}
     ]
-    print(reply(model, tokenizer, messages, gen, stream=None))
+    print(reply(model, tokenizer, messages, gen, stream=None, images=images))
     return 0
 
 
@@ -130,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve((model, adapters or [], stage, template), ServeOptions(
         args.host, args.port, api_key, args.max_tokens_limit, args.served_model_name, slots=args.slots,
         max_queue=args.max_queue, request_timeout=args.request_timeout, max_model_len=args.max_model_len,
-        dtype=serve_dtype(args.dtype)))
+        dtype=serve_dtype(args.dtype), image_root=args.image_root))
     return 0
 
 

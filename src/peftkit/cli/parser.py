@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from peftkit.cli.commands import (
     cmd_board,
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("--prompt", help="answer this one prompt and exit; without it, an interactive loop")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="image-text models: an image shown with the (first) prompt; repeat for several")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.set_defaults(func=cmd_chat)
@@ -102,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "differ from float32's)")
     p.add_argument("--max-model-len", type=int, help="tokens per request, prompt and answer (default: the model's "
                    "context, shortened to what the KV cache budget holds: $PEFTKIT_KV_CACHE_GIB, else 60%% of free memory)")
+    p.add_argument("--image-root", type=Path, help="image-text models: local image paths in requests are read "
+                   "only under this folder (default: none, images come as data: URLs)")
     p.add_argument("--request-timeout", type=float, default=600,
                    help="seconds a request may take, waiting included; then it ends with what it has (finish_reason length)")
     _add_engine_options(p, "serve with")

@@ -89,6 +89,19 @@ def image_prompt(processor: Any, messages: list[Message], images: list[str],
     return ids, dict(out)
 
 
+def model_prompt(tokenizer: Any, processor: Any, messages: list[Message], images: list[str] | None = None,
+                 tools: list[dict] | None = None, call: str | None = None) -> tuple[list[int], dict[str, Any] | None]:
+    """The prompt of a conversation for a model as it trained (eval, chat and serve ask here): through an image-text
+    model's `processor` (its template, each image expanded, and the pixel inputs), else `render_prompt`."""
+    if processor is None or call is not None:
+        if images:
+            raise ConfigError(["images: this model has no image processor (it is not an image-text checkpoint)"
+                               if processor is None else "images: a forced tool call cannot be combined with images"])
+        return render_prompt(tokenizer, messages, tools, call), None
+    ids, pixels = image_prompt(processor, messages, images or [], tools)
+    return ids, pixels or None
+
+
 def adds_special_tokens(processor: Any, text: str) -> bool:
     """Whether tokenizing a rendered conversation adds the tokenizer's special tokens: as a processor's own
     apply_chat_template decides, only when the template did not write the BOS itself (LLaVA's does not, Gemma's does)."""

@@ -15,7 +15,6 @@ from peftkit.atomic import write_json_atomic, write_text_atomic
 from peftkit.config.schema import RunConfig
 from peftkit.constants import PREDICT_RESULTS_FILE, PREDICTIONS_FILE
 from peftkit.data.dataset import load_messages
-from peftkit.data.render import render_prompt
 from peftkit.errors import PeftkitError
 from peftkit.eval.loss import eval_loss
 from peftkit.eval.metrics import METRICS, reference_text
@@ -133,23 +132,19 @@ def _generate_and_score(model: Any, tokenizer: Any, cfg: RunConfig, output_dir: 
 
 
 def _prompts(tokenizer: Any, cfg: RunConfig, records: list[Any]) -> tuple[list[list[int]], list[Any]]:
-    """Each record's prompt as training renders it, and for image records their pixel inputs (through the model's
-    processor; [] when no record has images)."""
-    from peftkit.data.render import image_prompt
+    """Each record's prompt as training renders it (an image-text model's through its processor), and the image
+    records' pixel inputs ([] when no record has images)."""
+    from peftkit.data.render import model_prompt
+    from peftkit.errors import ConfigError
     from peftkit.model.loading import load_processor
 
     processor = load_processor(cfg.model)
-    if processor is None:
-        if any(r.images for r in records):
-            raise PeftkitError(f"eval.dataset={cfg.eval.dataset}: the records have images, but "
-                               f"{cfg.model.name_or_path} has no image processor (it is not an image-text checkpoint)")
-        return [render_prompt(tokenizer, r.messages[:-1], r.tools) for r in records], []
-    prompts, pixels = [], []
-    for r in records:  # as an image-text run trained on them: through the processor's template
-        ids, inputs = image_prompt(processor, r.messages[:-1], r.images or [], r.tools)
-        prompts.append(ids)
-        pixels.append(inputs or None)
-    return prompts, pixels if any(pixels) else []
+    try:
+        built = [model_prompt(tokenizer, processor, r.messages[:-1], r.images, r.tools) for r in records]
+    except ConfigError as e:
+        raise ConfigError([f"eval.dataset={cfg.eval.dataset}: {issue}" for issue in e.issues]) from None
+    pixels = [px for _, px in built]
+    return [ids for ids, _ in built], pixels if any(pixels) else []
 
 
 def _resumed(partial: Path, fingerprint: str) -> dict[int, list[int]]:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from peftkit.config.schema import GenerateArgs, ModelArgs
 from peftkit.data.formats import Message
-from peftkit.data.render import render_prompt
+from peftkit.data.render import model_prompt, render_prompt
 from peftkit.data.template import apply_template
 from peftkit.infer.engine import engine_for
 from peftkit.infer.jobs import Sampling
@@ -54,14 +54,65 @@ def _streamer(tokenizer: Any, stream: TextIO) -> Any:
     return _ToStream(tokenizer, skip_prompt=False, skip_special_tokens=True)  # fed only the new tokens
 
 
-def reply(model: Any, tokenizer: Any, messages: list[Message], gen: GenerateArgs, stream: TextIO | None) -> str:
-    """The assistant's answer to `messages`, streamed token by token to `stream` when given."""
+@dataclass(frozen=True)
+class ChatImages:
+    """`peftkit chat --image`: the image-text model's processor and the images shown with the first prompt."""
+
+    processor: Any
+    paths: list[str]
+
+
+def chat_images(model: str | ModelArgs, paths: list[str]) -> ChatImages | None:
+    """The processor and checked paths for `--image` (None without images); a user error names what is wrong."""
+    from peftkit.data.images import check_image, resolve
+    from peftkit.errors import PeftkitError
+    from peftkit.model.loading import load_processor
+
+    if not paths:
+        return None
+    args = model if isinstance(model, ModelArgs) else ModelArgs(name_or_path=model)
+    processor = load_processor(args)
+    if processor is None:
+        raise PeftkitError(f"--image: {args.name_or_path} is not an image-text model (it has no image processor)")
+    checked = []
+    for path in paths:
+        try:
+            checked.append(resolve(path, Path.cwd()))
+            check_image(checked[-1])
+        except ValueError as e:
+            raise PeftkitError(f"--image {path}: {e}") from None
+    return ChatImages(processor, checked)
+
+
+def _with_images(messages: list[Message], images: ChatImages) -> list[Message]:
+    """The conversation with the images in front of the first user message's text."""
+    out, shown = [], False
+    for m in messages:
+        if m["role"] == "user" and not shown and isinstance(m["content"], str):
+            m = {**m, "content": [*({"type": "image"} for _ in images.paths), {"type": "text", "text": m["content"]}]}
+            shown = True
+        out.append(m)
+    return out
+
+
+def reply(model: Any, tokenizer: Any, messages: list[Message], gen: GenerateArgs, stream: TextIO | None,
+          images: ChatImages | None = None) -> str:
+    """The assistant's answer to `messages` (with `images` before the first prompt), streamed token by token to
+    `stream` when given."""
     import torch
 
     streamer = _streamer(tokenizer, stream) if stream is not None else None
-    prompt = render_prompt(tokenizer, messages)
+    if images is not None:
+        prompt, pixels = model_prompt(tokenizer, images.processor, _with_images(messages, images), images.paths)
+    else:
+        prompt, pixels = render_prompt(tokenizer, messages), None
     engine = engine_for(model, tokenizer, [prompt], gen.max_new_tokens, slots=1)
-    job = engine.submit(prompt, Sampling.of(gen))
+    try:
+        job = engine.submit(prompt, Sampling.of(gen), pixels)
+    except ValueError as e:
+        from peftkit.errors import PeftkitError
+
+        raise PeftkitError(str(e)) from None
     for new in engine.follow(job):
         if streamer is not None:
             streamer.put(torch.tensor(new))
@@ -71,7 +122,7 @@ def reply(model: Any, tokenizer: Any, messages: list[Message], gen: GenerateArgs
 
 
 def chat_loop(model: Any, tokenizer: Any, gen: GenerateArgs, system: str | None,
-              read: Any = input, out: TextIO = sys.stdout) -> None:
+              read: Any = input, out: TextIO = sys.stdout, images: ChatImages | None = None) -> None:
     """Interactive loop keeping history; `clear` forgets it, `exit` (or end of input) leaves."""
     history: list[Message] = [{"role": "system", "content": system}] if system else []
     print("peftkit chat — type `clear` to forget the conversation, `exit` to leave.", file=out)
@@ -91,4 +142,5 @@ def chat_loop(model: Any, tokenizer: Any, gen: GenerateArgs, system: str | None,
             continue
         history.append({"role": "user", "content": query})
         print("assistant> ", end="", file=out, flush=True)
-        history.append({"role": "assistant", "content": reply(model, tokenizer, history, gen, stream=out)})
+        history.append({"role": "assistant", "content": reply(model, tokenizer, history, gen, stream=out,
+                                                              images=images)})

@@ -63,6 +63,7 @@ class ServeOptions:
     request_timeout: float = 600
     max_model_len: int | None = None  # the context window; None: the model's, shortened to what the KV budget holds
     dtype: str | None = None  # the weights' dtype while serving; None: as loaded (float32)
+    image_root: Path | None = None  # --image-root: local image paths in requests are read only under it
 
 
 def serve(spec: tuple[Any, list[str], str, str | None], o: ServeOptions) -> None:
@@ -85,8 +86,14 @@ def serve(spec: tuple[Any, list[str], str, str | None], o: ServeOptions) -> None
         model.to(getattr(torch, o.dtype))
     context = fitting_context(model, o.slots, None, o.max_model_len)  # refused here, before serving, when it cannot fit
     adapters = [a for a in served.values() if a is not None] or None
+    from peftkit.config.schema import ModelArgs
+    from peftkit.model.loading import load_processor
+    from peftkit.serve.service import ImageInput
+
+    base = spec[0] if isinstance(spec[0], ModelArgs) else ModelArgs(name_or_path=spec[0])
+    images = ImageInput(load_processor(base), o.image_root)  # an image-text model reads image parts
     service = Service(model, tokenizer, context, slots=o.slots, max_queue=o.max_queue, adapters=adapters,
-                      request_timeout=o.request_timeout)
+                      request_timeout=o.request_timeout, images=images)
     app = create_app(service, served, api_key=o.api_key, max_tokens_limit=o.max_tokens_limit)
     full = model_context(model)
     logger.info("serving %s on http://%s:%d/v1 (context window %d tokens%s, %d rows, queue %d)%s",

@@ -138,13 +138,13 @@ async def _complete(http: HttpRequest, server: Server, reader: Reader, writer: W
     try:
         body = await _read_json(http, server.max_body_bytes)
         request, stream, include_usage = _parse(body, server.models, server.max_tokens_limit, reader)
-        ids = await asyncio.to_thread(_prompt_ids, service, request)  # off the event loop
+        ids, pixels = await asyncio.to_thread(_prompt, service, request)  # off the event loop
         prompt_len = len(ids)
         if prompt_len + request.max_tokens > service.context_window:
             raise ApiError(400, f"This model's context window is {service.context_window} tokens; the prompt has "
                            f"{prompt_len} and max_tokens asks for {request.max_tokens} more",
                            "context_length_exceeded", "messages")
-        jobs = service.submit(request, ids)
+        jobs = service.submit(request, ids, pixels)
     except ApiError as e:
         return _error_response(e.status, e.message, e.code, e.param)
     except QueueFull as e:
@@ -170,12 +170,14 @@ async def _complete(http: HttpRequest, server: Server, reader: Reader, writer: W
     return _completion(service, request, work.result(), outcomes, header, len(ids), writer)
 
 
-def _prompt_ids(service: Service, request: Request) -> list[int]:
+def _prompt(service: Service, request: Request) -> tuple[list[int], Any]:
     try:
-        return service.prompt_ids(request)
-    except ConfigError as e:  # the chat template cannot show the tools / calls / reasoning asked for
+        return service.prompt(request)
+    except ConfigError as e:  # the chat template cannot show the tools / calls / reasoning (or images) asked for
         raise ApiError(400, f"this model cannot take the request: {'; '.join(e.issues)}", "unsupported_by_template",
                        "tools") from None
+    except ValueError as e:  # an image that cannot be read, is too large, or is not allowed here
+        raise ApiError(400, f"image: {e}", "invalid_image", "messages") from None
 
 
 async def _until_disconnect(events: Generator[str, None, None], cancel: threading.Event,

@@ -30,18 +30,41 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _content(m: Any, i: int) -> str:
-    """A message's text: a string, or OpenAI's list of {type: text, text} parts (null for an assistant's call)."""
+def _content(m: Any, i: int) -> str | list[dict[str, str]]:
+    """A message's text: a string, or OpenAI's list of {type: text, text} parts (null for an assistant's call); with
+    {type: image_url, image_url: {url}} parts in a user message, template parts, each image as {type: image, image:
+    url} (read by the service: data: URLs, or local paths under --image-root; remote URLs are refused here)."""
     content = m.get("content") if isinstance(m, dict) else None
     if content is None and isinstance(m, dict) and m.get("role") == "assistant" and m.get("tool_calls"):
         return ""
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                                          for p in content):
         return "".join(p["text"] for p in content)
+    if isinstance(content, list) and m.get("role") == "user":
+        return _parts(content, i)
     if not isinstance(content, str):
-        raise ApiError(400, f"messages[{i}] must be an object with string content (or a list of text parts)",
-                       "invalid_messages", f"messages[{i}]")
+        raise ApiError(400, f"messages[{i}] must be an object with string content (or a list of text parts; image "
+                       "parts in user messages)", "invalid_messages", f"messages[{i}]")
     return content
+
+
+def _parts(content: list[Any], i: int) -> list[dict[str, str]]:
+    parts: list[dict[str, str]] = []
+    for j, p in enumerate(content):
+        kind = p.get("type") if isinstance(p, dict) else None
+        url = p.get("image_url") if kind == "image_url" else None
+        url = url.get("url") if isinstance(url, dict) else url
+        if kind == "text" and isinstance(p.get("text"), str):
+            parts.append({"type": "text", "text": p["text"]})
+        elif isinstance(url, str) and url:
+            if url.startswith(("http://", "https://", "ftp://")):
+                raise ApiError(400, f"messages[{i}].content[{j}]: remote image URLs are not fetched; send the image "
+                               "as a data: URL (data:image/png;base64,...)", "invalid_image", f"messages[{i}].content")
+            parts.append({"type": "image", "image": url})
+        else:
+            raise ApiError(400, f"messages[{i}].content[{j}] must be {{type: text, text}} or {{type: image_url, "
+                           "image_url: {url}}", "invalid_messages", f"messages[{i}].content")
+    return parts
 
 
 def _int_in(body: dict, key: str, low: int, high: int, default: int | None) -> int | None:

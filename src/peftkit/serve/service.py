@@ -11,10 +11,11 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from peftkit.data.formats import Message
-from peftkit.data.render import render_prompt
+from peftkit.data.render import model_prompt, render_prompt
 from peftkit.infer.engine import PREFIX_MIN_TOKENS, Engine
 from peftkit.infer.jobs import Job, Sampling
 
@@ -34,6 +35,15 @@ class Request:
     prompt: str | None = None  # /v1/completions: raw text continued as it is (no chat template); messages unused
     tools: list[dict[str, Any]] | None = None  # offered to the model (tool_choice auto or a named function)
     call: str | None = None  # tool_choice names this function: the answer is its arguments (JSON mode)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """How a server reads images: an image-text model's processor (None: images are refused), and the folder
+    local image paths must be under (None: data: URLs only)."""
+
+    processor: Any = None
+    root: Path | None = None
 
 
 @dataclass
@@ -91,9 +101,12 @@ class Service:
     `max_queue` requests may wait for a row; one more is refused (QueueFull: the app answers 429)."""
 
     def __init__(self, model: Any, tokenizer: Any, context_window: int, slots: int = 16, max_queue: int = 64,
-                 adapters: list[str] | None = None, dtype: str | None = None, request_timeout: float = 600) -> None:
+                 adapters: list[str] | None = None, request_timeout: float = 600,
+                 images: ImageInput | None = None) -> None:
         self.tokenizer, self.context_window, self.request_timeout = tokenizer, context_window, request_timeout
-        self.engine = Engine(model, tokenizer, slots=slots, max_len=context_window, dtype=dtype, max_queue=max_queue,
+        images = images or ImageInput()
+        self.processor, self.image_root = images.processor, images.root
+        self.engine = Engine(model, tokenizer, slots=slots, max_len=context_window, max_queue=max_queue,
                              adapters=adapters)
         opening = template_opening(tokenizer)
         if len(opening) >= PREFIX_MIN_TOKENS:  # the keys / values of the template's opening, computed once
@@ -103,11 +116,45 @@ class Service:
 
     def prompt_ids(self, request: Request) -> list[int]:
         """The chat template's rendering of the messages, or a completion's raw prompt tokenized as it is."""
-        if request.prompt is not None:
-            return list(self.tokenizer(request.prompt)["input_ids"])
-        return render_prompt(self.tokenizer, request.messages, request.tools, request.call)
+        return self.prompt(request)[0]
 
-    def submit(self, request: Request, ids: list[int]) -> list[Job]:
+    def prompt(self, request: Request) -> tuple[list[int], dict[str, Any] | None]:
+        """prompt_ids, and an image request's pixel inputs (ValueError: an image that cannot be read or is not
+        allowed here)."""
+        if request.prompt is not None:
+            return list(self.tokenizer(request.prompt)["input_ids"]), None
+        messages, images = self._images(request.messages)
+        return model_prompt(self.tokenizer, self.processor, messages, images, request.tools, request.call)
+
+    def _images(self, messages: list[Message]) -> tuple[list[Message], list[str]]:
+        """The messages with their image parts as template placeholders, and the images in order: data: URLs, or
+        files under --image-root (anything else is refused)."""
+        from peftkit.data.images import check_image, resolve
+
+        out, found = [], []
+        for m in messages:
+            if isinstance(m["content"], list):
+                parts = []
+                for part in m["content"]:
+                    if part["type"] == "image":
+                        found.append(self._allowed(resolve(part["image"], None)))
+                        check_image(found[-1])
+                        part = {"type": "image"}
+                    parts.append(part)
+                m = {**m, "content": parts}
+            out.append(m)
+        return out, found
+
+    def _allowed(self, ref: str) -> str:
+        if ref.startswith("data:"):
+            return ref
+        root = self.image_root.resolve() if self.image_root is not None else None
+        if root is None or not Path(ref).resolve().is_relative_to(root):
+            raise ValueError("local image paths are read only under the server's --image-root"
+                             + (f" ({root})" if root else " (none is set: send images as data: URLs)"))
+        return ref
+
+    def submit(self, request: Request, ids: list[int], pixels: dict[str, Any] | None = None) -> list[Job]:
         """The request's n jobs, queued (QueueFull when the queue is full; then none is queued)."""
         sampling = Sampling(max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
                             seed=request.seed, logprobs=request.logprobs, adapter=request.adapter,
@@ -116,7 +163,7 @@ class Service:
         try:
             for k in range(request.n):
                 seed = None if request.seed is None else request.seed + k  # n different samples, reproducible
-                jobs.append(self.engine.submit(ids, replace(sampling, seed=seed)))
+                jobs.append(self.engine.submit(ids, replace(sampling, seed=seed), pixels))
         except Exception:
             for job in jobs:
                 job.cancel()
