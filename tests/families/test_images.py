@@ -338,3 +338,28 @@ def test_chat_shows_an_image_with_the_prompt(vision_dir: Callable[[str], Path], 
     missing = subprocess.run([*run, "--image", str(red.with_name("nope.png"))], capture_output=True, text=True,
                              timeout=300)
     assert missing.returncode == 2 and "nope.png does not exist" in missing.stderr
+
+
+def test_the_merged_export_loads_in_plain_transformers_and_reads_images_as_the_run(
+        vision_dir: Callable[[str], Path], image_data: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from peftkit.config import load_config
+    from peftkit.export import export
+    from peftkit.train.run import train
+    from tests.helpers import tiny_run
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    train(load_config(None, tiny_run(vision_dir("llava"), run, "data.format=sharegpt", "finetuning.lora_rank=4",
+                                     data=image_data, batch_size=3, cutoff_len=256)))
+    export(run, out)
+    processor = AutoProcessor.from_pretrained(out)
+    messages = [{"role": "user", "content": [{"type": "image", "path": str(image_data.parent / "images" / "blue.png")},
+                                             {"type": "text", "text": "What colour is it?"}]}]
+    inputs = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_tensors="pt",
+                                           add_generation_prompt=True)
+    exported = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    trained = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(vision_dir("llava")), run).eval()
+    with torch.no_grad():
+        assert torch.allclose(exported(**inputs).logits, trained(**inputs).logits, atol=1e-4)

@@ -71,8 +71,9 @@ def _load_run(run: Run, entry: Stage, pad_token_id: int | None) -> tuple[Any, An
     stored = getattr(torch, str(config.dtype).replace("torch.", "")) if config.dtype else torch.float32
     model = load_trained(ModelArgs(name_or_path=path), run_dir, entry.name, run.is_adapter, pad_token_id,
                          restore_head=False, dtype=torch.float64, **float64_load_kwargs(config))  # Head.files: copied
-    if model.config.pad_token_id is None:  # the export's config names the pad token, whatever the head
-        model.config.pad_token_id = pad_token_id
+    text = model.config.get_text_config()  # (an image-text config keeps it on its language model's)
+    if getattr(text, "pad_token_id", None) is None:  # the export's config names the pad token, whatever the head
+        text.pad_token_id = pad_token_id
     return model, stored
 
 
@@ -114,6 +115,26 @@ def check_template(run_tokenizer: Any, exported: Any, records: list, cutoff_len:
                 f"export check failed: the exported tokenizer renders {where[0]} record {where[1]} differently "
                 "from training (chat template or tokenizer changed); the export was not written"
             )
+
+
+def save_processor(run: Run, folder: Path, records: list[Dialogue]) -> None:
+    """An image-text run's processor (image processor, chat template) into the export, checked to load back and to
+    render the training records as the run's does; nothing for a text run."""
+    from transformers import AutoProcessor
+
+    from peftkit.data.render import image_renderer, template_messages
+    from peftkit.model.loading import has_images, load_processor
+
+    processor = load_processor(ModelArgs(name_or_path=run.base_model))
+    if processor is None:
+        return
+    processor.save_pretrained(folder)
+    exported = AutoProcessor.from_pretrained(folder)
+    ours, theirs = image_renderer(processor), image_renderer(exported)
+    if not has_images(exported) or any(ours(template_messages(r.messages), False) != theirs(
+            template_messages(r.messages), False) for r in records):
+        raise PeftkitError("export check failed: the exported processor does not render the training records as "
+                           "the run's does (or reads no images); the export was not written")
 
 
 def check_destination(run_dir: Path, out: Path, overwrite: bool) -> None:

@@ -23,6 +23,7 @@ from peftkit.export.checks import (
     check_template,
     load_merged,
     max_diff,
+    save_processor,
 )
 from peftkit.export.hub import model_card
 from peftkit.model.families import float64_load_kwargs
@@ -52,6 +53,7 @@ def export_merged(run_dir: str | Path, out: str | Path, max_shard_size: str = "2
 
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        save_processor(trained, tmp, run.records)  # an image-text run's; its tokenizer is then the run's own
         run.tokenizer.save_pretrained(tmp)
         head = head_of(run.entry.name)
         for extra in head.files:  # rm's value head, carried along
