@@ -190,7 +190,7 @@ def test_freeze_and_full_tuning_freeze_the_vision_tower_by_default(finetuning: s
         assert not any(n.startswith("model.multi_modal_projector.") for n in trained)
 
 
-@pytest.mark.parametrize("family", ["llava", "idefics3"])
+@pytest.mark.parametrize("family", LOADABLE)
 def test_the_engine_answers_image_prompts_as_transformers_does(family: str, vision_dir: Callable[[str], Path],
                                                                image_data: Path) -> None:
     from transformers import AutoModelForImageTextToText
@@ -218,25 +218,21 @@ def test_the_engine_answers_image_prompts_as_transformers_does(family: str, visi
         assert len(job.tokens) == 8 or reference[len(job.tokens)] in engine.stops
 
 
-def test_the_engine_refuses_image_prompts_it_would_answer_differently(vision_dir: Callable[[str], Path],
-                                                                      image_data: Path) -> None:
+def test_the_engine_refuses_image_prompts_it_would_answer_differently(vision_dir: Callable[[str], Path]) -> None:
+    """Qwen2.5-VL places an image in 3-D rope positions, which the engine's 1-D positions cannot carry."""
     from transformers import AutoModelForImageTextToText
 
     from peftkit.config.schema import ModelArgs
-    from peftkit.data.render import image_prompt
     from peftkit.infer.engine import Engine
     from peftkit.infer.jobs import Sampling
     from peftkit.model import load_tokenizer
-    from peftkit.model.loading import load_processor
 
-    args = ModelArgs(name_or_path=str(vision_dir("gemma3")))
-    processor = load_processor(args)
-    model = AutoModelForImageTextToText.from_pretrained(vision_dir("gemma3")).eval()
-    ids, pixels = image_prompt(processor, [{"role": "user", "content": [{"type": "image"}]}],
-                               [str(image_data.parent / "images" / "red.png")])
-    engine = Engine(model, load_tokenizer(args), slots=1, max_len=96)
-    with pytest.raises(ValueError, match="bidirectional attention within an image.*--engine vllm"):
-        engine.submit(ids, Sampling(max_new_tokens=4, temperature=0.0), pixels)
+    folder = vision_dir("qwen2_5_vl")
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    engine = Engine(model, load_tokenizer(ModelArgs(name_or_path=str(folder))), slots=1, max_len=96)
+    with pytest.raises(ValueError, match="3-D rope positions.*--engine vllm"):
+        engine.submit([1, 2, 3], Sampling(max_new_tokens=4, temperature=0.0), {"pixel_values": torch.zeros(4, 8)})
+    assert engine.submit([1, 2, 3], Sampling(max_new_tokens=4, temperature=0.0))  # text prompts are answered
 
 
 @pytest.mark.parametrize("family", NEED_TORCHVISION)

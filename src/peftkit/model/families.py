@@ -94,13 +94,13 @@ def vision_parts(model: Any) -> tuple[list[str], list[str]]:
 
 
 # Image-text families whose image prompts peftkit's engine cannot prefill exactly: the engine gives every token a
-# 1-D position and a causal mask, so a family that positions an image in 3-D (Qwen-VL's mrope) or lets an image's
-# tokens attend to each other both ways (Gemma 3 / 4, PaliGemma) would answer differently from transformers' own.
+# 1-D position, so a family that positions an image in 3-D (Qwen-VL's mrope) would answer differently from
+# transformers' own. (Gemma 3's bidirectional attention within an image comes from the prompt's token_type_ids,
+# which the engine passes at prefill: tested equal to generate; Gemma 4's and PaliGemma's masks are not tested.)
 IMAGE_ENGINE_REFUSED = {
     "qwen2_vl": "3-D rope positions", "qwen2_5_vl": "3-D rope positions", "qwen3_vl": "3-D rope positions",
     "qwen3_vl_moe": "3-D rope positions", "qwen3_5": "3-D rope positions", "qwen3_5_moe": "3-D rope positions",
-    "gemma3": "bidirectional attention within an image", "gemma4": "bidirectional attention within an image",
-    "paligemma": "bidirectional attention over the prefix",
+    "gemma4": "an image attention mask peftkit has not tested", "paligemma": "bidirectional attention over the prefix",
 }
 
 
