@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.families.vision_zoo import build_vision, processor_needs
+from tests.families.vision_zoo import VISION_FAMILIES, build_vision, processor_needs
 
-LOADABLE = ("llava", "gemma3", "idefics3")  # processors transformers builds without torchvision
-NEED_TORCHVISION = ("qwen2_5_vl", "qwen3_vl", "smolvlm")
+NEED_TORCHVISION = ("qwen2_5_vl", "qwen3_vl", "smolvlm")  # their processors hold a video processor
+# what this machine can build a processor for: all six where torchvision is installed
+LOADABLE = tuple(f for f in VISION_FAMILIES if not processor_needs(f))
+THREE_D = ("qwen2_5_vl", "qwen3_vl")  # 3-D rope positions: image prompts refused by the engine
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
 
 
@@ -163,7 +165,7 @@ def test_lora_trains_the_language_model_and_the_keys_say_what_else(family: str, 
         names = list(f.keys())
     lora = [n for n in names if "lora_" in n]
     assert lora and all(not any(v in n for v in ("vision_tower", "visual", "vision_model")) for n in lora)
-    assert any(p in n for n in names for p in ("multi_modal_projector", "connector"))  # the projector, in full
+    assert any(p in n for n in names for p in ("multi_modal_projector", "connector", "merger"))  # projector, in full
     assert (out / "processor_config.json").is_file() or (out / "preprocessor_config.json").is_file()
     logged = [json.loads(x) for x in (out / "trainer_log.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logged if r.get("loss") is not None]
@@ -190,7 +192,7 @@ def test_freeze_and_full_tuning_freeze_the_vision_tower_by_default(finetuning: s
         assert not any(n.startswith("model.multi_modal_projector.") for n in trained)
 
 
-@pytest.mark.parametrize("family", LOADABLE)
+@pytest.mark.parametrize("family", [f for f in LOADABLE if f not in THREE_D])
 def test_the_engine_answers_image_prompts_as_transformers_does(family: str, vision_dir: Callable[[str], Path],
                                                                image_data: Path) -> None:
     from transformers import AutoModelForImageTextToText
