@@ -83,11 +83,14 @@ def vision_parts(model: Any) -> tuple[list[str], list[str]]:
     freeze_multi_modal_projector keep frozen (Qwen-VL's projector, `visual.merger`, sits inside its tower)."""
     towers: list[str] = []
     projectors: list[str] = []
-    for name, _ in model.named_modules():
+    for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         parent = name.rsplit(".", 1)[0] if "." in name else ""
         if leaf in PROJECTORS or (parent.endswith("visual") and leaf in VISUAL_PROJECTORS):
-            projectors.append(name)
+            if type(module).__name__ == "ModuleList":  # Qwen3-VL's deepstack mergers: each one (peft wraps modules)
+                projectors += [f"{name}.{child}" for child, _ in module.named_children()]
+            else:
+                projectors.append(name)
         elif leaf in TOWERS and not any(name.startswith(t + ".") for t in towers):
             towers.append(name)
     return towers, projectors
