@@ -306,7 +306,7 @@ def test_eval_resumes_an_interrupted_run(tiny_model_dir: Path, alpaca_file: Path
     real = predict_module.generate_batch
     asked: list[int] = []
 
-    def killed(model, tok, prompts, args, dtype=None, slots=64, on_done=None):
+    def killed(model, tok, prompts, args, dtype=None, slots=64, on_done=None, pixels=None):
         asked.append(len(prompts))
         count = [0]
 

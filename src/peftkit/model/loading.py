@@ -121,8 +121,11 @@ def load_model(args: ModelArgs, head: Head | None = None, classes: list[str] | N
     kwargs |= from_pretrained
 
     head = head or HEADS["lm"]
-    model = _from_pretrained(head.auto_class(load_model_config(args)), path, "model", **head.config_kwargs(classes),
-                             **kwargs)
+    try:
+        config = load_model_config(args)
+    except ModelError:  # from_pretrained below says what is wrong with the folder
+        config = None
+    model = _from_pretrained(head.auto_class(config), path, "model", **head.config_kwargs(classes), **kwargs)
     if head.classes and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id
     keep_unpacked_4bit(model)  # bnb-quantized bases (quantization_bit or a pre-quantized bnb checkpoint)
