@@ -40,7 +40,7 @@ def test_batched_left_padding_matches_single_generation(tiny_model_dir: Path) ->
 def test_chat_loop_keeps_history_and_clears(tiny_model_dir: Path, monkeypatch) -> None:
     seen: list[list[dict]] = []
 
-    def fake_reply(model, tokenizer, messages, gen, stream):
+    def fake_reply(model, tokenizer, messages, gen, stream, images=None):
         seen.append([dict(m) for m in messages])
         return f"answer {len(seen)}"
 

@@ -40,6 +40,14 @@ def test_every_example_config_loads(example: Path, monkeypatch: pytest.MonkeyPat
         outputs = {yaml.safe_load(e.read_text())["train"]["output_dir"] for e in (REPO / "examples").glob("*.yaml")}
         assert start in outputs
         overrides = ["finetuning.adapter_name_or_path=null"]
+    if "data/image_demo/" in example.read_text():  # made by `make image-demo` (scripts/make_image_data.py): a few here
+        import subprocess
+        import sys
+        import tempfile
+
+        made = Path(tempfile.mkdtemp())
+        subprocess.run([sys.executable, "scripts/make_image_data.py", str(made), "--train", "4", "--dev", "2"], check=True)
+        overrides += [f"data.train={made / 'train.jsonl'}", f"eval.dataset={made / 'dev.jsonl'}"]
     cfg = load_config(example, overrides)
     assert cfg.train["output_dir"].startswith("outputs/")
     assert cfg.data.train
