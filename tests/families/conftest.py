@@ -63,3 +63,18 @@ def family_run(tmp_path_factory: pytest.TempPathFactory, family_dir: Callable[[s
         return runs[family]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def vision_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Callable[[str], Path]:
+    """image-text family → its checkpoint folder (tests/families/vision_zoo.py), built once per session."""
+    from tests.families.vision_zoo import build_vision
+
+    built: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in built:
+            built[family] = build_vision(family, tmp_path_factory.mktemp(f"vision_{family}"), tokenizer_dir)
+        return built[family]
+
+    return build

@@ -10,20 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.families.vision_zoo import FAMILIES, VISION_FAMILIES, build_vision, processor_needs
-
-
-@pytest.fixture(scope="session")
-def vision_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Callable[[str], Path]:
-    """family → its checkpoint folder, built once per session."""
-    built: dict[str, Path] = {}
-
-    def build(family: str) -> Path:
-        if family not in built:
-            built[family] = build_vision(family, tmp_path_factory.mktemp(f"vision_{family}"), tokenizer_dir)
-        return built[family]
-
-    return build
+from tests.families.vision_zoo import FAMILIES, VISION_FAMILIES, processor_needs
 
 
 @pytest.mark.parametrize("family", VISION_FAMILIES)

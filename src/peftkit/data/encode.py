@@ -115,11 +115,14 @@ def _through_processor(tokenizer: Any, samples: list[Sample], wheres: Wheres,
     for n, examples in zip(documents, encode_samples(tokenizer, [samples[n] for n in documents],
                                                       [wheres[n] for n in documents], text_only) if documents else []):
         out[n] = examples
+    from peftkit.data.images import image_token_ids
+
+    marks = image_token_ids(options.processor)
     for n, sample in enumerate(samples):
         if n in documents:
             continue
         try:
-            out[n] = encode_image_sample(options.processor, sample, wheres[n], options)
+            out[n] = encode_image_sample(options.processor, sample, wheres[n], options, marks)
         except DataError:
             if options.strict:
                 raise
@@ -127,15 +130,16 @@ def _through_processor(tokenizer: Any, samples: list[Sample], wheres: Wheres,
     return out
 
 
-def encode_image_sample(processor: Any, sample: Sample, where: tuple[str, int | str],
-                        options: Encoding) -> list[Encoded]:
+def encode_image_sample(processor: Any, sample: Sample, where: tuple[str, int | str], options: Encoding,
+                        marks: set[int]) -> list[Encoded]:
     """One conversation of an image-text run (with images or not) as its example: rendered by the processor's chat
     template, each rendering tokenized by the processor (which expands each image into its tokens), labelled by
-    data/labels.py with the image tokens never supervised; `images` (the references) rides along for the collator.
+    data/labels.py with the image tokens never supervised; `images` (the references) rides along for the collator
+    (`marks`: the processor's image token ids).
 
     Truncation that would cut an image's tokens drops the record (IMAGE_CUT): a half image is not an input the
     model can read."""
-    from peftkit.data.images import image_token_ids, load_image
+    from peftkit.data.images import load_image
 
     messages = sft_messages(sample) or []
     try:
@@ -152,16 +156,15 @@ def encode_image_sample(processor: Any, sample: Sample, where: tuple[str, int | 
         elif isinstance(m["content"], list):
             seen += sum(p["type"] == "image" for p in m["content"])
     ids = [processor_ids(processor, t, pictures[: before[n // 3]]) if t else [] for n, t in enumerate(texts)]
-    whole = label_conversation(messages, ids, 2**31, options.mask, where)
     if not pictures:
         return label_conversation(messages, ids, options.cutoff_len, options.mask, where)
+    whole = label_conversation(messages, ids, 2**31, options.mask, where)  # untruncated: what the images span
     if len(whole) > 1:
         raise DataError(where[0], where[1], None, f"{TEMPLATE}: a conversation with images must be one example, "
                         "and this chat template shows earlier turns differently from the last one")
     fitted = label_conversation(messages, ids, options.cutoff_len, options.mask, where)[0]
     if fitted.drop:
         return [fitted]
-    marks = image_token_ids(processor)
     if sum(t in marks for t in fitted.input_ids) < sum(t in marks for t in whole[0].input_ids):
         return [Encoded([], [], truncated=True, drop=IMAGE_CUT)]
     shown = max((before[n] for n in range(len(before)) if len(ids[3 * n]) < len(whole[0].input_ids)), default=0)

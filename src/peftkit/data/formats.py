@@ -260,7 +260,7 @@ def _collect_images(sample: Sample, at: Where) -> None:
                 continue
             try:
                 ref = image_refs.resolve(part.pop("image"), base)
-                image_refs.check_image(ref)
+                image_refs.load_image(ref)
             except ValueError as e:
                 raise at.error(f"messages[{i}].content[{j}]", f"image {len(found)}: {e}") from None
             found.append(ref)

@@ -79,11 +79,6 @@ def load_image(ref: str) -> Any:
         raise ValueError(f"{shown} is not a readable image ({type(e).__name__})") from None
 
 
-def check_image(ref: str) -> None:
-    """ValueError when the image cannot be read (what a record's reader checks, so a bad one is named early)."""
-    load_image(ref)
-
-
 def digest(refs: list[str]) -> str:
     """A digest of the images' bytes (the data cache's key: an image changed in place rebuilds it)."""
     h = hashlib.sha256()

@@ -64,7 +64,7 @@ class ChatImages:
 
 def chat_images(model: str | ModelArgs, paths: list[str]) -> ChatImages | None:
     """The processor and checked paths for `--image` (None without images); a user error names what is wrong."""
-    from peftkit.data.images import check_image, resolve
+    from peftkit.data.images import load_image, resolve
     from peftkit.errors import PeftkitError
     from peftkit.model.loading import load_processor
 
@@ -78,7 +78,7 @@ def chat_images(model: str | ModelArgs, paths: list[str]) -> ChatImages | None:
     for path in paths:
         try:
             checked.append(resolve(path, Path.cwd()))
-            check_image(checked[-1])
+            load_image(checked[-1])
         except ValueError as e:
             raise PeftkitError(f"--image {path}: {e}") from None
     return ChatImages(processor, checked)

@@ -114,13 +114,9 @@ class Service:
         self.engine.start()
         self.started = time.time()
 
-    def prompt_ids(self, request: Request) -> list[int]:
-        """The chat template's rendering of the messages, or a completion's raw prompt tokenized as it is."""
-        return self.prompt(request)[0]
-
     def prompt(self, request: Request) -> tuple[list[int], dict[str, Any] | None]:
-        """prompt_ids, and an image request's pixel inputs (ValueError: an image that cannot be read or is not
-        allowed here)."""
+        """The chat template's rendering of the messages (or a completion's raw prompt tokenized as it is), and an
+        image request's pixel inputs (ValueError: an image that cannot be read or is not allowed here)."""
         if request.prompt is not None:
             return list(self.tokenizer(request.prompt)["input_ids"]), None
         messages, images = self._images(request.messages)
@@ -129,7 +125,7 @@ class Service:
     def _images(self, messages: list[Message]) -> tuple[list[Message], list[str]]:
         """The messages with their image parts as template placeholders, and the images in order: data: URLs, or
         files under --image-root (anything else is refused)."""
-        from peftkit.data.images import check_image, resolve
+        from peftkit.data.images import load_image, resolve
 
         out, found = [], []
         for m in messages:
@@ -138,7 +134,7 @@ class Service:
                 for part in m["content"]:
                     if part["type"] == "image":
                         found.append(self._allowed(resolve(part["image"], None)))
-                        check_image(found[-1])
+                        load_image(found[-1])
                         part = {"type": "image"}
                     parts.append(part)
                 m = {**m, "content": parts}
