@@ -160,6 +160,29 @@ def test_lora_trains_the_language_model_and_the_keys_say_what_else(family: str, 
     assert losses and all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_generation_merges_lora_beside_a_vision_tower_trained_in_full(vision_dir: Callable[[str], Path]) -> None:
+    """Eval after LoRA with the tower unfrozen (the learning proof's recipe): the tower's modules_to_save wrapper
+    is no tuner layer, so the LoRA layers alone are merged while generating and unmerged after (this crashed eval
+    at the end of training before)."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import AutoModelForImageTextToText
+
+    from peftkit.infer.merging import adapters_merged
+
+    base = AutoModelForImageTextToText.from_pretrained(vision_dir("llava"), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)",
+                                            modules_to_save=["vision_tower"]))
+    tuners = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    with adapters_merged(model):
+        assert tuners and all(m.merged for m in tuners)
+    assert not any(m.merged for m in tuners)
+    for n, p in model.named_parameters():
+        if n in before:
+            assert torch.allclose(p, before[n], atol=1e-6), n
+
+
 @pytest.mark.parametrize("finetuning", ["freeze", "full"])
 def test_freeze_and_full_tuning_freeze_the_vision_tower_by_default(finetuning: str, vision_dir: Callable[[str], Path],
                                                                    image_data: Path) -> None:

@@ -145,6 +145,11 @@ def test_lifecycle_keys_are_checked(tmp_path: Path, alpaca_file: Path) -> None:
     assert issues == ["train.deepspeed: the deepspeed package is not installed (pip install deepspeed)"]
     cfg = load_config(_cfg(tmp_path, alpaca_file), ["train.resume_from_checkpoint=true", "train.save_strategy=no"])
     assert cfg.train["resume_from_checkpoint"] is True and cfg.train["save_strategy"] == "no"
+    for bad, issue in (("0", "0.0: a number of minutes above 0 (or leave it out)"), ("-3", "-3.0: a number of "
+                       "minutes above 0 (or leave it out)"), ("soon", "'soon': must be a number")):
+        assert _issues(_cfg(tmp_path, alpaca_file), [f"train.max_train_minutes={bad}"]) == [
+            f"train.max_train_minutes={issue}"]
+    assert load_config(_cfg(tmp_path, alpaca_file), ["train.max_train_minutes=7.5"]).train["max_train_minutes"] == 7.5
 
 
 def test_resolved_config_round_trips(tmp_path: Path, alpaca_file: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,83 @@ def test_trainer_log_lines(tiny_model_dir: Path, alpaca_file: Path, tmp_path: Pa
         assert isinstance(r["loss"], float) and isinstance(r["learning_rate"], float) and isinstance(r["epoch"], float)
     assert logs[-1]["percentage"] == 100.0 and logs[-1]["remaining_time"] == "0:00:00"
     assert rows[-1]["event"] == "train_end"
+
+
+class _Clock:
+    """A fake clock for TimeBudget: each reading is `step` seconds after the previous one."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def test_time_budget_fits_the_steps_and_the_schedule(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The step count comes from the measured rate, and the learning rates are exactly those of a run
+    configured with that max_steps from the start (calibration ends inside the warmup)."""
+    from transformers import Seq2SeqTrainingArguments, TrainerControl, TrainerState, get_scheduler
+
+    from peftkit.train.callbacks import TimeBudget
+
+    monkeypatch.setattr(TimeBudget, "clock", staticmethod(_Clock(10.0)))  # 10 s between the callback's readings
+
+    def lrs(max_steps: int, budget: TimeBudget | None) -> list[float]:
+        args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, warmup_steps=8,
+                                        lr_scheduler_type="cosine", learning_rate=1e-3, report_to="none")
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.AdamW([param], lr=args.learning_rate)
+        scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=8, num_training_steps=max_steps)
+        state, control, seen = TrainerState(max_steps=max_steps), TrainerControl(), []
+        if budget:
+            budget.on_train_begin(args, state, control, lr_scheduler=scheduler)
+        while state.global_step < state.max_steps and not control.should_training_stop:
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+            state.global_step += 1
+            if budget:
+                budget.on_step_end(args, state, control, lr_scheduler=scheduler)
+        return seen
+
+    budget = TimeBudget(minutes=2.0)
+    fitted = lrs(1000, budget)
+    # readings at train begin (10 s), end of step 1 (20 s) and of step 6 (30 s): 2 s a step, 100 s left: 50 more
+    assert budget.chosen_steps == 56 and len(fitted) == 56
+    assert fitted == lrs(56, None)
+    assert TimeBudget.from_state(budget.state()).chosen_steps == 56  # what a checkpoint keeps
+
+    short = TimeBudget(minutes=0.2)  # 12 s: the time is spent by the end of calibration, so it stops there
+    assert len(lrs(1000, short)) == 6 and short.chosen_steps == 6
+    capped = TimeBudget(minutes=600.0)  # max_steps stays the upper bound
+    assert len(lrs(40, capped)) == 40 and capped.chosen_steps == 40
+
+
+def test_time_budget_in_a_run_and_its_resume(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path,
+                                             alpaca_file: Path, tmp_path: Path) -> None:
+    """train.max_train_minutes through PeftTrainer: the log's total is the chosen count, and a resumed run keeps
+    the choice (the checkpoint holds it) instead of measuring again."""
+    from peftkit.train.callbacks import TimeBudget
+
+    monkeypatch.setattr(TimeBudget, "clock", staticmethod(_Clock(10.0)))
+    out = tmp_path / "run"
+    args = tiny_run(tiny_model_dir, out, "train.max_train_minutes=0.5", "train.save_strategy=steps",
+                    "train.save_steps=8", "train.warmup_steps=8", data=alpaca_file, max_steps=200, seed=0)
+    train(load_config(None, args))
+    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert rows[-1]["event"] == "train_end" and rows[-1]["current_steps"] == 11 and rows[-1]["total_steps"] == 11
+    assert rows[-1]["status"] == "finished"
+    lr = {r["current_steps"]: r["learning_rate"] for r in rows if r["event"] == "log"}
+    # readings 10, 20, 30 s: 2 s a step, 10 s left, 5 more steps. transformers' default linear decay, warmup 8,
+    # ending at step 11 (not 200): the rate logged at step s is the one it ran with, (12 - s) / 3 of the peak
+    assert [lr[s] for s in (9, 10, 11)] == pytest.approx([1e-2, 1e-2 * 2 / 3, 1e-2 / 3], rel=1e-9)
+
+    monkeypatch.setattr(TimeBudget, "clock", staticmethod(_Clock(1000.0)))  # a resume that measured would stop at once
+    shutil.rmtree(out / "checkpoint-11", ignore_errors=True)  # a save at the last step, where there is one
+    train(load_config(None, [*args, "train.resume_from_checkpoint=true"]))
+    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [r for r in rows if r["event"] == "train_begin"][-1]["resumed_from"].endswith("checkpoint-8")
+    assert rows[-1]["current_steps"] == 11 and rows[-1]["total_steps"] == 11
+    lr2 = {r["current_steps"]: r["learning_rate"] for r in rows if r["event"] == "log"}
+    assert [lr2[s] for s in (9, 10, 11)] == pytest.approx([lr[s] for s in (9, 10, 11)], rel=1e-9, abs=1e-12)

@@ -231,6 +231,11 @@ class TrainExtras:
         None, "Stop after this many evaluations without improving metric_for_best_model (default eval_loss)."
     )
     early_stopping_threshold: float = _f(0.0, "The least change that counts as an improvement.")
+    max_train_minutes: float | None = _f(
+        None, "Train for about this long: the step count is chosen from the rate of the first steps (max_steps, "
+        "or the epochs, stay the upper bound) and the learning-rate schedule fitted to it, so a faster machine "
+        "trains more steps rather than finishing early. Evaluation and saving inside the run count too."
+    )
     chunked_loss: bool | None = _f(
         None, "Cross-entropy over supervised tokens in chunks, never the whole batch's logits at once; "
         "None: on wherever it is exact (and train.peftkit_speedups allows)."

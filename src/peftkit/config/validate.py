@@ -185,6 +185,9 @@ def _check_argument_values(train: dict[str, Any], args: Any) -> list[str]:
         issues.append(f"train.learning_rate={args.learning_rate}: must be a finite number >= 0 (1e-4 is common for LoRA)")
     if args.max_steps <= 0 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
         issues.append(f"train.num_train_epochs={args.num_train_epochs}: must be above 0, or set train.max_steps > 0")
+    minutes = train.get("max_train_minutes")
+    if isinstance(minutes, int | float) and not isinstance(minutes, bool) and not (math.isfinite(minutes) and minutes > 0):
+        issues.append(f"train.max_train_minutes={minutes!r}: a number of minutes above 0 (or leave it out)")
     if train.get("early_stopping_patience") is not None:
         if train["early_stopping_patience"] < 1:
             issues.append("train.early_stopping_patience: at least 1 evaluation")

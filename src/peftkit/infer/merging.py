@@ -34,7 +34,11 @@ def adapters_merged(model: Any) -> Iterator[None]:
 
     from peftkit.model.quantization import is_quantized
 
-    layers = [m for m in model.modules() if hasattr(m, "merged_adapters")] if isinstance(model, PeftModel) else []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    # tuner layers only: a modules_to_save wrapper (an image-text run's vision tower trained in full) has
+    # merged_adapters but no `merged`, and nothing to merge
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)] if isinstance(model, PeftModel) else []
     low = any(getattr(getattr(m, "base_layer", None), "weight", torch.empty(0)).dtype in (torch.bfloat16, torch.float16)
               for m in layers)
     merge = bool(layers) and not any(m.merged for m in layers) and len(model.peft_config) == 1 \

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from peftkit.atomic import write_text_atomic
 from peftkit.config.load import trackers as tracker_list
@@ -158,6 +159,88 @@ class StopCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
             self.log.status = "interrupted"
+
+
+class TimeBudget(TrainerCallback, ExportableState):
+    """`train.max_train_minutes`: the step count chosen from this machine's measured rate, so a faster machine
+    trains more steps in the same time instead of finishing early (as Ultralytics' `time` does for epochs).
+
+    `max_steps` stays the upper bound. The seconds a step takes are measured from the end of step 1 (which pays
+    for page faults and allocator warm-up) to the end of step `CALIBRATION`; the run then takes as many steps as
+    the minutes left hold, and the learning-rate schedule is rebuilt for that total with transformers'
+    `get_scheduler` (same type, warmup and kwargs), so it ends where it would have with that max_steps from the
+    start: exactly so while calibration ends inside the warmup, and nearly so otherwise (the first steps ran on
+    the longer horizon). The choice is kept in checkpoints (ExportableState; read back here, as transformers restores
+    callback states only under restore_callback_states_from_checkpoint), so a resumed run keeps it. Every process
+    of a distributed run takes rank 0's choice.
+    """
+
+    CALIBRATION = 6
+    clock = staticmethod(time.perf_counter)  # a test's fake clock replaces it
+
+    def __init__(self, minutes: float, chosen_steps: int | None = None) -> None:
+        self.minutes, self.chosen_steps = minutes, chosen_steps
+        self.start = self.first = 0.0
+        self.begin = 0  # the step this process started at
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {"minutes": self.minutes}, "attributes": {"chosen_steps": self.chosen_steps}}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start, self.begin = self.clock(), state.global_step
+        if self.chosen_steps is None and state.global_step > 0:  # resumed: the choice the checkpoint holds
+            kept = (state.stateful_callbacks or {}).get(type(self).__name__) or {}
+            self.chosen_steps = (kept[0] if isinstance(kept, list) else kept).get("attributes", {}).get("chosen_steps")
+        if self.chosen_steps is not None:
+            self._apply(args, state, kwargs, self.chosen_steps)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.chosen_steps is not None:
+            return
+        done = state.global_step - self.begin
+        if done == 1:
+            self.first = self.clock()
+        elif done == self.CALIBRATION or state.global_step >= state.max_steps:
+            now = self.clock()
+            per_step = (now - self.first) / max(done - 1, 1)
+            left = self.minutes * 60 - (now - self.start)
+            steps = _agreed(min(state.max_steps, state.global_step + max(int(left / per_step), 0)))
+            self._apply(args, state, kwargs, steps)
+            if state.is_world_process_zero:
+                print(f"[peftkit] train.max_train_minutes={self.minutes:g}: {per_step:.2f} s a step over steps "
+                      f"{self.begin + 2}-{state.global_step}, so {steps} steps (max_steps {args.max_steps})", flush=True)
+            if state.global_step >= steps:
+                control.should_training_stop = True
+
+    def _apply(self, args: Any, state: Any, kwargs: dict[str, Any], steps: int) -> None:
+        from transformers import get_scheduler
+
+        self.chosen_steps = state.max_steps = steps
+        scheduler = kwargs.get("lr_scheduler")
+        if scheduler is None or not hasattr(scheduler, "lr_lambdas"):
+            return  # not a LambdaLR (every transformers schedule is one): its horizon stays max_steps
+        import torch
+
+        probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        fitted = get_scheduler(args.lr_scheduler_type, probe, num_warmup_steps=args.get_warmup_steps(steps),
+                               num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
+        scheduler.lr_lambdas = fitted.lr_lambdas * len(scheduler.lr_lambdas)
+        scheduler.last_epoch -= 1  # the rate of the next step, from the fitted schedule
+        scheduler.step()
+
+
+def _agreed(steps: int) -> int:
+    """Rank 0's step count on every process (each measured its own rate; they must stop together)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return steps
+    import torch
+
+    value = torch.tensor([steps], dtype=torch.long,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(value, src=0)
+    return int(value.item())
 
 
 class TrackerConfig(TrainerCallback):

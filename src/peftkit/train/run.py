@@ -36,7 +36,7 @@ from peftkit.objectives.build import build_objective
 from peftkit.rundir import config_file
 from peftkit.stages import stage as stage_of
 from peftkit.train.allocator import keep_freed_memory
-from peftkit.train.callbacks import LogCallback, StopCallback, TrackerConfig, swanlab_callback
+from peftkit.train.callbacks import LogCallback, StopCallback, TimeBudget, TrackerConfig, swanlab_callback
 from peftkit.train.checkpoints import config_differences, latest_complete, resolve_resume
 from peftkit.train.isolation import check_packed_isolation
 from peftkit.train.objectives import eval_metrics
@@ -264,6 +264,8 @@ def build_trainer(cfg: RunConfig, args: Any, model: Any, tokenizer: Any, data: P
         callbacks.insert(0, swanlab_callback(Path(cfg.train["output_dir"]).name))
     if extras.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(extras.early_stopping_patience, extras.early_stopping_threshold))
+    if extras.max_train_minutes:
+        callbacks.append(TimeBudget(extras.max_train_minutes))
     objective = build_objective(cfg.stage, model, cfg, tokenizer=tokenizer)
     metrics = eval_metrics(objective) if objective is not None else entry.load("metrics")
     has_eval = data.eval is not None
