@@ -31,10 +31,9 @@ def adapters_merged(model: Any) -> Iterator[None]:
     rounding would add up over GRPO's steps) are left alone."""
     import torch
     from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     from peftkit.model.quantization import is_quantized
-
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     # tuner layers only: a modules_to_save wrapper (an image-text run's vision tower trained in full) has
     # merged_adapters but no `merged`, and nothing to merge
