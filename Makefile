@@ -57,7 +57,7 @@ vllm: $(VLLM_VENV)/bin/vllm
 # Lint and types first (seconds), then every test tier this machine can run (gpu tests skip without CUDA; the
 # vllm tier runs against .venv-vllm, built once by the vllm target).
 test: setup lint vllm
-	$(PY) -m pytest --durations=15
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15
 
 # The unit tier without its slow tests: about two minutes on a 2-core CPU.
 test-fast: $(STAMP)

@@ -10,6 +10,7 @@ elsewhere); `slow` marks the unit tests that take more than about ten seconds. `
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,18 @@ import pytest
 from tests.helpers import ASSETS, REPO
 
 _TIERS = ("integration", "families", "browser", "gpu", "vllm")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (`make test` runs two workers), each worker computes on its share of the cores, and so
+    do the processes its tests start: two torch processes whose OpenMP threads each take every core contend."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        share = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
